@@ -1,0 +1,45 @@
+"""cocatk: zero-shot image retrieval and classification with CoCa.
+
+The public API is importable from the package root; heavy modules (torch, open_clip, faiss) load on first use, so
+``import cocatk`` is cheap.
+
+Example:
+    >>> import cocatk
+    >>> model = cocatk.load_model("coca-b32")                  # doctest: +SKIP
+    >>> model.encode_texts(["a dog"]).shape                   # doctest: +SKIP
+    (1, 512)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import errors
+from ._version import __version__
+from .errors import CocatkError
+
+# name -> module that defines it; resolved lazily by __getattr__.
+_LAZY = {
+    "load_model": "models",
+    "resolve_model": "models",
+    "CocaModel": "models",
+    "ModelSpec": "models",
+    "PRESETS": "models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cocatk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["CocatkError", "__version__", "errors", *_LAZY]

@@ -1,0 +1,49 @@
+"""cocatk's command line. `main()` is the console script: it turns library errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return (and, as a console script, exit with) the process exit code.
+
+    Errors raised by the library (:class:`cocatk.errors.CocatkError`) print one line ``error: ... Fix: ...`` on
+    stderr; ``COCATK_DEBUG=1`` adds the traceback.
+    """
+    import click
+    from rich.text import Text
+
+    from ..config import debug_enabled
+    from ..errors import CocatkError
+    from .app import app
+    from .render import err
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    code = 0
+    try:
+        result = app(args=args, prog_name="cocatk", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except CocatkError as e:
+        if debug_enabled():
+            err.print_exception()
+        err.print(Text.assemble(("error: ", "bold red"), e.one_line()), highlight=False, soft_wrap=True)
+        code = e.exit_code
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.exceptions.Abort:
+        err.print("aborted", style="red")
+        code = 130
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted: work committed so far is kept", style="red")
+        code = 130
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+__all__ = ["main"]

@@ -1,0 +1,691 @@
+"""Load CoCa models and run their three heads: image embeddings, text embeddings, caption log-likelihood.
+
+A model is named by a *preset* (``coca-l14``, ``coca-b32``, ``coca-l14-coco``), by an open_clip CoCa architecture
+(``coca_ViT-B-32``), or by the path of an open_clip model config JSON (a custom CoCa). Weights (``pretrained``) are
+an open_clip tag, a local checkpoint file, or ``"none"`` for seeded random weights (tests and benchmarks).
+
+Example:
+    >>> from cocatk import load_model
+    >>> model = load_model("coca-b32")                       # doctest: +SKIP
+    >>> model.encode_texts(["a red bicycle"]).shape           # doctest: +SKIP
+    (1, 512)
+
+torch and open_clip are imported inside the functions that need them, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import config
+from .errors import DeviceError, ModelConfigError, UnknownModelError, UsageError, WeightsNotFoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+
+#: The weight value that asks for seeded random weights.
+RANDOM_WEIGHTS = "none"
+#: Seed of random-weight models: every process builds identical weights from it.
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A short model name: an open_clip architecture plus its weights (plain data, no torch needed)."""
+
+    name: str
+    arch: str
+    pretrained: str
+    embed_dim: int
+    description: str
+    #: Hugging Face repo holding the weights (for the cache check and the "missing weights" hint).
+    hf_repo: str | None = None
+    #: For presets shipped with cocatk: config and weights file names inside ``cocatk/assets``.
+    config_file: str | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "coca-l14",
+            "coca_ViT-L-14",
+            "laion2b_s13b_b90k",
+            768,
+            "CoCa ViT-L/14 on LAION-2B (75.6 % ImageNet zero-shot); the default",
+            hf_repo="laion/CoCa-ViT-L-14-laion2B-s13B-b90k",
+        ),
+        Preset(
+            "coca-b32",
+            "coca_ViT-B-32",
+            "laion2b_s13b_b90k",
+            512,
+            "CoCa ViT-B/32 on LAION-2B (63.3 % ImageNet zero-shot); 6x cheaper than L/14",
+            hf_repo="laion/CoCa-ViT-B-32-laion2B-s13B-b90k",
+        ),
+        Preset(
+            "coca-l14-coco",
+            "coca_ViT-L-14",
+            "mscoco_finetuned_laion2b_s13b_b90k",
+            768,
+            "CoCa ViT-L/14 fine-tuned on MS-COCO captions (better COCO retrieval, 72.0 % ImageNet)",
+            hf_repo="laion/mscoco_finetuned_CoCa-ViT-L-14-laion2B-s13B-b90k",
+        ),
+    ]
+}
+
+# open_clip's file names inside a weights repo; safetensors is tried first, like open_clip does.
+_HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _register_shipped_presets() -> None:
+    """Add presets whose config and weights ship in ``cocatk/assets`` (``<name>.preset.json`` files)."""
+    if not ASSETS_DIR.is_dir():
+        return
+    for path in sorted(ASSETS_DIR.glob("*.preset.json")):
+        data = json.loads(path.read_text())
+        PRESETS[data["name"]] = Preset(
+            name=data["name"],
+            arch=data["arch"],
+            pretrained=str(ASSETS_DIR / data["weights"]),
+            embed_dim=int(data["embed_dim"]),
+            description=data["description"],
+            config_file=str(ASSETS_DIR / data["config"]),
+        )
+
+
+_register_shipped_presets()
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: which architecture and which weights.
+
+    Attributes:
+        name: what the user asked for (preset name, architecture or config path).
+        arch: the open_clip architecture name the model is built from.
+        pretrained: an open_clip tag, an absolute checkpoint path, or ``"none"``.
+        preset: the preset name when ``name`` was one.
+        config_path: the custom config JSON, when there is one.
+    """
+
+    name: str
+    arch: str
+    pretrained: str
+    preset: str | None = None
+    config_path: str | None = None
+
+    @property
+    def weights_kind(self) -> str:
+        """``"random"``, ``"file"`` or ``"tag"``."""
+        if self.pretrained == RANDOM_WEIGHTS:
+            return "random"
+        if os.sep in self.pretrained or Path(self.pretrained).suffix in (".bin", ".pt", ".pth", ".safetensors"):
+            return "file"
+        return "tag"
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights_kind == "random"
+
+    def weights_id(self) -> str:
+        """A stable id of the weights for manifests and caches: the tag, ``sha256:...`` of a file, or
+        ``random:seed0``."""
+        kind = self.weights_kind
+        if kind == "random":
+            return f"random:seed{RANDOM_SEED}"
+        if kind == "file":
+            return "sha256:" + _sha256_file(Path(self.pretrained))
+        return self.pretrained
+
+    def identity(self) -> dict[str, str]:
+        """What an index or classifier cache records to recognise the model that built it."""
+        arch = self.arch
+        if self.config_path:
+            arch = f"{self.arch}@sha256:{_sha256_file(Path(self.config_path))[:16]}"
+        return {"model": self.preset or self.name, "arch": arch, "weights": self.weights_id()}
+
+
+def _available_names() -> str:
+    return ", ".join(sorted(PRESETS))
+
+
+def _open_clip_coca_archs() -> list[str]:
+    import open_clip
+
+    return [m for m in open_clip.list_models() if "multimodal_cfg" in (open_clip.get_model_config(m) or {})]
+
+
+def resolve_model(name: str | None = None, pretrained: str | None = None) -> ModelSpec:
+    """Turn a user's ``--model`` / ``--pretrained`` into a :class:`ModelSpec` without loading anything.
+
+    Args:
+        name: preset, open_clip CoCa architecture, or path to an open_clip config JSON. None means
+            ``$COCATK_MODEL`` or ``coca-l14``.
+        pretrained: open_clip tag, checkpoint path, or ``"none"``. None means ``$COCATK_PRETRAINED`` or the
+            preset's / architecture's default tag.
+
+    Raises:
+        UnknownModelError: the name is not a preset, a CoCa architecture or a config file.
+        WeightsNotFoundError: ``pretrained`` looks like a path but the file does not exist.
+    """
+    name = (name or config.default_model()).strip()
+    if pretrained is None:
+        pretrained = config.default_pretrained()
+    if not name:
+        raise UnknownModelError("empty model name", hint=f"use one of: {_available_names()}")
+
+    if name in PRESETS:
+        preset = PRESETS[name]
+        if preset.config_file:
+            _register_config(Path(preset.config_file))
+        spec = ModelSpec(
+            name=name,
+            arch=preset.arch,
+            pretrained=pretrained or preset.pretrained,
+            preset=name,
+            config_path=preset.config_file,
+        )
+    elif name.endswith(".json") or os.sep in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UnknownModelError(
+                f"model config file {name} not found",
+                hint=f"pass an existing open_clip config JSON, or a preset: {_available_names()}",
+            )
+        arch = _register_config(path)
+        if not pretrained:
+            raise WeightsNotFoundError(
+                f"custom model config {path.name} has no default weights",
+                hint="pass --pretrained PATH (a checkpoint for this config) or --pretrained none for random weights",
+            )
+        spec = ModelSpec(name=str(path.resolve()), arch=arch, pretrained=pretrained, config_path=str(path.resolve()))
+    else:
+        archs = _open_clip_coca_archs()
+        if name not in archs:
+            raise UnknownModelError(
+                f"unknown model '{name}'",
+                hint=f"use a preset ({_available_names()}), a CoCa architecture ({', '.join(archs)}) "
+                "or the path of an open_clip config JSON; `cocatk models` lists them",
+            )
+        spec = ModelSpec(name=name, arch=name, pretrained=pretrained or _default_tag(name))
+
+    if spec.weights_kind == "file":
+        path = Path(spec.pretrained).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"checkpoint file {spec.pretrained} not found",
+                hint="pass the path of an existing open_clip checkpoint (.bin, .pt or .safetensors) to --pretrained",
+            )
+        spec = ModelSpec(spec.name, spec.arch, str(path.resolve()), spec.preset, spec.config_path)
+    elif spec.weights_kind == "tag":
+        _check_tag(spec.arch, spec.pretrained)
+    return spec
+
+
+def _register_config(path: Path) -> str:
+    """Register a custom open_clip config (process-global registry) and return its architecture name."""
+    import open_clip
+
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelConfigError(f"cannot read model config {path}: {e}", hint="pass a valid open_clip config JSON") from e
+    if not isinstance(cfg, dict) or "multimodal_cfg" not in cfg or "vision_cfg" not in cfg:
+        raise ModelConfigError(
+            f"{path} is not a CoCa config (no multimodal_cfg / vision_cfg)",
+            hint="start from open_clip's model_configs/coca_ViT-B-32.json",
+        )
+    open_clip.add_model_config(str(path))
+    return path.stem
+
+
+def _default_tag(arch: str) -> str:
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if "laion2b_s13b_b90k" in tags:
+        return "laion2b_s13b_b90k"
+    if tags:
+        return tags[0]
+    raise WeightsNotFoundError(
+        f"architecture {arch} has no published weights",
+        hint="pass --pretrained PATH (a checkpoint) or --pretrained none for random weights",
+    )
+
+
+def _check_tag(arch: str, tag: str) -> None:
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag not in tags:
+        raise UnknownModelError(
+            f"unknown pretrained tag '{tag}' for {arch}",
+            hint=f"use one of: {', '.join(tags) or '(none published)'}, a checkpoint path, or 'none'",
+        )
+
+
+def hf_repo_for(arch: str, tag: str) -> str | None:
+    """The Hugging Face repo that open_clip downloads ``arch``/``tag`` from, if any."""
+    import open_clip
+
+    hub = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub", "")
+    # open_clip writes 'org/repo/' or 'org/repo/filename'
+    return "/".join(hub.split("/")[:2]) if hub.count("/") >= 1 else None
+
+
+def cached_weights_path(repo: str | None) -> str | None:
+    """Path of the weights in the local Hugging Face cache, or None. Never touches the network."""
+    if not repo:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with open_clip
+        return None
+    for filename in _HF_WEIGHT_FILES:
+        found = try_to_load_from_cache(repo_id=repo, filename=filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def list_presets() -> list[dict[str, Any]]:
+    """The presets as plain dicts, with whether their weights are already on this machine (no network)."""
+    rows = []
+    for p in PRESETS.values():
+        cached = Path(p.pretrained).is_file() if p.config_file else bool(cached_weights_path(p.hf_repo))
+        rows.append({"name": p.name, "arch": p.arch, "pretrained": Path(p.pretrained).name if p.config_file
+                     else p.pretrained, "embed_dim": p.embed_dim, "cached": cached, "description": p.description,
+                     "hf_repo": p.hf_repo})
+    return rows
+
+
+def download_weights(name: str, pretrained: str | None = None) -> str:
+    """Fetch a model's weights into the Hugging Face cache (needs network) and return the local path.
+
+    Raises:
+        WeightsNotFoundError: the weights cannot be downloaded.
+    """
+    spec = resolve_model(name, pretrained)
+    if spec.weights_kind != "tag":
+        return spec.pretrained
+    return _fetch_tag_weights(spec.arch, spec.pretrained)
+
+
+def _fetch_tag_weights(arch: str, tag: str) -> str:
+    """Resolve a tag to a local file through open_clip's hub cache, or raise WeightsNotFoundError."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    repo = hf_repo_for(arch, tag)
+    local = cached_weights_path(repo)
+    if local:
+        return local
+    try:
+        path = download_pretrained(cfg)
+    except Exception as e:  # hub errors come in many types (offline, DNS, 404); all mean "not here"
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        where = f"https://huggingface.co/{repo}" if repo else "the open_clip release page"
+        raise WeightsNotFoundError(
+            f"weights for {arch}/{tag} are not in the local cache and could not be downloaded ({reason})",
+            hint=f"on a machine with network run `cocatk models --download` or fetch open_clip_pytorch_model.bin "
+            f"from {where} and pass --pretrained /path/to/open_clip_pytorch_model.bin",
+        ) from e
+    if not path:
+        raise WeightsNotFoundError(f"no download source for {arch}/{tag}", hint="pass --pretrained PATH")
+    return path
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    device = device or config.default_device()
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("CUDA was requested but no GPU is available", hint="use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise UsageError(f"unknown device '{device}'", hint="use cpu or cuda")
+    return device
+
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _resolve_precision(precision: str | None, device: str) -> str:
+    if precision is None:
+        return "bf16" if device.startswith("cuda") else "fp32"
+    if precision not in _PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}'", hint=f"use one of: {', '.join(_PRECISIONS)}")
+    return precision
+
+
+_CACHE: dict[tuple[str, str, str, str], CocaModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_model(
+    name: str | None = None,
+    pretrained: str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+) -> CocaModel:
+    """Load a CoCa model (once per process: later calls with the same arguments return the same object).
+
+    Args:
+        name: preset (``coca-l14`` default, ``coca-b32``, ``coca-l14-coco``), open_clip CoCa architecture, or the
+            path of an open_clip config JSON. ``$COCATK_MODEL`` overrides the default.
+        pretrained: open_clip tag, local checkpoint path, or ``"none"`` for seeded random weights.
+        device: ``cpu`` or ``cuda``; default cuda when available.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast; default bf16 on cuda, fp32 on cpu. Weights stay fp32
+            (open_clip's ``precision="bf16"`` breaks CoCa's pooler and decoder).
+
+    Returns:
+        A :class:`CocaModel`.
+
+    Raises:
+        UnknownModelError, WeightsNotFoundError, ModelConfigError, DeviceError.
+    """
+    spec = resolve_model(name, pretrained)
+    dev = _resolve_device(device)
+    prec = _resolve_precision(precision, dev)
+    key = (spec.arch, spec.pretrained, dev, prec)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _build(spec, dev, prec)
+        return _CACHE[key]
+
+
+def _build(spec: ModelSpec, device: str, precision: str) -> CocaModel:
+    import open_clip
+    import torch
+
+    kind = spec.weights_kind
+    weights = None
+    if kind == "tag":
+        weights = _fetch_tag_weights(spec.arch, spec.pretrained)
+    elif kind == "file":
+        weights = spec.pretrained
+
+    # Build on the CPU under a fixed seed so random weights are identical in every process and on every device.
+    # open_clip logs "initialized randomly" on the root logger; cocatk reports that itself (CocaModel.is_random).
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    with contextlib.ExitStack() as stack:
+        stack.callback(logging.disable, previous)
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        torch.manual_seed(RANDOM_SEED)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=None, device="cpu")
+        except Exception as e:
+            raise ModelConfigError(
+                f"cannot build {spec.arch}: {e}", hint="check the model config (see ../shared/COCA_NOTES.md rules)"
+            ) from e
+        if kind == "random":
+            _init_decoder_projection(model)
+    if weights is not None:
+        try:
+            open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
+        except Exception as e:
+            raise ModelConfigError(
+                f"checkpoint {weights} does not fit {spec.arch}: {str(e).splitlines()[0][:200]}",
+                hint="pass the --model that the checkpoint was trained with",
+            ) from e
+    model = model.to(device).eval()
+    tokenizer = open_clip.get_tokenizer(spec.arch)
+    return CocaModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device,
+                     precision=precision)
+
+
+def _init_decoder_projection(model: Any) -> None:
+    """open_clip leaves the decoder's output projection as ``torch.empty``; initialise it like its siblings."""
+    import torch
+
+    proj = model.text_decoder.text_projection
+    width = proj.shape[0]
+    with torch.no_grad():
+        torch.nn.init.normal_(proj, std=width**-0.5)
+
+
+@dataclass
+class CocaModel:
+    """A loaded CoCa model with batched, inference-mode helpers. Create it with :func:`load_model`.
+
+    Embeddings are float32, C-contiguous, L2-normalised numpy arrays of shape (N, :attr:`embed_dim`).
+    """
+
+    spec: ModelSpec
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    device: str
+    precision: str
+    image_batch_size: int = 32
+    text_batch_size: int = 256
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # ---- facts ---------------------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """Embedding width D (the contrastive projection's output)."""
+        return int(self.model.visual.proj.shape[-1])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.context_length)
+
+    @property
+    def is_random(self) -> bool:
+        """True for seeded random weights: results carry no meaning beyond tests and speed."""
+        return self.spec.is_random
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-friendly description (used in result records and manifests)."""
+        return {
+            "model": self.spec.preset or self.spec.name,
+            "arch": self.spec.arch,
+            "pretrained": self.spec.pretrained if self.spec.weights_kind != "file" else Path(self.spec.pretrained).name,
+            "random_weights": self.is_random,
+            "embed_dim": self.embed_dim,
+            "image_size": self.image_size,
+            "device": self.device,
+            "precision": self.precision,
+        }
+
+    # ---- plumbing ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with torch.inference_mode(), torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            yield
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Apply the model's own preprocessing to PIL images: (N, 3, S, S) float32 on the CPU."""
+        import torch
+
+        if len(images) == 0:
+            return torch.empty((0, 3, self.image_size, self.image_size))
+        return torch.stack([self.preprocess(im) for im in images])
+
+    def _batches(self, images: Any, batch_size: int) -> Iterator[torch.Tensor]:
+        import torch
+
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise UsageError(
+                    f"expected a preprocessed image tensor of shape (N, 3, {self.image_size}, {self.image_size}), "
+                    f"got {tuple(images.shape)}",
+                    hint="pass PIL images or the output of CocaModel.preprocess_images",
+                )
+            for i in range(0, images.shape[0], batch_size):
+                yield images[i : i + batch_size]
+            return
+        images = list(images)
+        for i in range(0, len(images), batch_size):
+            yield self.preprocess_images(images[i : i + batch_size])
+
+    def _encode_batch(self, x: torch.Tensor, want_tokens: bool) -> tuple[np.ndarray, torch.Tensor | None]:
+        import torch
+
+        x = x.to(self.device, non_blocking=True)
+        with self._inference():
+            latent, tokens = self.model._encode_image(x, normalize=False)
+        latent = torch.nn.functional.normalize(latent.float(), dim=-1)  # re-normalise in fp32 after autocast
+        return latent.cpu().numpy(), (tokens.float() if want_tokens else None)
+
+    # ---- public heads --------------------------------------------------------------------------------------
+    def encode_images(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """Contrastive image embeddings (attentional pooler query 0, projected), L2-normalised.
+
+        Args:
+            images: PIL images (any mode is converted by the model's preprocessing) or a tensor already
+                preprocessed by :meth:`preprocess_images`.
+            batch_size: images per forward pass (default :attr:`image_batch_size`).
+
+        Returns:
+            float32 array (N, D).
+        """
+        emb, _ = self.encode_images_and_tokens(images, batch_size=batch_size, tokens=False)
+        return emb
+
+    def image_tokens(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """The pooled image tokens the multimodal decoder attends to: (N, T, D) float32 on the model's device.
+
+        T is ``attn_pooler_queries - 1`` (255 for the released models).
+        """
+        _, tokens = self.encode_images_and_tokens(images, batch_size=batch_size, tokens=True)
+        assert tokens is not None
+        return tokens
+
+    def encode_images_and_tokens(
+        self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int | None = None, tokens: bool = True
+    ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Embeddings and (optionally) decoder tokens from one pass of the image tower."""
+        import torch
+
+        bs = batch_size or self.image_batch_size
+        embs: list[np.ndarray] = []
+        toks: list[torch.Tensor] = []
+        for x in self._batches(images, bs):
+            e, t = self._encode_batch(x, tokens)
+            embs.append(e)
+            if t is not None:
+                toks.append(t)
+        if not embs:
+            return np.zeros((0, self.embed_dim), np.float32), (torch.empty(0) if tokens else None)
+        out = np.ascontiguousarray(np.concatenate(embs), dtype=np.float32)
+        return out, (torch.cat(toks) if tokens else None)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids (N, context_length), padded with 0 as the pretrained weights expect."""
+        return self.tokenizer(list(texts))
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """Contrastive text embeddings (the unimodal decoder's CLS output, projected), L2-normalised.
+
+        Always uses the full padded ids: the CLS latent depends on the padding.
+
+        Returns:
+            float32 array (N, D).
+        """
+        import torch
+
+        if isinstance(texts, str):
+            texts = [texts]
+        bs = batch_size or self.text_batch_size
+        out: list[np.ndarray] = []
+        for i in range(0, len(texts), bs):
+            ids = self.tokenize(texts[i : i + bs]).to(self.device)
+            with self._inference():
+                latent, _ = self.model._encode_text(ids, normalize=False)
+            out.append(torch.nn.functional.normalize(latent.float(), dim=-1).cpu().numpy())
+        if not out:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def _caption_ids(self, text: str) -> torch.Tensor:
+        """[SOT, words..., EOT] ids (1, L), trimmed at the EOT (not at id 0, which is the real token '!')."""
+        if not text or not text.strip():
+            raise UsageError("empty query text", hint="pass a non-empty text to score")
+        ids = self.tokenize([text])
+        eot = self.tokenizer.eot_token_id
+        positions = (ids[0] == eot).nonzero()
+        end = int(positions[0]) + 1 if len(positions) else ids.shape[1]
+        return ids[:, :end]
+
+    def caption_token_count(self, text: str) -> int:
+        """How many tokens :meth:`caption_loglik` scores for ``text``: its words plus the EOT."""
+        return int(self._caption_ids(text).shape[1]) - 1
+
+    def caption_loglik(self, text: str, image_tokens: torch.Tensor, chunk_size: int | None = None) -> np.ndarray:
+        """Caption log-likelihood log p(text | image) for one text against K images.
+
+        score_k = sum over t >= 1 of log p(ids[t] | ids[<t], image_k) with ids = [SOT, words..., EOT]. The unimodal
+        text tower runs once; the multimodal decoder runs over the K images in chunks.
+
+        Args:
+            text: the caption or query.
+            image_tokens: (K, T, D) from :meth:`image_tokens` (any float dtype, any device).
+            chunk_size: images per decoder pass; default keeps the (chunk, L, vocab) logits near 256 MB.
+
+        Returns:
+            float64 array (K,) of summed log-probabilities (nats). See :meth:`caption_token_count`.
+        """
+
+        if image_tokens.ndim != 3:
+            raise UsageError(
+                f"expected image tokens of shape (K, T, D), got {tuple(image_tokens.shape)}",
+                hint="pass the output of CocaModel.image_tokens",
+            )
+        ids = self._caption_ids(text).to(self.device)
+        k = image_tokens.shape[0]
+        if k == 0:
+            return np.zeros(0, np.float64)
+        steps = ids.shape[1] - 1
+        vocab = int(self.model.text_decoder.text_projection.shape[-1])
+        if chunk_size is None:
+            chunk_size = max(1, (256 << 20) // max(1, steps * vocab * 4))
+        targets = ids[:, 1:]
+        scores: list[np.ndarray] = []
+        with self._inference():
+            _, token_embs = self.model._encode_text(ids)
+            inputs = token_embs[:, :-1]
+            for i in range(0, k, chunk_size):
+                embs = image_tokens[i : i + chunk_size].to(self.device)
+                n = embs.shape[0]
+                logits = self.model.text_decoder(embs, inputs.expand(n, -1, -1))
+                logp = logits.float().log_softmax(dim=-1)
+                picked = logp.gather(-1, targets.expand(n, -1).unsqueeze(-1)).squeeze(-1)
+                scores.append(picked.sum(dim=-1).double().cpu().numpy())
+        return np.concatenate(scores)

@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests never touch the network: the hub is forced offline before anything imports it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# huggingface_hub reads these at import time, so set them before any test module imports open_clip.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+for _var in ("COCATK_MODEL", "COCATK_PRETRAINED", "COCATK_DEVICE", "COCATK_INDEX", "COCATK_DEBUG"):
+    os.environ.pop(_var, None)
+
+DATA = Path(__file__).parent / "data"
+#: A 64-wide, 2-layer, 32 px CoCa (vocab and context of the real tokenizer): builds in a fraction of a second.
+TINY_CONFIG = DATA / "coca_tiny.json"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own COCATK_HOME and cache, and an empty Hugging Face cache."""
+    root = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("COCATK_HOME", str(root / "cocatk"))
+    monkeypatch.setenv("COCATK_CACHE", str(root / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny random-weight CoCa on the CPU (seeded: identical in every process)."""
+    from cocatk import load_model
+
+    return load_model(str(TINY_CONFIG), pretrained="none", device="cpu")
