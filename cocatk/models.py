@@ -252,7 +252,9 @@ def _register_config(path: Path) -> str:
     try:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ModelConfigError(f"cannot read model config {path}: {e}", hint="pass a valid open_clip config JSON") from e
+        raise ModelConfigError(
+            f"cannot read model config {path}: {e}", hint="pass a valid open_clip config JSON"
+        ) from e
     if not isinstance(cfg, dict) or "multimodal_cfg" not in cfg or "vision_cfg" not in cfg:
         raise ModelConfigError(
             f"{path} is not a CoCa config (no multimodal_cfg / vision_cfg)",
@@ -316,9 +318,17 @@ def list_presets() -> list[dict[str, Any]]:
     rows = []
     for p in PRESETS.values():
         cached = Path(p.pretrained).is_file() if p.config_file else bool(cached_weights_path(p.hf_repo))
-        rows.append({"name": p.name, "arch": p.arch, "pretrained": Path(p.pretrained).name if p.config_file
-                     else p.pretrained, "embed_dim": p.embed_dim, "cached": cached, "description": p.description,
-                     "hf_repo": p.hf_repo})
+        rows.append(
+            {
+                "name": p.name,
+                "arch": p.arch,
+                "pretrained": Path(p.pretrained).name if p.config_file else p.pretrained,
+                "embed_dim": p.embed_dim,
+                "cached": cached,
+                "description": p.description,
+                "hf_repo": p.hf_repo,
+            }
+        )
     return rows
 
 
@@ -456,8 +466,9 @@ def _build(spec: ModelSpec, device: str, precision: str) -> CocaModel:
             ) from e
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(spec.arch)
-    return CocaModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device,
-                     precision=precision)
+    return CocaModel(
+        spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device, precision=precision
+    )
 
 
 def _init_decoder_projection(model: Any) -> None:
@@ -527,7 +538,10 @@ class CocaModel:
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        with torch.inference_mode(), torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
             yield
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:

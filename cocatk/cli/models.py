@@ -39,8 +39,17 @@ def models(
     for col in ("preset", "open_clip model", "pretrained", "dim", "weights", "about"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], r["arch"], r["pretrained"], str(r["embed_dim"]),
-                      "[green]cached[/]" if r["cached"] else "[dim]not cached[/]", r["description"])
+        table.add_row(
+            r["name"],
+            r["arch"],
+            r["pretrained"],
+            str(r["embed_dim"]),
+            "[green]cached[/]" if r["cached"] else "[dim]not cached[/]",
+            r["description"],
+        )
     out.print(table)
-    out.print("Any open_clip CoCa architecture name or config JSON also works with --model; "
-              "--pretrained takes a tag, a checkpoint path, or 'none'.", style="dim")
+    out.print(
+        "Any open_clip CoCa architecture name or config JSON also works with --model; "
+        "--pretrained takes a tag, a checkpoint path, or 'none'.",
+        style="dim",
+    )
