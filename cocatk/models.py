@@ -344,28 +344,47 @@ def download_weights(name: str, pretrained: str | None = None) -> str:
     return _fetch_tag_weights(spec.arch, spec.pretrained)
 
 
-def _fetch_tag_weights(arch: str, tag: str) -> str:
+def _hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached right now (None when it can), without waiting on retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname} is unreachable ({type(e).__name__})"
+    return None
+
+
+def _fetch_tag_weights(arch: str, tag: str, name: str | None = None) -> str:
     """Resolve a tag to a local file through open_clip's hub cache, or raise WeightsNotFoundError."""
     import open_clip
     from open_clip.pretrained import download_pretrained
 
-    cfg = open_clip.get_pretrained_cfg(arch, tag)
     repo = hf_repo_for(arch, tag)
     local = cached_weights_path(repo)
     if local:
         return local
-    try:
-        path = download_pretrained(cfg)
-    except Exception as e:  # hub errors come in many types (offline, DNS, 404); all mean "not here"
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        where = f"https://huggingface.co/{repo}" if repo else "the open_clip release page"
-        raise WeightsNotFoundError(
-            f"weights for {arch}/{tag} are not in the local cache and could not be downloaded ({reason})",
-            hint=f"on a machine with network run `cocatk models --download` or fetch open_clip_pytorch_model.bin "
-            f"from {where} and pass --pretrained /path/to/open_clip_pytorch_model.bin",
-        ) from e
+    reason = _hub_unreachable_reason()
+    path = None
+    if reason is None:
+        try:
+            path = download_pretrained(open_clip.get_pretrained_cfg(arch, tag))
+        except Exception as e:  # hub errors come in many types (offline, DNS, 404); all mean "not here"
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
     if not path:
-        raise WeightsNotFoundError(f"no download source for {arch}/{tag}", hint="pass --pretrained PATH")
+        where = f"https://huggingface.co/{repo}" if repo else "the open_clip release page"
+        preset = name or next((p.name for p in PRESETS.values() if (p.arch, p.pretrained) == (arch, tag)), arch)
+        raise WeightsNotFoundError(
+            f"weights for {arch}/{tag} are not in the local Hugging Face cache and cannot be downloaded: {reason}",
+            hint=f"on a machine with network run `cocatk models --download {preset}` (copy the hub cache over), or "
+            f"fetch open_clip_pytorch_model.bin from {where} and pass --pretrained /path/to/open_clip_pytorch_model.bin",
+        )
     return path
 
 

@@ -12,8 +12,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Errors raised by the library (:class:`cocatk.errors.CocatkError`) print one line ``error: ... Fix: ...`` on
     stderr; ``COCATK_DEBUG=1`` adds the traceback.
     """
-    import click
+    import typer
     from rich.text import Text
+
+    try:  # typer >= 0.20 vendors click
+        from typer._click.exceptions import ClickException
+    except ImportError:  # pragma: no cover - older typer on top of click
+        from click import ClickException
 
     from ..config import debug_enabled
     from ..errors import CocatkError
@@ -30,12 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             err.print_exception()
         err.print(Text.assemble(("error: ", "bold red"), e.one_line()), highlight=False, soft_wrap=True)
         code = e.exit_code
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         code = e.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("aborted", style="red")
         code = 130
-    except click.ClickException as e:
+    except ClickException as e:
         e.show()
         code = e.exit_code
     except KeyboardInterrupt:
