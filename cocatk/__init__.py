@@ -26,6 +26,9 @@ _LAZY = {
     "CocaModel": "models",
     "ModelSpec": "models",
     "PRESETS": "models",
+    "ZeroShotClassifier": "zeroshot",
+    "ZeroShotResult": "zeroshot",
+    "evaluate_zeroshot": "zeroshot",
 }
 
 
