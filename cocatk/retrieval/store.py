@@ -1,0 +1,334 @@
+"""The SQLite store of an index folder: the source of truth for files, embeddings, tokens, failures and manifest.
+
+One row per indexed file; its ``id`` (INTEGER PRIMARY KEY AUTOINCREMENT, never reused) is the FAISS id. The
+float32 embedding of every row is kept here as a BLOB, so the FAISS file can always be rebuilt from this database
+(see :mod:`cocatk.retrieval.index` for the crash ordering). The database runs in WAL mode with
+``synchronous=FULL``; a writer groups its changes into explicit transactions (checkpoints).
+
+Tables (schema version :data:`SCHEMA_VERSION`, numbered migrations in :data:`MIGRATIONS`, ``PRAGMA user_version``):
+
+- ``meta(key, value)``: ``manifest`` (JSON) and ``generation`` (bumped by every committed checkpoint).
+- ``roots(path, added_at)``: the folders and files given to ``cocatk index``.
+- ``files(id, path, size, mtime_ns, hash, embedding, indexed_at)``: ``hash`` is blake2b-128 of the content;
+  ``embedding`` is D float32 values (little-endian, L2-normalised).
+- ``tokens(id, data)``: with ``--cache-tokens``, the decoder tokens of file ``id``, (T, D) float16.
+- ``failures(path, reason, detail, size, mtime_ns, at)``: files that could not be decoded in the last run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import IndexCorruptError, IndexMismatchError
+
+#: Numbered migrations: entry i brings the schema from version i to i + 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE roots (path TEXT PRIMARY KEY, added_at REAL NOT NULL);
+    CREATE TABLE files (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path TEXT NOT NULL UNIQUE,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        embedding BLOB NOT NULL,
+        indexed_at REAL NOT NULL
+    );
+    CREATE INDEX files_hash ON files (hash);
+    CREATE TABLE tokens (id INTEGER PRIMARY KEY REFERENCES files (id) ON DELETE CASCADE, data BLOB NOT NULL);
+    CREATE TABLE failures (
+        path TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        size INTEGER,
+        mtime_ns INTEGER,
+        at REAL NOT NULL
+    );
+    INSERT INTO meta (key, value) VALUES ('generation', '0');
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+DB_NAME = "index.sqlite"
+
+# SQLite limits host parameters per statement (32766 on modern builds, 999 on old ones).
+_CHUNK = 900
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """One indexed file (without its embedding)."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    hash: str
+
+
+def _chunks(values: Sequence[Any], n: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(values), n):
+        yield values[i : i + n]
+
+
+class Store:
+    """The SQLite side of an index. Not thread-safe: use it from one thread (the indexer's main thread).
+
+    Writers call :meth:`begin` / :meth:`commit` around their changes; readers just call the query methods (each runs
+    in its own implicit read transaction and sees the last committed checkpoint).
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder: Path, create: bool = False) -> Store:
+        """Open (and migrate) ``folder/index.sqlite``; create it when ``create``."""
+        path = folder / DB_NAME
+        if not create and not path.is_file():
+            raise FileNotFoundError(path)
+        try:
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            store = cls(conn, path)
+            store._migrate()
+        except sqlite3.DatabaseError as e:
+            raise IndexCorruptError(
+                f"cannot open {path}: {e}",
+                hint=f"the SQLite file is damaged; move {folder} away and re-run `cocatk index PATH --index {folder}`",
+            ) from e
+        return store
+
+    def _migrate(self) -> None:
+        version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise IndexMismatchError(
+                f"index schema version {version} is newer than this cocatk understands ({SCHEMA_VERSION})",
+                hint="upgrade cocatk (pip install -U cocatk), or build a new index in another --index folder",
+            )
+        for v in range(version, SCHEMA_VERSION):
+            # executescript commits any open transaction first; migrations run before any writer work.
+            self.conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[v]}; PRAGMA user_version = {v + 1}; COMMIT;")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    # ---- transactions ------------------------------------------------------------------------------------------
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    # ---- meta --------------------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def manifest(self) -> dict[str, Any] | None:
+        value = self.get_meta("manifest")
+        return None if value is None else json.loads(value)
+
+    def set_manifest(self, manifest: dict[str, Any]) -> None:
+        self.set_meta("manifest", json.dumps(manifest, sort_keys=True))
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation") or 0)
+
+    def bump_generation(self) -> int:
+        gen = self.generation + 1
+        self.set_meta("generation", str(gen))
+        return gen
+
+    # ---- roots -------------------------------------------------------------------------------------------------
+    def add_roots(self, roots: Iterable[str]) -> None:
+        now = time.time()
+        self.conn.executemany("INSERT OR IGNORE INTO roots (path, added_at) VALUES (?, ?)", [(r, now) for r in roots])
+
+    def roots(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT path FROM roots ORDER BY path")]
+
+    # ---- files -------------------------------------------------------------------------------------------------
+    def count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+
+    def ids(self) -> np.ndarray:
+        """Every file id, sorted (int64)."""
+        return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM files ORDER BY id")), dtype=np.int64)
+
+    def file_rows(self) -> dict[str, FileRow]:
+        """Every indexed file by path (no embeddings)."""
+        rows = self.conn.execute("SELECT id, path, size, mtime_ns, hash FROM files")
+        return {r[1]: FileRow(int(r[0]), r[1], int(r[2]), int(r[3]), r[4]) for r in rows}
+
+    def id_for_hash(self, content_hash: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM files WHERE hash = ? LIMIT 1", (content_hash,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def insert_file(self, path: str, size: int, mtime_ns: int, content_hash: str, embedding: np.ndarray) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO files (path, size, mtime_ns, hash, embedding, indexed_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (path, size, mtime_ns, content_hash, _blob(embedding), time.time()),
+        )
+        return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def update_content(self, file_id: int, size: int, mtime_ns: int, content_hash: str, embedding: np.ndarray) -> None:
+        self.conn.execute(
+            "UPDATE files SET size = ?, mtime_ns = ?, hash = ?, embedding = ?, indexed_at = ? WHERE id = ?",
+            (size, mtime_ns, content_hash, _blob(embedding), time.time(), file_id),
+        )
+
+    def update_stat(self, file_id: int, size: int, mtime_ns: int, path: str | None = None) -> None:
+        """New size/mtime (content unchanged), and a new path for a moved file."""
+        if path is None:
+            self.conn.execute("UPDATE files SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, file_id))
+        else:
+            self.conn.execute(
+                "UPDATE files SET size = ?, mtime_ns = ?, path = ? WHERE id = ?", (size, mtime_ns, path, file_id)
+            )
+
+    def delete_files(self, ids: Sequence[int]) -> None:
+        for chunk in _chunks(list(ids)):
+            marks = ",".join("?" * len(chunk))
+            self.conn.execute(f"DELETE FROM tokens WHERE id IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM files WHERE id IN ({marks})", chunk)
+
+    def embeddings(self, ids: Sequence[int], dim: int) -> np.ndarray:
+        """Stored embeddings of ``ids`` in that order: (N, dim) float32. Raises KeyError for an unknown id."""
+        ids = [int(i) for i in ids]
+        found: dict[int, bytes] = {}
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            for i, blob in self.conn.execute(f"SELECT id, embedding FROM files WHERE id IN ({marks})", chunk):
+                found[int(i)] = blob
+        out = np.empty((len(ids), dim), np.float32)
+        for row, i in enumerate(ids):
+            if i not in found:
+                raise KeyError(i)
+            out[row] = np.frombuffer(found[i], dtype="<f4")
+        return out
+
+    def all_embeddings(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 (N,), embeddings float32 (N, dim)) of every file, sorted by id."""
+        n = self.count()
+        ids = np.empty(n, np.int64)
+        vecs = np.empty((n, dim), np.float32)
+        k = 0
+        for i, blob in self.conn.execute("SELECT id, embedding FROM files ORDER BY id"):
+            if k >= n:  # a concurrent writer added rows after COUNT: the FAISS rebuild takes the first n
+                break
+            ids[k] = i
+            vecs[k] = np.frombuffer(blob, dtype="<f4")
+            k += 1
+        return ids[:k], vecs[:k]
+
+    def paths_for_ids(self, ids: Sequence[int]) -> list[str | None]:
+        """The path of each id (None for an id that is not in the store, e.g. FAISS's -1 padding)."""
+        wanted = [int(i) for i in ids]
+        found: dict[int, str] = {}
+        valid = sorted({i for i in wanted if i >= 0})
+        for chunk in _chunks(valid):
+            marks = ",".join("?" * len(chunk))
+            for i, p in self.conn.execute(f"SELECT id, path FROM files WHERE id IN ({marks})", chunk):
+                found[int(i)] = p
+        return [found.get(i) for i in wanted]
+
+    def hashes_for_ids(self, ids: Sequence[int]) -> list[str | None]:
+        """Content hash of each id (identical files share it; search can collapse duplicates with it)."""
+        wanted = [int(i) for i in ids]
+        found: dict[int, str] = {}
+        for chunk in _chunks(sorted({i for i in wanted if i >= 0})):
+            marks = ",".join("?" * len(chunk))
+            for i, h in self.conn.execute(f"SELECT id, hash FROM files WHERE id IN ({marks})", chunk):
+                found[int(i)] = h
+        return [found.get(i) for i in wanted]
+
+    # ---- tokens ------------------------------------------------------------------------------------------------
+    def put_tokens(self, file_id: int, tokens: np.ndarray) -> None:
+        data = np.ascontiguousarray(tokens, dtype="<f2").tobytes()
+        self.conn.execute("INSERT OR REPLACE INTO tokens (id, data) VALUES (?, ?)", (file_id, data))
+
+    def copy_tokens(self, src: int, dst: int) -> bool:
+        cur = self.conn.execute(
+            "INSERT OR REPLACE INTO tokens (id, data) SELECT ?, data FROM tokens WHERE id = ?", (dst, src)
+        )
+        return cur.rowcount > 0
+
+    def token_ids(self) -> set[int]:
+        return {int(r[0]) for r in self.conn.execute("SELECT id FROM tokens")}
+
+    def token_bytes(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM tokens").fetchone()[0])
+
+    def get_tokens(self, ids: Sequence[int], shape: tuple[int, int]) -> np.ndarray | None:
+        """Cached tokens of ``ids`` in order, (N, T, D) float16, or None when any id has none."""
+        ids = [int(i) for i in ids]
+        found: dict[int, bytes] = {}
+        for chunk in _chunks(sorted(set(ids))):
+            marks = ",".join("?" * len(chunk))
+            for i, blob in self.conn.execute(f"SELECT id, data FROM tokens WHERE id IN ({marks})", chunk):
+                found[int(i)] = blob
+        if any(i not in found for i in ids):
+            return None
+        out = np.empty((len(ids), *shape), np.float16)
+        for row, i in enumerate(ids):
+            out[row] = np.frombuffer(found[i], dtype="<f2").reshape(shape)
+        return out
+
+    # ---- failures ----------------------------------------------------------------------------------------------
+    def record_failure(self, path: str, reason: str, detail: str, size: int | None, mtime_ns: int | None) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO failures (path, reason, detail, size, mtime_ns, at) VALUES (?, ?, ?, ?, ?, ?)",
+            (path, reason, detail, size, mtime_ns, time.time()),
+        )
+
+    def clear_failures_under(self, roots: Sequence[str]) -> None:
+        for root in roots:
+            prefix = root.rstrip(os.sep) + os.sep
+            self.conn.execute(
+                "DELETE FROM failures WHERE path = ? OR substr(path, 1, ?) = ?", (root, len(prefix), prefix)
+            )
+
+    def failures(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT path, reason, detail FROM failures ORDER BY path")
+        return [{"path": p, "reason": r, "detail": d} for p, r, d in rows]
+
+    def integrity_problems(self) -> list[str]:
+        rows = [r[0] for r in self.conn.execute("PRAGMA integrity_check")]
+        return [] if rows == ["ok"] else [f"sqlite: {r}" for r in rows]
+
+
+def _blob(embedding: np.ndarray) -> bytes:
+    return np.ascontiguousarray(embedding, dtype="<f4").tobytes()
+
+
+__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "FileRow", "Store"]
