@@ -26,6 +26,8 @@ _LAZY = {
     "CocaModel": "models",
     "ModelSpec": "models",
     "PRESETS": "models",
+    "Index": "retrieval.index",
+    "IndexReport": "retrieval.index",
     "ZeroShotClassifier": "zeroshot",
     "ZeroShotResult": "zeroshot",
     "evaluate_zeroshot": "zeroshot",
