@@ -36,7 +36,7 @@ from ..errors import DatasetError, UsageError
 from .classifier import ProgressFn, ZeroShotClassifier
 from .datasets import ZeroShotDataset, decode_path, open_dataset
 from .references import reference_for
-from .templates import fill, likelihood_prompt, load_templates
+from .templates import TEMPLATE_SETS, fill, likelihood_prompt, load_templates
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -276,7 +276,7 @@ def evaluate_zeroshot(
     clf = ZeroShotClassifier.from_classnames(model, ds.classnames, template_list, cache=cache, progress=progress)
 
     generative = scorer != "contrastive"
-    prompt_template = likelihood_prompt(template_list)
+    prompt_template = likelihood_prompt(template_list, builtin=template_label in TEMPLATE_SETS)
     prompts = [fill(prompt_template, c) for c in ds.classnames]
     prior = np.zeros(num_classes)
     prior_s = 0.0

@@ -90,6 +90,10 @@ def fill(template: str, classname: str) -> str:
     return template.replace("{}", classname)
 
 
-def likelihood_prompt(templates: list[str]) -> str:
-    """The one template the likelihood scorer uses: ``a photo of a {}.`` when present, else the first."""
-    return LIKELIHOOD_PROMPT if LIKELIHOOD_PROMPT in templates else templates[0]
+def likelihood_prompt(templates: list[str], builtin: bool = False) -> str:
+    """The one template the likelihood scorer uses.
+
+    ``a photo of a {}.`` for the built-in sets (their first entries, e.g. OpenAI's "a bad photo of a {}.", bias the
+    caption likelihood) and for user templates that contain it; otherwise the user's first template.
+    """
+    return LIKELIHOOD_PROMPT if builtin or LIKELIHOOD_PROMPT in templates else templates[0]
