@@ -695,6 +695,7 @@ class CocaModel:
         Returns:
             float64 array (K,) of summed log-probabilities (nats). See :meth:`caption_token_count`.
         """
+        import torch
 
         if image_tokens.ndim != 3:
             raise UsageError(
@@ -715,7 +716,7 @@ class CocaModel:
             _, token_embs = self.model._encode_text(ids)
             inputs = token_embs[:, :-1]
             for i in range(0, k, chunk_size):
-                embs = image_tokens[i : i + chunk_size].to(self.device)
+                embs = image_tokens[i : i + chunk_size].to(self.device, torch.float32)  # fp16 caches too
                 n = embs.shape[0]
                 logits = self.model.text_decoder(embs, inputs.expand(n, -1, -1))
                 logp = logits.float().log_softmax(dim=-1)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .._version import __version__
-from . import index, models, zeroshot
+from . import index, models, search, zeroshot
 
 app = typer.Typer(
     name="cocatk",
@@ -37,5 +37,5 @@ def _root(
     """Zero-shot image retrieval and classification with CoCa (Contrastive Captioners)."""
 
 
-for _module in (models, zeroshot, index):
+for _module in (models, zeroshot, index, search):
     _module.register(app)

@@ -1,0 +1,104 @@
+"""`cocatk search`: text and image queries, FAISS top-k, caption-likelihood rerank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from . import options
+from .render import err, out, print_json, warn
+
+
+def register(app: typer.Typer) -> None:
+    app.command("search")(search)
+
+
+def search(
+    query: Annotated[str | None, typer.Argument(help='What to look for, e.g. "a red bicycle".')] = None,
+    index: options.IndexDir = None,
+    n: Annotated[int, typer.Option("-n", "--top", help="Results to show.")] = 10,
+    rerank: Annotated[
+        bool, typer.Option("--rerank/--no-rerank", help="Rerank the top --rerank-k by caption log-likelihood.")
+    ] = True,
+    rerank_k: Annotated[int, typer.Option("--rerank-k", help="Candidates taken from FAISS for the rerank.")] = 50,
+    image: Annotated[
+        Path | None, typer.Option("--image", help="Search by this image (with a text: the mean of both).")
+    ] = None,
+    negative: Annotated[
+        list[str] | None, typer.Option("--not", help="Subtract this text's embedding (repeatable).")
+    ] = None,
+    under: Annotated[Path | None, typer.Option("--under", help="Only hits below this folder.")] = None,
+    json_: options.Json = False,
+    paths: Annotated[bool, typer.Option("--paths", help="Print one path per line (for shell pipes).")] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML gallery.")] = None,
+    cache_tokens: Annotated[
+        bool,
+        typer.Option(
+            "--cache-tokens/--no-cache-tokens",
+            help="Use decoder tokens stored by `cocatk index --cache-tokens` when present (else re-decode files).",
+        ),
+    ] = True,
+    model: options.Model = None,
+    pretrained: options.Pretrained = None,
+    device: options.Device = None,
+) -> None:
+    """Search the index with text (and/or an image); rerank by CoCa caption likelihood."""
+    from ..errors import UsageError
+    from ..retrieval import Index
+    from ..retrieval.gallery import GallerySection, write_gallery
+    from ..retrieval.search import search_index
+
+    if json_ and paths:
+        raise UsageError("--json and --paths exclude each other", hint="pick one output format")
+    idx = Index.open(index, model=model, pretrained=pretrained, device=device)
+    result = search_index(
+        idx,
+        text=query,
+        image=image,
+        negative=tuple(negative or ()),
+        n=n,
+        rerank=rerank,
+        rerank_k=rerank_k,
+        under=under,
+        use_token_cache=cache_tokens,
+    )
+    if result.dropped:
+        shown = ", ".join(f"{p} ({r})" for p, r in result.dropped[:3])
+        more = f" and {len(result.dropped) - 3} more" if len(result.dropped) > 3 else ""
+        warn(f"{len(result.dropped)} candidate(s) skipped: {shown}{more}; run `cocatk index` to refresh the index")
+    if html is not None:
+        title = query or (f"images like {image}" if image else "search")
+        page = write_gallery(html, f"cocatk search: {title}", [GallerySection(title, result.hits)])
+        err.print(f"wrote {page}", highlight=False)
+    if json_:
+        print_json(result.to_dict())
+        return
+    if paths:
+        for hit in result.hits:
+            out.print(hit.path, highlight=False, markup=False, soft_wrap=True)
+        return
+    _table(result)
+
+
+def _table(result) -> None:  # noqa: ANN001 - SearchResult
+    title = result.query["text"] or result.query["image"]
+    table = Table(title=f"{title}", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("path", overflow="fold")
+    table.add_column("similarity", justify="right")
+    table.add_column("log-likelihood", justify="right")
+    for hit in result.hits:
+        ll = "–" if hit.loglik is None else f"{hit.loglik:.2f}"
+        table.add_row(str(hit.rank), hit.path, f"{hit.similarity:.4f}", ll)
+    out.print(table)
+    t = result.timings
+    parts = [f"embed {t['embed'] * 1000:.0f} ms", f"search {t['search'] * 1000:.1f} ms"]
+    if "rerank" in t:
+        parts.append(
+            f"rerank {t['rerank'] * 1000:.0f} ms ({result.candidates} candidates, tokens from {result.tokens_from})"
+        )
+    note = "; random weights: scores carry no meaning" if result.model.get("random_weights") else ""
+    err.print(f"{len(result.hits)} hits · " + " · ".join(parts) + note, style="dim", highlight=False)

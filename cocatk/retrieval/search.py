@@ -1,0 +1,253 @@
+"""Search an index: FAISS top-k over contrastive embeddings, then CoCa caption-likelihood rerank.
+
+Stage 1 embeds the query with the unimodal text decoder (CLS token) and takes the exact inner-product top-k from
+FAISS (k = ``rerank_k`` when reranking, else ``n``). Stage 2 scores each of the k candidates by
+log p(query | image) with the multimodal decoder (the text tower runs once, the decoder is batched over candidates)
+and orders by that score. For one fixed query, log P(query) is the same for every image, so the raw likelihood
+ranks images correctly without a prior correction.
+
+Example:
+    >>> from cocatk import Index
+    >>> hits = Index.open("~/.local/share/cocatk/index").search("a red bicycle", n=5)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import EmptyIndexError, ImageError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .index import Index
+
+
+@dataclass
+class Hit:
+    """One search result. ``loglik`` is None when the results were not reranked."""
+
+    rank: int
+    id: int
+    path: str
+    similarity: float
+    loglik: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    """Hits plus what a script or report needs: the query, the model, per-stage timings, dropped candidates."""
+
+    hits: list[Hit]
+    query: dict[str, Any]
+    model: dict[str, Any]
+    timings: dict[str, float]
+    reranked: bool
+    candidates: int
+    #: (path, reason) of candidates dropped because their file is gone or unreadable.
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    #: Where the rerank's image tokens came from: "cache", "files", "mixed" or None.
+    tokens_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "model": self.model,
+            "reranked": self.reranked,
+            "candidates": self.candidates,
+            "tokens_from": self.tokens_from,
+            "timings_ms": {k: round(v * 1000, 2) for k, v in self.timings.items()},
+            "dropped": [{"path": p, "reason": r} for p, r in self.dropped],
+            "hits": [h.to_dict() for h in self.hits],
+        }
+
+
+def build_query_vector(
+    model: Any,
+    text: str | None = None,
+    image: str | os.PathLike[str] | None = None,
+    negative: Sequence[str] = (),
+    max_megapixels: float | None = None,
+) -> np.ndarray:
+    """The stage-1 query: text embedding, image embedding, or the normalised mean of both, minus negatives.
+
+    Each ``negative`` text's embedding is subtracted before the final L2 normalisation.
+
+    Returns:
+        float32 (1, D), L2-normalised.
+
+    Raises:
+        UsageError: no text and no image, an empty text, or a query that cancels out.
+        ImageError: the query image cannot be decoded.
+    """
+    from ..images import load_image
+
+    if text is not None and not text.strip():
+        raise UsageError("empty query", hint='pass a text such as "a red bicycle", or --image PATH')
+    if text is None and image is None:
+        raise UsageError("no query", hint='pass a text such as "a red bicycle", or --image PATH')
+    parts: list[np.ndarray] = []
+    if text is not None:
+        parts.append(model.encode_texts([text])[0])
+    if image is not None:
+        kwargs = {} if max_megapixels is None else {"max_megapixels": max_megapixels}
+        im = load_image(image, draft_size=model.image_size, **kwargs)
+        parts.append(model.encode_images([im])[0])
+    q = np.mean(parts, axis=0)
+    q = q / max(np.linalg.norm(q), 1e-12)
+    negs = [t for t in negative if t and t.strip()]
+    if negs:
+        q = q - model.encode_texts(negs).sum(axis=0)
+    norm = float(np.linalg.norm(q))
+    if norm < 1e-6:
+        raise UsageError("the query and its --not texts cancel out", hint="use fewer or different --not texts")
+    return np.ascontiguousarray((q / norm)[None, :], dtype=np.float32)
+
+
+def _under_ids(index: Index, under: str | os.PathLike[str]) -> np.ndarray:
+    """Ids of the files below folder ``under`` (paths are stored absolute and resolved)."""
+    root = Path(under).expanduser().resolve()
+    if not root.is_dir():
+        raise UsageError(f"--under {under}: no such folder", hint="pass a folder that holds indexed images")
+    prefix = str(root).rstrip(os.sep) + os.sep
+    # A range scan on the UNIQUE path index: every path that starts with prefix sorts in [prefix, prefix + max).
+    rows = index.store.conn.execute(
+        "SELECT id FROM files WHERE path >= ? AND path < ?", (prefix, prefix + "\U0010ffff")
+    ).fetchall()
+    return np.array([r[0] for r in rows], dtype=np.int64)
+
+
+def candidate_tokens(
+    index: Index,
+    ids: Sequence[int],
+    paths: Sequence[str],
+    max_megapixels: float | None = None,
+    use_cache: bool = True,
+) -> tuple[Any, list[int], list[tuple[str, str]], str]:
+    """Decoder tokens for candidates: from the index's token cache when present, else by re-decoding the files
+    exactly like the indexer does.
+
+    Returns:
+        (tokens (K', T, D), positions kept (into ``ids``), dropped (path, reason), source).
+    """
+    import torch
+
+    from ..images import load_image
+
+    model = index.model
+    cached = index.get_tokens(list(ids)) if use_cache else None
+    if cached is not None:
+        return torch.as_tensor(cached), list(range(len(ids))), [], "cache"
+    kept: list[int] = []
+    images = []
+    dropped: list[tuple[str, str]] = []
+    kwargs = {} if max_megapixels is None else {"max_megapixels": max_megapixels}
+    for i, path in enumerate(paths):
+        if not os.path.exists(path):
+            dropped.append((path, "file is gone"))
+            continue
+        try:
+            images.append(load_image(path, draft_size=model.image_size, **kwargs))
+            kept.append(i)
+        except ImageError as e:
+            dropped.append((path, getattr(e, "reason", None) or e.message))
+        except OSError as e:
+            dropped.append((path, f"unreadable ({type(e).__name__})"))
+    tokens = model.image_tokens(images) if images else torch.empty(0)
+    return tokens, kept, dropped, "files"
+
+
+def search_index(
+    index: Index,
+    text: str | None = None,
+    image: str | os.PathLike[str] | None = None,
+    negative: Sequence[str] = (),
+    n: int = 10,
+    rerank: bool = True,
+    rerank_k: int = 50,
+    under: str | os.PathLike[str] | None = None,
+    use_token_cache: bool = True,
+) -> SearchResult:
+    """Search ``index``; see the module docstring. Image-only queries are never reranked (there is no text).
+
+    ``use_token_cache=False`` re-decodes candidate files even when the index stores their decoder tokens.
+
+    Raises:
+        UsageError: n < 1, rerank_k < 1, empty query, missing --under folder.
+        EmptyIndexError: the index holds no images.
+    """
+    if n < 1:
+        raise UsageError(f"-n must be >= 1, got {n}", hint="ask for at least one result, e.g. -n 10")
+    if rerank_k < 1:
+        raise UsageError(f"--rerank-k must be >= 1, got {rerank_k}", hint="use e.g. --rerank-k 50")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if index.ntotal == 0:
+        raise EmptyIndexError(f"the index at {index.dir} holds no images", hint="run `cocatk index PATH` first")
+    model = index.model
+    max_megapixels = index.manifest.get("max_megapixels")
+    timings["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    query = build_query_vector(model, text, image, negative, max_megapixels)
+    timings["embed"] = time.perf_counter() - t0
+
+    do_rerank = bool(rerank and text is not None)
+    k = max(n, rerank_k) if do_rerank else n
+    t0 = time.perf_counter()
+    selector = _under_ids(index, under) if under is not None else None
+    if selector is not None and len(selector) == 0:
+        scores, ids = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    else:
+        s, i = index.vectors.search(query, k, id_selector=selector)
+        keep = i[0] >= 0
+        scores, ids = s[0][keep], i[0][keep]
+    paths = index.store.paths_for_ids(ids.tolist())
+    timings["search"] = time.perf_counter() - t0
+
+    candidates = [(int(i), p, float(s)) for i, p, s in zip(ids, paths, scores, strict=True) if p is not None]
+    hits: list[Hit]
+    dropped: list[tuple[str, str]] = []
+    source = None
+    if do_rerank and candidates:
+        t0 = time.perf_counter()
+        tokens, kept, dropped, source = candidate_tokens(
+            index, [c[0] for c in candidates], [c[1] for c in candidates], max_megapixels, use_token_cache
+        )
+        survivors = [candidates[j] for j in kept]
+        loglik = model.caption_loglik(text, tokens) if survivors else np.zeros(0)
+        # Stable sort by caption log-likelihood; ties keep the contrastive order.
+        order = sorted(range(len(survivors)), key=lambda j: -loglik[j])
+        hits = [
+            Hit(rank + 1, survivors[j][0], survivors[j][1], survivors[j][2], float(loglik[j]))
+            for rank, j in enumerate(order[:n])
+        ]
+        timings["rerank"] = time.perf_counter() - t0
+    else:
+        hits = [Hit(rank + 1, c[0], c[1], c[2]) for rank, c in enumerate(candidates[:n])]
+    timings["total"] = sum(timings.values())
+    return SearchResult(
+        hits=hits,
+        query={
+            "text": text,
+            "image": str(image) if image is not None else None,
+            "not": list(negative),
+            "n": n,
+            "rerank_k": rerank_k if do_rerank else None,
+            "under": str(under) if under else None,
+        },
+        model=model.info(),
+        timings=timings,
+        reranked=do_rerank,
+        candidates=len(candidates),
+        dropped=dropped,
+        tokens_from=source,
+    )
