@@ -264,3 +264,11 @@ def test_deleted_candidate_is_dropped_and_reported(tmp_path, capsys):
     assert code == 0 and "1 candidate(s) skipped" in err and str(gone) in err
     assert len(json.loads(out)["hits"]) == 9
     shutil.rmtree(tmp_path / "photos")
+
+
+def test_index_search_api_returns_hits(built):
+    idx = _open(built[0])
+    hits = idx.search("a red bicycle", n=3, rerank_k=5)
+    assert [h.rank for h in hits] == [1, 2, 3] and all(h.loglik is not None for h in hits)
+    full = search_index(idx, text="a red bicycle", n=3, rerank_k=5)
+    assert [h.id for h in hits] == [h.id for h in full.hits]

@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..models import CocaModel, ModelSpec
+    from .search import Hit
 
 #: Files per checkpoint: a killed run loses at most this much work.
 DEFAULT_CHECKPOINT_EVERY = 256
@@ -66,6 +67,7 @@ DEFAULT_TOKEN_CACHE_LIMIT_GB = 8.0
 _SMALL_FAISS_BYTES = 256 << 20
 _BIG_SAVE_INTERVAL_S = 60.0
 LOCK_NAME = "index.lock"
+_RETRY_REASONS = ("too large", "unsupported format")
 MANIFEST_NAME = "manifest.json"
 
 #: progress(stage, done, total): stage is "scan" (total None) or "index" (files processed of the files to look at).
@@ -502,6 +504,28 @@ class Index:
                 progress=progress,
             ).run()
 
+    # ---- search ------------------------------------------------------------------------------------------------
+    def search(
+        self,
+        text: str | None = None,
+        image: str | os.PathLike[str] | None = None,
+        negative: Sequence[str] = (),
+        n: int = 10,
+        rerank: bool = True,
+        rerank_k: int = 50,
+        under: str | os.PathLike[str] | None = None,
+    ) -> list[Hit]:
+        """Top-``n`` images for a text and/or image query, reranked by caption log-likelihood (text queries).
+
+        See :func:`cocatk.retrieval.search.search_index`, which also returns timings and dropped candidates.
+
+        Example:
+            >>> [h.path for h in Index.open().search("a red bicycle", n=3)]   # doctest: +SKIP
+        """
+        from .search import search_index
+
+        return search_index(self, text, image, negative, n=n, rerank=rerank, rerank_k=rerank_k, under=under).hits
+
     # ---- info and check ----------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Manifest, counts, roots, size on disk and failures, as plain data."""
@@ -649,10 +673,18 @@ class _Updater:
         cache_tokens = bool(manifest.get("cache_tokens"))
         token_ids = self.store.token_ids() if cache_tokens else set()
 
+        # A file that failed before is retried when it changes, or when the outcome may depend on options and
+        # plugins ("too large", "unsupported format"); otherwise it is reported again without decoding.
+        failures = self.store.failure_rows()
+        stale_failures = [p for p in failures if _under(p, roots) and p not in present]
         todo: list[_Item] = []
         for path, size, mtime in found:
             row = rows.get(path)
-            if row is None:
+            failure = failures.get(path) if row is None else None
+            if failure is not None and failure[2:] == (size, mtime) and failure[0] not in _RETRY_REASONS:
+                self.report.failed[failure[0]] = self.report.failed.get(failure[0], 0) + 1
+                self.report.failures.append({"path": path, "reason": failure[0], "detail": failure[1]})
+            elif row is None:
                 todo.append(_Item(path, size, mtime, None))
             elif row.size != size or row.mtime_ns != mtime:
                 todo.append(_Item(path, size, mtime, row))
@@ -675,7 +707,7 @@ class _Updater:
         self.store.begin()
         try:
             self.store.add_roots(roots)
-            self.store.clear_failures_under(roots)
+            self.store.delete_failures(stale_failures + [t.path for t in todo])
             self._process(todo, vanished, model, cache_tokens)
             self._remove(vanished)
             self._checkpoint(final=True)
