@@ -74,6 +74,12 @@ def test_first_run_counts_failures_and_consistency(tmp_path: Path, tiny_model) -
     info = ix.info()
     assert info["files"] == 11 and info["unique_contents"] == 10 and info["roots"] == [str(photos)]
     assert info["failed"] == {"not an image": 1, "empty file": 1}
+    # Known failures are reported again without being retried; a fixed file is picked up.
+    r = ix.update([photos])
+    assert r.failed == {"not an image": 1, "empty file": 1} and r.encoded == 0 and r.unchanged == 11
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(photos / "empty.png")
+    r = ix.update([photos])
+    assert r.failed == {"not an image": 1} and r.new == 1 and r.encoded == 1
 
 
 def test_incremental_add_modify_delete_move_duplicate(tmp_path: Path) -> None:

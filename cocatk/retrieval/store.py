@@ -18,7 +18,6 @@ Tables (schema version :data:`SCHEMA_VERSION`, numbered migrations in :data:`MIG
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -311,12 +310,13 @@ class Store:
             (path, reason, detail, size, mtime_ns, time.time()),
         )
 
-    def clear_failures_under(self, roots: Sequence[str]) -> None:
-        for root in roots:
-            prefix = root.rstrip(os.sep) + os.sep
-            self.conn.execute(
-                "DELETE FROM failures WHERE path = ? OR substr(path, 1, ?) = ?", (root, len(prefix), prefix)
-            )
+    def failure_rows(self) -> dict[str, tuple[str, str, int | None, int | None]]:
+        """path -> (reason, detail, size, mtime_ns) of every recorded failure."""
+        rows = self.conn.execute("SELECT path, reason, detail, size, mtime_ns FROM failures")
+        return {p: (r, d, s, m) for p, r, d, s, m in rows}
+
+    def delete_failures(self, paths: Sequence[str]) -> None:
+        self.conn.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in paths])
 
     def failures(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT path, reason, detail FROM failures ORDER BY path")
