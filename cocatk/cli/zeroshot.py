@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import options
@@ -145,7 +146,7 @@ def zeroshot(
 
 def _render_result(r: dict[str, Any]) -> None:
     data, model, t = r["data"], r["model"], r["timings"]
-    title = f"zero-shot {data['name']}: {data['source']}"
+    title = escape(f"zero-shot {data['name']}: {data['source']}")
     table = Table(title=title, title_justify="left")
     for col in ("scorer", "top-1 %", "top-5 %", "mean per-class recall %", "N"):
         table.add_column(col, justify="left" if col == "scorer" else "right")
@@ -167,7 +168,8 @@ def _render_result(r: dict[str, Any]) -> None:
     lik = r["likelihood"]
     extra = f"; likelihood prompt '{lik['prompt']}', alpha {lik['alpha']:g}" if lik else ""
     out.print(
-        f"model {model['model']} ({model['arch']}/{model['pretrained']}, {model['device']}, {model['precision']}); "
+        f"model {escape(str(model['model']))} ({model['arch']}/{model['pretrained']}, {model['device']}, "
+        f"{model['precision']}); "
         f"templates {r['templates']['name']} ({r['templates']['count']}){extra}; "
         f"{data['num_classes']} classes; classifier {'from cache' if t['classifier_cached'] else 'built'} "
         f"in {t['classifier_s']:.2f} s; {t['images_per_s']} images/s",
@@ -220,7 +222,9 @@ def classify(
         table.add_column(col, justify="right" if col in ("rank", "probability") else "left", overflow="fold")
     for item in result["results"]:
         for rank, p in enumerate(item["predictions"], start=1):
-            table.add_row(item["image"] if rank == 1 else "", str(rank), p["label"], f"{p['probability']:.3f}")
+            table.add_row(
+                escape(item["image"]) if rank == 1 else "", str(rank), escape(p["label"]), f"{p['probability']:.3f}"
+            )
         table.add_section()
     out.print(table)
     return 1 if not result["results"] else 0
