@@ -11,6 +11,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Tests use tiny models: one thread avoids OpenMP oversubscription stalls (10x slower decoder passes were measured
+# on this 2-core machine with other processes busy) and changes no result.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 for _var in ("COCATK_MODEL", "COCATK_PRETRAINED", "COCATK_DEVICE", "COCATK_INDEX", "COCATK_DEBUG"):
     os.environ.pop(_var, None)
 

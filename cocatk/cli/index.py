@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from . import options
+from .progress import progress_bar
 from .render import err, out, print_json, warn
 
 
@@ -60,7 +61,7 @@ def index(
     from ..retrieval.index import Index
 
     ix = Index.open(index_dir, model=model, pretrained=pretrained, device=device, create=True, rebuild=rebuild)
-    with ix, _progress(enabled=not json_) as progress:
+    with ix, progress_bar(disable=json_) as progress:
         report = ix.update(
             [str(p) for p in paths or []],
             batch_size=batch_size,
@@ -95,56 +96,6 @@ def _print_summary(d: dict[str, Any]) -> None:
         f"  encoded {d['encoded']} images in {d['seconds']:.1f} s ({d['images_per_s']:.1f} images/s)",
         highlight=False,
     )
-
-
-class _progress:
-    """A Rich progress bar on stderr fed by the library's ``progress(stage, done, total)`` callback."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and err.is_terminal
-        self._bar: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> _progress | None:
-        if not self.enabled:
-            return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-        )
-        self._bar.__enter__()
-        self._task = self._bar.add_task("scanning", total=None, rate="")
-        return self
-
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
-        task = self._bar.tasks[0] if self._bar.tasks else None
-        rate = ""
-        if stage == "index" and task is not None and task.elapsed and done:
-            rate = f"{task.speed or 0:.0f} files/s" if task.speed else ""
-        description = "scanning" if stage == "scan" else "indexing"
-        self._bar.update(self._task, description=description, completed=done, total=total, rate=rate)
-        if stage == "index" and done == 0:
-            self._bar.reset(self._task, total=total, description=description, rate="")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
 
 
 def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import options
-from .render import err, note, out, print_json, warn
+from .progress import progress_bar
+from .render import note, out, print_json, warn
 
 
 def register(app: typer.Typer) -> None:
@@ -31,31 +30,6 @@ Templates = Annotated[
         show_default="the dataset's own (openai for ImageNet and folders, cifar for CIFAR)",
     ),
 ]
-
-
-@contextlib.contextmanager
-def _progress() -> Iterator[Any]:
-    """A Rich progress bar on stderr; yields the ``progress(stage, done, total)`` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    labels = {"text": "text classifier (classes)", "prior": "text prior", "images": "images"}
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    ) as bar:
-        tasks: dict[str, Any] = {}
-
-        def callback(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(labels.get(stage, stage), total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        yield callback
 
 
 def _pct(value: float | None) -> str:
@@ -107,7 +81,7 @@ def zeroshot(
     """Zero-shot classification accuracy (top-1, top-5, mean per-class recall) against published numbers."""
     from ..zeroshot import evaluate_zeroshot
 
-    with _progress() as progress:
+    with progress_bar() as progress:
         result = evaluate_zeroshot(
             dataset,
             model,
