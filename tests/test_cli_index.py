@@ -71,3 +71,11 @@ def test_cli_index_module_imports_no_heavy_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert [m for m in ("torch", "faiss", "PIL", "open_clip") if m in out] == []
+
+
+def test_missing_path_creates_no_index(tmp_path, capsys):
+    from cocatk.cli import main
+
+    code = main(["index", str(tmp_path / "nope"), "--index", str(tmp_path / "idx"), "--pretrained", "none"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists()

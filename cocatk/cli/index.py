@@ -58,8 +58,9 @@ def index(
 
     Safe to interrupt: the next run resumes from the last checkpoint.
     """
-    from ..retrieval.index import Index
+    from ..retrieval.index import Index, resolve_roots
 
+    resolve_roots(paths or [])  # a bad PATH fails before an index folder is created
     ix = Index.open(index_dir, model=model, pretrained=pretrained, device=device, create=True, rebuild=rebuild)
     with ix, progress_bar(disable=json_) as progress:
         report = ix.update(

@@ -599,13 +599,7 @@ class _Updater:
     def _roots(self) -> list[str]:
         paths = self.opts["paths"]
         if paths:
-            roots = []
-            for p in paths:
-                path = Path(p).expanduser()
-                if not path.exists():
-                    raise UsageError(f"{p} does not exist", hint="pass existing image files or folders")
-                roots.append(str(path.resolve()))
-            return sorted(set(roots))
+            return resolve_roots(paths)
         stored = self.store.roots()
         if not stored:
             raise UsageError("no folders to index", hint="pass one or more PATHs: `cocatk index ~/Pictures`")
@@ -1025,6 +1019,21 @@ def _cpu_threads(model: CocaModel | None, workers: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def resolve_roots(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Absolute, resolved, de-duplicated roots for ``cocatk index PATH...``.
+
+    Raises:
+        UsageError: a path does not exist (checked before anything is created or changed).
+    """
+    roots = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.exists():
+            raise UsageError(f"{p} does not exist", hint="pass existing image files or folders")
+        roots.append(str(path.resolve()))
+    return sorted(set(roots))
 
 
 def open_index(folder: str | os.PathLike[str] | None = None, **kwargs: Any) -> Index:
