@@ -1,0 +1,84 @@
+"""Quality of the shipped ``demo`` model on held-out synthetic scenes (a scene stream training never draws from).
+
+Measured values (CPU, fp32, this file's sizes: 90 one-object scenes, 100 two-object scenes; the training record
+``cocatk/assets/demo_training.json`` holds the same measures on 360 / 200 scenes):
+zero-shot accuracy over the 18 "a {colour} {shape}" classes 1.00 (chance 0.056); text->image R@1 0.95 among 100
+two-object scenes (chance 0.01), R@10 1.00, R@1 after reranking the top 10 by caption likelihood 0.95; true caption
+preferred over the swapped one ("a blue square left of a red circle") 0.52 by contrastive score and 0.50 by caption
+likelihood, i.e. chance for both: the shipped model knows objects but not where they are (see the xfail below).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cocatk.demo.quality import evaluate
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from cocatk import load_model
+
+    return load_model("demo", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def report(demo_model):
+    return evaluate(demo_model, n_single=90, n_pairs=100, rerank_k=10)
+
+
+def test_demo_preset_is_shipped_and_listed():
+    from cocatk.models import ASSETS_DIR, PRESETS, list_presets
+
+    assert "demo" in PRESETS
+    row = next(r for r in list_presets() if r["name"] == "demo")
+    assert row["cached"] and row["embed_dim"] == 64
+    weights = ASSETS_DIR / "demo.safetensors"
+    assert weights.stat().st_size < 20 * 1024 * 1024
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (safe_open is not iterable)
+    record = json.loads((ASSETS_DIR / "demo_training.json").read_text())
+    assert {"seed", "steps", "batch_size", "device", "wall_time_s", "final_losses", "eval"} <= set(record)
+
+
+def test_demo_loads_offline_as_fp32(demo_model):
+    import torch
+
+    assert not demo_model.is_random
+    assert demo_model.embed_dim == 64 and demo_model.image_size == 64 and demo_model.context_length == 16
+    assert all(p.dtype == torch.float32 for p in demo_model.model.parameters())
+
+
+def test_zeroshot_colour_shape_classes(report):
+    # measured 1.00 on 90 scenes (and 360 in the training record); chance is 1/18
+    assert report["zeroshot_acc"] >= 0.9
+
+
+def test_text_to_image_retrieval(report):
+    # measured R@1 0.95, R@10 1.00, reranked R@1 0.95 among 100 scenes (0.775 / 1.00 / 0.78 among 200 in the
+    # training record, on the GPU in bf16); the misses are the same two objects in another arrangement
+    assert report["t2i_r1"] >= 0.7
+    assert report["t2i_r10"] >= 0.95
+    assert report["t2i_r1_rerank"] >= 0.7
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped demo model did not learn spatial relations: measured swap preference 0.52 (contrastive) and "
+    "0.50 (caption likelihood), both chance; retrain with --twin-share 0.5 (swapped twins as hard negatives)",
+)
+def test_caption_likelihood_beats_contrastive_on_swapped_captions(report):
+    # The compositional case that motivates reranking: "a red circle left of a blue square" against the same words
+    # swapped. Caption likelihood reads the words in order; the contrastive embedding tends to a bag of words.
+    assert report["swap_pref_loglik"] >= 0.8
+    assert report["swap_pref_loglik"] >= report["swap_pref_contrastive"] + 0.05
+
+
+def test_report_rates_are_rates(report):
+    for key in ("swap_pref_contrastive", "swap_pref_loglik", "t2i_r1", "t2i_r1_rerank", "zeroshot_acc"):
+        assert 0.0 <= report[key] <= 1.0
+    assert report["n_single"] == 90 and report["n_pairs"] == 100
