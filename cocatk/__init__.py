@@ -31,6 +31,7 @@ _LAZY = {
     "ZeroShotClassifier": "zeroshot",
     "ZeroShotResult": "zeroshot",
     "evaluate_zeroshot": "zeroshot",
+    "evaluate_retrieval": "evaluation",
 }
 
 

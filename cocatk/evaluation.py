@@ -1,0 +1,591 @@
+"""Text <-> image retrieval evaluation on a captioned set (COCO 5k / Flickr30k 1k Karpathy test, or your own).
+
+Protocol (as open_clip's and CLIP_benchmark's zero-shot retrieval): every image and every caption is embedded;
+text -> image R@k is the share of captions whose image is among the k most similar images; image -> text R@k is the
+share of images with at least one of their captions among the k most similar captions. Figures are percentages.
+
+**Caption-likelihood rerank** (``rerank_ks``): the top-k of the contrastive ranking are re-ordered by CoCa's caption
+log-likelihood, everything below k is left alone (so R@k itself cannot change for the rerank at k, only R@r, r < k):
+
+- text -> image: for each caption, its k best images are sorted by log P(caption | image). The caption is fixed, so
+  its prior P(caption) is the same for every candidate and plain likelihood ranks correctly.
+- image -> text: for each image, its k best captions are sorted by log P(caption | image) - alpha * log P(caption).
+  Here the candidates are different texts, and raw likelihood prefers short, generic, frequent captions; dividing out
+  the text prior (VisualGPTScore, Lin et al. 2023) turns it into a pointwise-mutual-information score. log P(caption)
+  is estimated as the mean log-likelihood over six content-free images (three flat greys, three uniform noises), the
+  same estimate the zero-shot likelihood scorer uses. ``alpha = 1`` is full PMI, ``0`` no correction; the result
+  also holds the no-prior figures so the effect is visible.
+
+Data (see :func:`open_captioned_dataset`): a Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``:
+``images[].filename / filepath / split / sentences[].raw``) with its image folder, a plain ``{"image.jpg":
+["caption", ...]}`` JSON, a folder holding one of those (or the ``captions.jsonl`` that ``cocatk.demo`` writes),
+or ``hf:PATH``, a Hugging Face dataset saved with ``save_to_disk`` with an image and a caption column.
+
+Example:
+    >>> from cocatk import load_model
+    >>> from cocatk.evaluation import evaluate_retrieval, open_captioned_dataset, write_captioned_folder
+    >>> folder = write_captioned_folder("/tmp/shapes", n=24)                   # doctest: +SKIP
+    >>> data = open_captioned_dataset(folder)                                  # doctest: +SKIP
+    >>> result = evaluate_retrieval(load_model("coca-b32"), data)             # doctest: +SKIP
+    >>> result.metrics["text_to_image"]["contrastive"]["R@1"]                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import DatasetError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+    from .models import CocaModel
+
+#: Recall cut-offs reported (the published tables use these).
+RECALL_KS = (1, 5, 10)
+#: Rerank depths evaluated by default.
+DEFAULT_RERANK_KS = (10, 50)
+#: Above this many bytes the decoder tokens of the whole set are kept in float16 (COCO 5k with L-14: 3.9 GB fp32).
+TOKENS_FP32_LIMIT = 2 << 30
+
+REFERENCE_SOURCE = "open_clip docs/openclip_retrieval_results.csv (zero-shot, Karpathy test split)"
+#: (open_clip architecture, pretrained tag) -> benchmark -> published text -> image R@1/5/10 (%).
+REFERENCES: dict[tuple[str, str], dict[str, tuple[float, float, float]]] = {
+    ("coca_ViT-L-14", "laion2b_s13b_b90k"): {"coco5k": (45.65, 70.42, 79.21), "flickr1k": (74.28, 92.02, 95.42)},
+    ("coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k"): {
+        "coco5k": (53.74, 77.79, 85.67),
+        "flickr1k": (78.46, 94.52, 97.12),
+    },
+    ("coca_ViT-B-32", "laion2b_s13b_b90k"): {"coco5k": (36.18, 61.36, 71.76), "flickr1k": (63.36, 85.66, 91.44)},
+}
+
+_DATA_HINT = (
+    "pass a Karpathy split JSON (dataset_coco.json / dataset_flickr30k.json) with --images DIR, a folder holding "
+    'captions.json ({"image.jpg": ["caption", ...]}), or hf:PATH (a dataset saved with save_to_disk); '
+    "README 'cocatk eval-retrieval' says where to get COCO and Flickr30k"
+)
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+@dataclass
+class CaptionedDataset:
+    """Images, their captions, and which image each caption belongs to.
+
+    Attributes:
+        name: what was opened (a path or ``hf:PATH``).
+        images: one entry per image: a file path, or a row index for Hugging Face data.
+        captions: all captions, flat.
+        caption_image: int64 (C,): the image index of each caption.
+        benchmark: ``coco5k`` / ``flickr1k`` when the data is that published test set, else None.
+        split: the split used, when the source has splits.
+    """
+
+    name: str
+    images: list[Any]
+    captions: list[str]
+    caption_image: np.ndarray
+    benchmark: str | None = None
+    split: str | None = None
+    _loader: Callable[[Any], Image.Image] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int) -> Image.Image:
+        """Decode image ``i`` to RGB (EXIF orientation applied)."""
+        if self._loader is not None:
+            return self._loader(self.images[i])
+        from .images import load_image
+
+        return load_image(self.images[i], max_megapixels=None)
+
+    def subset(self, limit: int) -> CaptionedDataset:
+        """The first ``limit`` images and their captions (a published reference no longer applies)."""
+        if limit >= len(self.images):
+            return self
+        keep = self.caption_image < limit
+        return CaptionedDataset(
+            name=self.name,
+            images=self.images[:limit],
+            captions=[c for c, k in zip(self.captions, keep, strict=False) if k],
+            caption_image=self.caption_image[keep],
+            benchmark=None,
+            split=self.split,
+            _loader=self._loader,
+        )
+
+
+def _from_pairs(name: str, items: Sequence[tuple[Any, Sequence[str]]], **kw: Any) -> CaptionedDataset:
+    images, captions, owner = [], [], []
+    for img, caps in items:
+        caps = [caps] if isinstance(caps, str) else [str(c) for c in caps if str(c).strip()]
+        if not caps:
+            continue
+        for c in caps:
+            captions.append(c.strip())
+            owner.append(len(images))
+        images.append(img)
+    if not images:
+        raise DatasetError(f"{name} holds no captioned images", hint=_DATA_HINT)
+    return CaptionedDataset(name, images, captions, np.asarray(owner, dtype=np.int64), **kw)
+
+
+def _resolve_files(name: str, root: Path, rels: Sequence[Sequence[str]]) -> list[Path]:
+    """For each image, the first candidate path that exists; a clear error naming the first missing file."""
+    out = []
+    for cands in rels:
+        found = next((root / c for c in cands if (root / c).is_file()), None)
+        if found is None:
+            raise DatasetError(
+                f"image {cands[0]} listed in {name} is not under {root}",
+                hint="pass --images DIR, the folder that holds the images (for COCO the one containing val2014/)",
+            )
+        out.append(found)
+    return out
+
+
+def _karpathy(path: Path, data: dict[str, Any], split: str | None, root: Path) -> CaptionedDataset:
+    entries = data["images"]
+    if split:
+        splits = sorted({str(e.get("split")) for e in entries})
+        entries = [e for e in entries if e.get("split") == split]
+        if not entries:
+            raise UsageError(f"{path.name} has no images in split '{split}'", hint=f"use --split {'/'.join(splits)}")
+    rels = [
+        [str(Path(e.get("filepath", "")) / e["filename"]), e["filename"]] if e.get("filepath") else [e["filename"]]
+        for e in entries
+    ]
+    files = _resolve_files(path.name, root, rels)
+    caps = [[s["raw"] if "raw" in s else " ".join(s.get("tokens", [])) for s in e["sentences"]] for e in entries]
+    kind = str(data.get("dataset", "")).lower()
+    benchmark = None
+    if split == "test" and kind == "coco" and len(entries) == 5000:
+        benchmark = "coco5k"
+    elif split == "test" and kind.startswith("flickr30k") and len(entries) == 1000:
+        benchmark = "flickr1k"
+    return _from_pairs(str(path), list(zip(files, caps, strict=False)), benchmark=benchmark, split=split)
+
+
+def _caption_json(path: Path, split: str | None, images_dir: Path | None) -> CaptionedDataset:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot read {path}: {e}", hint=_DATA_HINT) from e
+    root = images_dir or path.parent
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        return _karpathy(path, data, split, root)
+    if isinstance(data, dict) and all(isinstance(v, (str, list)) for v in data.values()):
+        files = _resolve_files(path.name, root, [[k] for k in data])
+        return _from_pairs(str(path), list(zip(files, data.values(), strict=False)))
+    raise DatasetError(f"{path} is neither a Karpathy split JSON nor an image -> captions mapping", hint=_DATA_HINT)
+
+
+def _jsonl(path: Path, images_dir: Path | None) -> CaptionedDataset:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if not r.get("broken") and (r.get("captions") or r.get("caption"))]
+    files = _resolve_files(path.name, images_dir or path.parent, [[r["file"]] for r in rows])
+    return _from_pairs(str(path), [(f, r.get("captions") or [r["caption"]]) for f, r in zip(files, rows, strict=False)])
+
+
+def _hf(spec: str, split: str | None, image_column: str | None, caption_column: str | None) -> CaptionedDataset:
+    import datasets
+
+    path = Path(spec[3:]).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist", hint="save the dataset with ds.save_to_disk(PATH), pass hf:PATH")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise DatasetError(f"{path} is not a folder written by save_to_disk: {e}", hint=_DATA_HINT) from e
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        pick = split if split in ds else next((s for s in ("test", "validation", *names) if s in ds), None)
+        if split and split not in ds:
+            raise UsageError(f"{spec} has no split '{split}'", hint=f"use --split with one of: {', '.join(names)}")
+        ds, split = ds[pick], pick
+    features = ds.features
+    if image_column is None:
+        image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
+    if caption_column is None:
+        caption_column = next((c for c in ("caption", "captions", "sentences", "text", "raw") if c in features), None)
+    for col, what in ((image_column, "image"), (caption_column, "caption")):
+        if col is None or col not in features:
+            raise UsageError(
+                f"{spec}: no {what} column{f' {col!r}' if col else ''} (columns: {', '.join(features)})",
+                hint=f"pass --{what}-column NAME",
+            )
+    raw = (
+        ds.cast_column(image_column, datasets.Image(decode=False))
+        if isinstance(features[image_column], datasets.Image)
+        else ds
+    )
+
+    def load(i: int) -> Image.Image:
+        from .images import load_image
+
+        cell = raw[int(i)][image_column]
+        if isinstance(cell, dict):
+            src = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell.get("path")
+            return load_image(src, max_megapixels=None)
+        return cell.convert("RGB")
+
+    caps = ds[caption_column]
+    return _from_pairs(spec, list(zip(range(len(ds)), caps, strict=False)), split=split, _loader=load)
+
+
+def open_captioned_dataset(
+    data: str | Path,
+    split: str | None = "test",
+    images_dir: str | Path | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+) -> CaptionedDataset:
+    """Open a captioned image set without decoding any image.
+
+    Args:
+        data: a Karpathy split JSON, an ``{"image": [captions]}`` JSON, a folder holding ``captions.json``,
+            ``dataset_coco.json``, ``dataset_flickr30k.json`` or ``captions.jsonl``, or ``hf:PATH``.
+        split: the Karpathy / Hugging Face split (``test`` by default; None for every image of a Karpathy JSON).
+        images_dir: where the image files are (default: the JSON's folder).
+        image_column, caption_column: Hugging Face columns (default: the Image column and ``caption``/``captions``).
+
+    Raises:
+        DatasetError: missing or malformed data (the hint says what to pass). UsageError: bad split or column.
+    """
+    spec = str(data)
+    if spec.startswith("hf:"):
+        return _hf(spec, split, image_column, caption_column)
+    path = Path(spec).expanduser()
+    root = Path(images_dir).expanduser() if images_dir else None
+    if root is not None and not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist", hint="pass --images DIR, the folder of the images")
+    if path.is_dir():
+        for fname in ("captions.json", "dataset_coco.json", "dataset_flickr30k.json", "captions.jsonl"):
+            if (path / fname).is_file():
+                path = path / fname
+                break
+        else:
+            raise DatasetError(f"{path} holds no captions.json, Karpathy JSON or captions.jsonl", hint=_DATA_HINT)
+    if not path.is_file():
+        raise DatasetError(f"captioned data {spec} not found", hint=_DATA_HINT)
+    if path.suffix == ".jsonl":
+        return _jsonl(path, root)
+    return _caption_json(path, split, root)
+
+
+# ---- metrics -------------------------------------------------------------------------------------------------
+def recall_from_ranks(ranks: np.ndarray, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """R@k in percent from 0-based ranks of the first correct item."""
+    ranks = np.asarray(ranks)
+    return {f"R@{k}": float(100.0 * np.mean(ranks < k)) if len(ranks) else math.nan for k in ks}
+
+
+def _topk_sorted(scores: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+def text_to_image_ranks(
+    text_emb: np.ndarray, image_emb: np.ndarray, caption_image: np.ndarray, k: int = 0, chunk: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank of each caption's image among all images, and each caption's top-``k`` image ids (best first).
+
+    Returns:
+        (ranks int64 (C,), candidates int64 (C, min(k, N)); empty when k = 0).
+    """
+    n_img = image_emb.shape[0]
+    ranks = np.empty(len(text_emb), dtype=np.int64)
+    cands = np.empty((len(text_emb), min(k, n_img)), dtype=np.int64)
+    for i in range(0, len(text_emb), chunk):
+        s = text_emb[i : i + chunk] @ image_emb.T
+        gt = s[np.arange(len(s)), caption_image[i : i + chunk]]
+        ranks[i : i + chunk] = (s > gt[:, None]).sum(axis=1)
+        if k:
+            cands[i : i + chunk] = _topk_sorted(s, k)
+    return ranks, cands
+
+
+def image_to_text_ranks(
+    image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray, k: int = 0, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank of each image's best-ranked own caption among all captions, and each image's top-``k`` caption ids."""
+    n = image_emb.shape[0]
+    ranks = np.empty(n, dtype=np.int64)
+    cands = np.empty((n, min(k, text_emb.shape[0])), dtype=np.int64)
+    for i in range(0, n, chunk):
+        s = image_emb[i : i + chunk] @ text_emb.T
+        own = caption_image[None, :] == np.arange(i, i + len(s))[:, None]
+        best = np.where(own, s, -np.inf).max(axis=1)
+        ranks[i : i + chunk] = (s > best[:, None]).sum(axis=1)
+        if k:
+            cands[i : i + chunk] = _topk_sorted(s, k)
+    return ranks, cands
+
+
+def rerank_ranks(ranks: np.ndarray, candidates: np.ndarray, scores: np.ndarray, is_match: np.ndarray) -> np.ndarray:
+    """Ranks after re-ordering each row's candidates by ``scores`` (higher first; ties keep the contrastive order).
+
+    Args:
+        ranks: (Q,) contrastive ranks of the first match.
+        candidates: (Q, k) contrastive top-k ids. scores: (Q, k) rerank scores aligned with them.
+        is_match: (Q, k) bool, whether each candidate is correct for its query.
+
+    Returns:
+        (Q,) new ranks: the first match's position among the reordered k, or the old rank when no match is in the
+        top-k (everything below k keeps its place).
+    """
+    order = np.argsort(-scores, axis=1, kind="stable")
+    hit = np.take_along_axis(is_match, order, axis=1)
+    found = hit.any(axis=1)
+    return np.where(found, hit.argmax(axis=1), ranks).astype(np.int64)
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+@dataclass
+class RetrievalResult:
+    """Recall figures of one evaluation run (percentages) with what produced them."""
+
+    dataset: str
+    split: str | None
+    benchmark: str | None
+    n_images: int
+    n_captions: int
+    model: dict[str, Any]
+    #: direction (``text_to_image`` / ``image_to_text``) -> method (``contrastive``, ``rerank@10``, ...,
+    #: ``rerank@10 no prior``) -> ``{"R@1": .., "R@5": .., "R@10": ..}``
+    metrics: dict[str, dict[str, dict[str, float]]]
+    alpha: float
+    rerank_ks: list[int]
+    #: The published text -> image figures for this model and benchmark (contrastive), or None.
+    reference: dict[str, Any] | None
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reference_for(arch: str, pretrained: str, benchmark: str | None) -> dict[str, Any] | None:
+    """Published open_clip text -> image R@1/5/10 for this model on ``coco5k`` / ``flickr1k``, or None."""
+    values = REFERENCES.get((arch, pretrained), {}).get(benchmark or "")
+    if values is None:
+        return None
+    return {
+        "benchmark": benchmark,
+        "text_to_image": dict(zip(("R@1", "R@5", "R@10"), values, strict=False)),
+        "source": REFERENCE_SOURCE,
+    }
+
+
+def _encode_dataset(
+    model: CocaModel, data: CaptionedDataset, tokens: bool, batch_size: int, workers: int, progress: ProgressFn
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    import torch
+
+    n = len(data)
+    embs: list[np.ndarray] = []
+    toks: torch.Tensor | None = None
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for i in range(0, n, batch_size):
+            images = list(pool.map(data.load, range(i, min(n, i + batch_size))))
+            e, t = model.encode_images_and_tokens(images, batch_size=batch_size, tokens=tokens)
+            embs.append(e)
+            if t is not None:
+                if toks is None:
+                    per_image = t.shape[1] * t.shape[2] * 4
+                    dtype = torch.float32 if n * per_image <= TOKENS_FP32_LIMIT else torch.float16
+                    toks = torch.empty((n, *t.shape[1:]), dtype=dtype)
+                toks[i : i + len(t)] = t.to("cpu", toks.dtype)
+            progress("images", min(n, i + batch_size), n)
+    return np.concatenate(embs), toks
+
+
+def _loglik(model: CocaModel, text: str, tokens: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+    import torch
+
+    return model.caption_loglik(text, tokens[torch.as_tensor(rows)].float())
+
+
+def evaluate_retrieval(
+    model: CocaModel,
+    data: CaptionedDataset,
+    rerank_ks: Sequence[int] = DEFAULT_RERANK_KS,
+    alpha: float = 1.0,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: ProgressFn | None = None,
+) -> RetrievalResult:
+    """Text -> image and image -> text R@1/5/10, contrastive and with the caption-likelihood rerank at each k.
+
+    Args:
+        model: a loaded :class:`~cocatk.models.CocaModel`.
+        data: from :func:`open_captioned_dataset`.
+        rerank_ks: rerank depths (empty: contrastive only). Cost: one decoder pass per caption and candidate.
+        alpha: weight of the caption prior in the image -> text rerank (module docstring).
+        limit: evaluate on the first ``limit`` images only (and their captions).
+        batch_size: images per forward pass. workers: image decode threads.
+        progress: called as ``progress(stage, done, total)``.
+
+    Returns:
+        A :class:`RetrievalResult`.
+
+    Raises:
+        UsageError: bad k or alpha.
+    """
+    ks = sorted({int(k) for k in rerank_ks})
+    if any(k < 2 for k in ks):
+        raise UsageError(f"rerank depths must be >= 2, got {list(rerank_ks)}", hint="e.g. --rerank 10,50")
+    if not math.isfinite(alpha):
+        raise UsageError(f"alpha must be a finite number, got {alpha}", hint="pass e.g. --alpha 1")
+    if limit is not None:
+        if limit < 1:
+            raise UsageError(f"limit must be >= 1, got {limit}", hint="pass a positive --limit")
+        data = data.subset(limit)
+    progress = progress or (lambda stage, done, total: None)
+    bs = batch_size or model.image_batch_size
+    workers = workers if workers is not None else max(1, min(8, os.cpu_count() or 1))
+    seconds: dict[str, float] = {}
+    kmax = max(ks, default=0)
+
+    t = time.perf_counter()
+    img, tokens = _encode_dataset(model, data, bool(ks), bs, workers, progress)
+    seconds["encode_images"] = time.perf_counter() - t
+    t = time.perf_counter()
+    txt = model.encode_texts(data.captions)
+    seconds["encode_texts"] = time.perf_counter() - t
+
+    owner = data.caption_image
+    t2i_ranks, t2i_cands = text_to_image_ranks(txt, img, owner, kmax)
+    i2t_ranks, i2t_cands = image_to_text_ranks(img, txt, owner, kmax)
+    metrics: dict[str, dict[str, dict[str, float]]] = {
+        "text_to_image": {"contrastive": recall_from_ranks(t2i_ranks)},
+        "image_to_text": {"contrastive": recall_from_ranks(i2t_ranks)},
+    }
+
+    if ks and tokens is not None:
+        # text -> image: one decoder call per caption over its kmax candidates; smaller k reuse the prefix.
+        t = time.perf_counter()
+        t2i_scores = np.empty(t2i_cands.shape, dtype=np.float64)
+        for q, caption in enumerate(data.captions):
+            t2i_scores[q] = _loglik(model, caption, tokens, t2i_cands[q])
+            if q % 256 == 0 or q == len(data.captions) - 1:
+                progress("rerank text->image", q + 1, len(data.captions))
+        seconds["rerank_text_to_image"] = time.perf_counter() - t
+
+        # image -> text: group the (image, caption) pairs by caption so each caption is decoded once.
+        t = time.perf_counter()
+        from .zeroshot.evaluate import null_images
+
+        null_tokens = model.image_tokens(null_images(model.image_size)).cpu()
+        flat = i2t_cands.ravel()
+        order = np.argsort(flat, kind="stable")
+        uniq, starts = np.unique(flat[order], return_index=True)
+        i2t_scores = np.empty(flat.shape, dtype=np.float64)
+        prior = np.zeros(len(data.captions), dtype=np.float64)
+        for j, (c, s) in enumerate(zip(uniq, [*starts[1:], len(flat)], strict=False)):
+            pos = order[starts[j] : s]
+            i2t_scores[pos] = _loglik(model, data.captions[c], tokens, pos // i2t_cands.shape[1])
+            prior[c] = float(model.caption_loglik(data.captions[c], null_tokens).mean())
+            if j % 256 == 0 or j == len(uniq) - 1:
+                progress("rerank image->text", j + 1, len(uniq))
+        i2t_scores = i2t_scores.reshape(i2t_cands.shape)
+        seconds["rerank_image_to_text"] = time.perf_counter() - t
+
+        t2i_match = t2i_cands == owner[:, None]
+        i2t_match = owner[i2t_cands] == np.arange(len(data))[:, None]
+        for k in ks:
+            kk = min(k, t2i_cands.shape[1])
+            new = rerank_ranks(t2i_ranks, t2i_cands[:, :kk], t2i_scores[:, :kk], t2i_match[:, :kk])
+            metrics["text_to_image"][f"rerank@{k}"] = recall_from_ranks(new)
+            kk = min(k, i2t_cands.shape[1])
+            pmi = i2t_scores[:, :kk] - alpha * prior[i2t_cands[:, :kk]]
+            new = rerank_ranks(i2t_ranks, i2t_cands[:, :kk], pmi, i2t_match[:, :kk])
+            metrics["image_to_text"][f"rerank@{k}"] = recall_from_ranks(new)
+            new = rerank_ranks(i2t_ranks, i2t_cands[:, :kk], i2t_scores[:, :kk], i2t_match[:, :kk])
+            metrics["image_to_text"][f"rerank@{k} no prior"] = recall_from_ranks(new)
+
+    info = model.info()
+    return RetrievalResult(
+        dataset=data.name,
+        split=data.split,
+        benchmark=data.benchmark,
+        n_images=len(data),
+        n_captions=len(data.captions),
+        model=info,
+        metrics=metrics,
+        alpha=float(alpha),
+        rerank_ks=ks,
+        reference=reference_for(model.spec.arch, model.spec.pretrained, data.benchmark),
+        seconds=seconds,
+    )
+
+
+# ---- a generated captioned set (tests, offline demos) ---------------------------------------------------------
+_GEN_COLOURS = {
+    "red": (215, 35, 35),
+    "green": (35, 160, 55),
+    "blue": (35, 75, 215),
+    "yellow": (245, 215, 35),
+    "black": (18, 18, 18),
+    "purple": (130, 40, 170),
+}
+_GEN_SHAPES = ("circle", "square", "triangle")
+_GEN_BACKGROUNDS = {"white": (245, 245, 245), "grey": (128, 128, 128), "orange": (240, 150, 40)}
+
+
+def write_captioned_folder(folder: str | Path, n: int = 24, seed: int = 0, size: int = 64) -> Path:
+    """Write ``n`` images of one coloured shape on a plain background and a ``captions.json`` (2 captions each).
+
+    Every image has a distinct (colour, shape, background) triple, so each caption matches exactly one image
+    (at most 54 images). Deterministic for a seed; needs neither torch nor the network.
+
+    Returns:
+        The path of ``captions.json``.
+    """
+    import random
+
+    from PIL import Image, ImageDraw
+
+    combos = [(c, s, b) for c in _GEN_COLOURS for s in _GEN_SHAPES for b in _GEN_BACKGROUNDS]
+    if not 1 <= n <= len(combos):
+        raise UsageError(f"n must be between 1 and {len(combos)}, got {n}", hint="ask for fewer images")
+    rng = random.Random(seed)
+    rng.shuffle(combos)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    captions: dict[str, list[str]] = {}
+    for i, (colour, shape, bg) in enumerate(combos[:n]):
+        im = Image.new("RGB", (size, size), _GEN_BACKGROUNDS[bg])
+        d = ImageDraw.Draw(im)
+        r = rng.uniform(0.25, 0.4) * size
+        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        box = [cx - r, cy - r, cx + r, cy + r]
+        fill = _GEN_COLOURS[colour]
+        if shape == "circle":
+            d.ellipse(box, fill=fill)
+        elif shape == "square":
+            d.rectangle(box, fill=fill)
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        name = f"shape_{i:03d}.png"
+        im.save(out / name)
+        captions[name] = [f"a {colour} {shape} on a {bg} background", f"a picture of a {shape} coloured {colour}"]
+    path = out / "captions.json"
+    path.write_text(json.dumps(captions, indent=1))
+    return path
