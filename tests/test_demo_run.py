@@ -1,0 +1,64 @@
+"""`cocatk demo` end to end (tiny random model here; the shipped demo model's quality is in test_demo_quality)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import TINY_CONFIG
+
+from cocatk.cli import main
+from cocatk.demo.run import run_demo
+
+
+def test_run_demo_end_to_end(tmp_path):
+    report = run_demo(
+        tmp_path / "demo",
+        n_photos=16,
+        n_queries=3,
+        pool=8,
+        zeroshot_per_class=1,
+        model=str(TINY_CONFIG),
+        pretrained="none",
+        device="cpu",
+    )
+    idx = report.index
+    assert idx["scanned"] == 16 + 3 and idx["encoded"] == 16
+    assert sum(idx["failed"].values()) == 3  # the three broken files, each with a reason
+    assert len(report.queries) == 3
+    for q in report.queries:
+        assert len(q.contrastive) == 5 and len(q.reranked) == 5
+        sims = [h["similarity"] for h in q.contrastive]
+        assert sims == sorted(sims, reverse=True)
+        lls = [h["loglik"] for h in q.reranked]
+        assert lls == sorted(lls, reverse=True)
+        assert q.rank_contrastive is None or 1 <= q.rank_contrastive <= q.pool
+    assert report.zeroshot["metrics"]["n"] == 18 and report.zeroshot["data"]["num_classes"] == 18
+    page = (tmp_path / "demo" / "report.html").read_text()
+    for q in report.queries:
+        for h in q.reranked + q.contrastive:
+            assert f"data-path='{h['path']}'" in page
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["queries"][0]["text"] == report.queries[0].text
+
+
+def test_demo_cli_json(tmp_path, capsys):
+    code = main(
+        [
+            "demo",
+            str(tmp_path / "d"),
+            "--photos",
+            "10",
+            "--queries",
+            "2",
+            "--model",
+            str(TINY_CONFIG),
+            "--pretrained",
+            "none",
+            "--device",
+            "cpu",
+            "--json",
+        ]
+    )
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) >= {"directory", "model", "index", "queries", "zeroshot", "html"}
+    assert len(doc["queries"]) == 2 and doc["model"]["random_weights"] is True
