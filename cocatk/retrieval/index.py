@@ -886,54 +886,44 @@ class _Updater:
         self._write_copy(prep, src)
         return True
 
-    def _write(self, prep: _Prepared, emb: np.ndarray, tokens: np.ndarray | None) -> int:
+    def _upsert(self, prep: _Prepared, emb: np.ndarray) -> int:
+        """Insert a new row, or replace a known row's content (dropping its old vector); count it; return the id."""
         item = prep.item
-        store = self.store
         if item.row is None:
-            fid = store.insert_file(item.path, item.size, item.mtime_ns, prep.hash or "", emb)
             self.report.new += 1
+            return self.store.insert_file(item.path, item.size, item.mtime_ns, prep.hash or "", emb)
+        fid = item.row.id
+        self.store.update_content(fid, item.size, item.mtime_ns, prep.hash or "", emb)
+        if not self.vectors.remove(np.array([fid])):
+            self._vectors_dirty = True
+        # Unchanged: size/mtime differed but the content hash did not (e.g. a touched file).
+        if item.need_decode and prep.hash == item.row.hash:
+            self.report.unchanged += 1
         else:
-            fid = item.row.id
-            store.update_content(fid, item.size, item.mtime_ns, prep.hash or "", emb)
-            if not self.vectors.remove(np.array([fid])):
-                self._vectors_dirty = True
-            if not item.need_decode:
-                self.report.changed += 1
-            elif prep.hash == item.row.hash:
-                self.report.unchanged += 1
-            else:
-                self.report.changed += 1
-        if tokens is not None:
-            store.put_tokens(fid, tokens)
-            self.report.tokens_cached += 1
+            self.report.changed += 1
+        return fid
+
+    def _add_vector(self, fid: int, emb: np.ndarray) -> None:
         if self.vectors.is_trained:
             self.vectors.add(emb[None, :], np.array([fid]))
         self._tick()
+
+    def _write(self, prep: _Prepared, emb: np.ndarray, tokens: np.ndarray | None) -> int:
+        fid = self._upsert(prep, emb)
+        if tokens is not None:
+            self.store.put_tokens(fid, tokens)
+            self.report.tokens_cached += 1
+        self._add_vector(fid, emb)
         return fid
 
     def _write_copy(self, prep: _Prepared, src: int) -> None:
         """Index ``prep`` with the embedding (and tokens) of row ``src``, which has the same content."""
-        item = prep.item
-        store = self.store
-        emb = store.embeddings([src], self.index.dim)[0]
-        if item.row is None:
-            fid = store.insert_file(item.path, item.size, item.mtime_ns, prep.hash or "", emb)
-            self.report.new += 1
-        else:
-            fid = item.row.id
-            store.update_content(fid, item.size, item.mtime_ns, prep.hash or "", emb)
-            if not self.vectors.remove(np.array([fid])):
-                self._vectors_dirty = True
-            if item.need_decode and prep.hash == item.row.hash:
-                self.report.unchanged += 1
-            else:
-                self.report.changed += 1
+        emb = self.store.embeddings([src], self.index.dim)[0]
+        fid = self._upsert(prep, emb)
         self.report.duplicates += 1
-        if store.copy_tokens(src, fid):
+        if self.store.copy_tokens(src, fid):
             self.report.tokens_cached += 1
-        if self.vectors.is_trained:
-            self.vectors.add(emb[None, :], np.array([fid]))
-        self._tick()
+        self._add_vector(fid, emb)
 
     def _fail(self, prep: _Prepared) -> None:
         item, e = prep.item, prep.error
