@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda, for both sides)")
     ap.add_argument("--cache", type=Path, default=CACHE_DIR, help="where the generated photos are kept")
     ap.add_argument("--out", type=Path, default=None, help="folder of the JSON record (default benchmarks/results)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (decode threads are --workers)")
     ap.add_argument("--sets", nargs="*", default=["12mp", "1024"], choices=["12mp", "1024"])
     args = ap.parse_args()
 
@@ -82,6 +83,7 @@ def main() -> None:
 
     from cocatk import load_model
 
+    torch.set_num_threads(args.threads)
     n = args.n or (60 if args.quick else 300)
     sizes = {"12mp": (4000, 3000), "1024": (1024, 768)}
     record: dict[str, Any] = {

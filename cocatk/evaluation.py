@@ -241,6 +241,8 @@ def _hf(spec: str, split: str | None, image_column: str | None, caption_column: 
         if isinstance(cell, dict):
             src = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell.get("path")
             return load_image(src, max_megapixels=None)
+        if isinstance(cell, (str, bytes)):  # a path column, or raw encoded bytes
+            return load_image(io.BytesIO(cell) if isinstance(cell, bytes) else cell, max_megapixels=None)
         return cell.convert("RGB")
 
     caps = ds[caption_column]
