@@ -383,7 +383,8 @@ def _fetch_tag_weights(arch: str, tag: str, name: str | None = None) -> str:
         raise WeightsNotFoundError(
             f"weights for {arch}/{tag} are not in the local Hugging Face cache and cannot be downloaded: {reason}",
             hint=f"on a machine with network run `cocatk models --download {preset}` (copy the hub cache over), or "
-            f"fetch open_clip_pytorch_model.bin from {where} and pass --pretrained /path/to/open_clip_pytorch_model.bin",
+            f"fetch open_clip_pytorch_model.bin from {where} and pass "
+            "--pretrained /path/to/open_clip_pytorch_model.bin",
         )
     return path
 
@@ -718,8 +719,65 @@ class CocaModel:
             for i in range(0, k, chunk_size):
                 embs = image_tokens[i : i + chunk_size].to(self.device, torch.float32)  # fp16 caches too
                 n = embs.shape[0]
-                logits = self.model.text_decoder(embs, inputs.expand(n, -1, -1))
+                logits = decoder_logits(self.model.text_decoder, embs, inputs)
                 logp = logits.float().log_softmax(dim=-1)
                 picked = logp.gather(-1, targets.expand(n, -1).unsqueeze(-1)).squeeze(-1)
                 scores.append(picked.sum(dim=-1).double().cpu().numpy())
         return np.concatenate(scores)
+
+
+def decoder_logits(
+    decoder: Any, image_embs: torch.Tensor, text_embs: torch.Tensor, fold: bool | None = None
+) -> torch.Tensor:
+    """open_clip's ``MultimodalTransformer.forward`` for ONE text against N images: logits (N, L, vocab).
+
+    Same function, cheaper order of operations. The plain forward projects all T image tokens to keys and values in
+    every cross-attention layer (2 T D^2 per image and layer), although only L text tokens (L << T for a query)
+    attend to them. Here the projections are folded into the queries instead: q_h K_h^T = (q_h W_k,h) x^T (the key
+    bias adds a per-row constant, which softmax ignores) and attn V_h = (attn x) W_v,h^T + b_v,h (attention rows sum to
+    1), which costs 2 L D^2 + 2 H L T D per image and layer: about 4x less for a 13-token query over 255 tokens. The
+    first layer's self-attention, which does not depend on the image, runs once. Long texts (H L >= T) take the
+    plain path. Equal to the plain forward within float rounding (checked in the tests).
+
+    Args:
+        decoder: ``model.text_decoder`` (an open_clip ``MultimodalTransformer``, batch_first).
+        image_embs: (N, T, D) image tokens.
+        text_embs: (1, L, D) the text tower's token embeddings of the decoder input.
+        fold: force the folded (True) or plain (False) order; None picks the cheaper one.
+    """
+    import torch.nn.functional as F
+
+    n, t, _ = image_embs.shape
+    length = text_embs.shape[1]
+    heads = decoder.cross_attn[0].attn.num_heads
+    if fold is None:
+        fold = heads * length < t
+    if not fold or not decoder.batch_first:
+        return decoder(image_embs, text_embs.expand(n, -1, -1))
+    mask = decoder.attn_mask[:length, :length]
+    x = text_embs
+    for resblock, cross in zip(decoder.resblocks, decoder.cross_attn, strict=True):
+        x = resblock(x, attn_mask=mask)
+        attn = cross.attn
+        d = attn.embed_dim
+        dh = d // heads
+        w_q, w_k, w_v = attn.in_proj_weight.split(d)
+        b_q, _, b_v = attn.in_proj_bias.split(d)
+        kv = cross.ln_1_kv(image_embs)  # (N, T, D)
+        q = F.linear(cross.ln_1(x), w_q, b_q) * dh**-0.5  # (1 or N, L, D)
+        m = q.shape[0]
+        # Per-head weights as (H, dh, D) batches; the text rows of all images share each head's matmul, so no
+        # weight is broadcast (and copied) per image.
+        q = q.view(m * length, heads, dh).transpose(0, 1)  # (H, M L, dh)
+        qk = (q @ w_k.view(heads, dh, d)).view(heads, m, length, d)  # (H, M, L, D): queries in image-token space
+        qk = qk.permute(1, 0, 2, 3).expand(n, -1, -1, -1).reshape(n, heads * length, d)  # (N, H L, D)
+        scores = qk @ kv.transpose(1, 2)  # (N, H L, T)
+        mixed = (scores.softmax(dim=-1) @ kv).view(n, heads, length, d)  # (N, H, L, D)
+        mixed = mixed.transpose(0, 1).reshape(heads, n * length, d)  # (H, N L, D)
+        out = mixed @ w_v.view(heads, dh, d).transpose(1, 2) + b_v.view(heads, 1, dh)  # (H, N L, dh)
+        out = out.view(heads, n, length, dh).permute(1, 2, 0, 3)  # (N, L, H, dh)
+        out = attn.out_proj(out.reshape(n, length, d))
+        x = x + cross.ls_1(out)
+        x = x + cross.ls_2(cross.mlp(cross.ln_2(x)))
+    out = decoder.ln_final(x)
+    return out @ decoder.text_projection if decoder.text_projection is not None else out

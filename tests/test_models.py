@@ -197,3 +197,18 @@ def test_default_model_comes_from_environment(monkeypatch):
     assert cocatk.resolve_model().arch == "coca_ViT-B-32"
     monkeypatch.delenv("COCATK_MODEL")
     assert cocatk.resolve_model().preset == "coca-l14"
+
+
+@pytest.mark.parametrize("text", ["a dog", "a red bicycle leaning on a wall at night in the rain"])
+def test_folded_decoder_equals_open_clip_decoder(tiny_model, text):
+    from cocatk.models import decoder_logits
+
+    tokens = tiny_model.image_tokens(_images(3, seed=5))
+    ids = tiny_model._caption_ids(text)
+    with torch.no_grad():
+        _, token_embs = tiny_model.model._encode_text(ids)
+        inputs = token_embs[:, :-1]
+        ref = tiny_model.model.text_decoder(tokens, inputs.expand(3, -1, -1))
+        folded = decoder_logits(tiny_model.model.text_decoder, tokens, inputs, fold=True)
+    torch.testing.assert_close(folded, ref, atol=1e-4, rtol=1e-4)
+    assert (ref[0] - ref[1]).abs().max() > 1e-4  # the images matter, so equality is not vacuous
