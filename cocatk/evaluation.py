@@ -539,55 +539,26 @@ def evaluate_retrieval(
 
 
 # ---- a generated captioned set (tests, offline demos) ---------------------------------------------------------
-_GEN_COLOURS = {
-    "red": (215, 35, 35),
-    "green": (35, 160, 55),
-    "blue": (35, 75, 215),
-    "yellow": (245, 215, 35),
-    "black": (18, 18, 18),
-    "purple": (130, 40, 170),
-}
-_GEN_SHAPES = ("circle", "square", "triangle")
-_GEN_BACKGROUNDS = {"white": (245, 245, 245), "grey": (128, 128, 128), "orange": (240, 150, 40)}
-
-
 def write_captioned_folder(folder: str | Path, n: int = 24, seed: int = 0, size: int = 64) -> Path:
-    """Write ``n`` images of one coloured shape on a plain background and a ``captions.json`` (2 captions each).
+    """Write ``n`` two-object scenes (:mod:`cocatk.demo.scenes`) and a ``captions.json`` with their 2 true captions.
 
-    Every image has a distinct (colour, shape, background) triple, so each caption matches exactly one image
-    (at most 54 images). Deterministic for a seed; needs neither torch nor the network.
+    Scenes have distinct meanings, so each caption matches exactly one image. Deterministic for a seed; needs
+    neither torch nor the network.
 
     Returns:
         The path of ``captions.json``.
     """
-    import random
+    from .demo.scenes import iter_scenes, render_scene
 
-    from PIL import Image, ImageDraw
-
-    combos = [(c, s, b) for c in _GEN_COLOURS for s in _GEN_SHAPES for b in _GEN_BACKGROUNDS]
-    if not 1 <= n <= len(combos):
-        raise UsageError(f"n must be between 1 and {len(combos)}, got {n}", hint="ask for fewer images")
-    rng = random.Random(seed)
-    rng.shuffle(combos)
+    if n < 1:
+        raise UsageError(f"n must be >= 1, got {n}", hint="ask for at least one image")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     captions: dict[str, list[str]] = {}
-    for i, (colour, shape, bg) in enumerate(combos[:n]):
-        im = Image.new("RGB", (size, size), _GEN_BACKGROUNDS[bg])
-        d = ImageDraw.Draw(im)
-        r = rng.uniform(0.25, 0.4) * size
-        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-        box = [cx - r, cy - r, cx + r, cy + r]
-        fill = _GEN_COLOURS[colour]
-        if shape == "circle":
-            d.ellipse(box, fill=fill)
-        elif shape == "square":
-            d.rectangle(box, fill=fill)
-        else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        name = f"shape_{i:03d}.png"
-        im.save(out / name)
-        captions[name] = [f"a {colour} {shape} on a {bg} background", f"a picture of a {shape} coloured {colour}"]
+    for i, spec in enumerate(iter_scenes(seed, n, n_objects=2, unique=True, namespace="captioned")):
+        name = f"scene_{i:03d}.png"
+        render_scene(spec, size).save(out / name)
+        captions[name] = spec.captions()
     path = out / "captions.json"
     path.write_text(json.dumps(captions, indent=1))
     return path
