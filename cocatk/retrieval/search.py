@@ -193,6 +193,7 @@ def search_index(
     if index.ntotal == 0:
         raise EmptyIndexError(f"the index at {index.dir} holds no images", hint="run `cocatk index PATH` first")
     model = index.model
+    vectors = index.vectors  # reads (or rebuilds) the FAISS file: part of loading, not of the search
     max_megapixels = index.manifest.get("max_megapixels")
     timings["load"] = time.perf_counter() - t0
 
@@ -207,7 +208,7 @@ def search_index(
     if selector is not None and len(selector) == 0:
         scores, ids = np.zeros(0, np.float32), np.zeros(0, np.int64)
     else:
-        s, i = index.vectors.search(query, k, id_selector=selector)
+        s, i = vectors.search(query, k, id_selector=selector)
         keep = i[0] >= 0
         scores, ids = s[0][keep], i[0][keep]
     paths = index.store.paths_for_ids(ids.tolist())
