@@ -141,3 +141,13 @@ def write_record(name: str, record: dict[str, Any], out_dir: Path | None = None)
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"\nwrote {path}  (load average {info['loadavg']}, {info['cpu']}, {info['cores']} cores)")
     return path
+
+
+def add_threads_option(ap: Any) -> None:
+    """``--threads`` (default 1) for an argparse parser: torch/FAISS threads of a CPU benchmark."""
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch/FAISS threads; 1 by default: on a shared machine, more threads than free cores costs up to 30x",
+    )

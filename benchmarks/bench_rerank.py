@@ -23,7 +23,7 @@ import argparse
 import time
 from typing import Any
 
-from _common import machine_info, median, print_table, write_record
+from _common import add_threads_option, machine_info, median, print_table, write_record
 
 QUERY = "a photo of a red bicycle leaning against an old brick wall"
 
@@ -47,12 +47,7 @@ def main() -> None:
     ap.add_argument("--model", default="coca_ViT-B-32")
     ap.add_argument("--repeat", type=int, default=None, help="timed queries per k and method")
     ap.add_argument("--pair-max", type=int, default=50, help="pairs timed per query; more are extrapolated")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch/FAISS threads; 1 by default: on a shared machine, more threads than free cores costs up to 30x",
-    )
+    add_threads_option(ap)
     args = ap.parse_args()
 
     import numpy as np

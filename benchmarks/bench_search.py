@@ -36,7 +36,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, _THREADS)
 
 import numpy as np  # noqa: E402
-from _common import machine_info, median, percentile, print_table, write_record  # noqa: E402
+from _common import add_threads_option, machine_info, median, percentile, print_table, write_record  # noqa: E402
 
 DIM = 768
 K = 10
@@ -199,12 +199,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="10k and 100k only")
     ap.add_argument("--sizes", type=int, nargs="*", default=None)
     ap.add_argument("--no-ann", action="store_true")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch/FAISS threads; 1 by default: on a shared machine, more threads than free cores costs up to 30x",
-    )
+    add_threads_option(ap)
     args = ap.parse_args()
 
     import faiss
