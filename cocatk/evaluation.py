@@ -548,10 +548,13 @@ def write_captioned_folder(folder: str | Path, n: int = 24, seed: int = 0, size:
     Returns:
         The path of ``captions.json``.
     """
-    from .demo.scenes import iter_scenes, render_scene
+    from .demo.scenes import distinct_meanings, iter_scenes, render_scene
 
-    if n < 1:
-        raise UsageError(f"n must be >= 1, got {n}", hint="ask for at least one image")
+    if not 1 <= n <= distinct_meanings(2):
+        raise UsageError(
+            f"n must be between 1 and {distinct_meanings(2)} (two-object scenes with distinct meanings), got {n}",
+            hint=f"ask for at most {distinct_meanings(2)} images",
+        )
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     captions: dict[str, list[str]] = {}

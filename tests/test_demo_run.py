@@ -62,3 +62,16 @@ def test_demo_cli_json(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) >= {"directory", "model", "index", "queries", "zeroshot", "html"}
     assert len(doc["queries"]) == 2 and doc["model"]["random_weights"] is True
+
+
+def test_demo_refuses_more_photos_than_distinct_scenes(tmp_path, capsys):
+    import pytest
+
+    from cocatk.errors import UsageError
+
+    with pytest.raises(UsageError, match="at most 630"):
+        run_demo(tmp_path / "lib", n_photos=631, model=str(TINY_CONFIG), pretrained="none", device="cpu")
+    assert not (tmp_path / "lib").exists()  # refused before anything is written
+    code = main(["demo", str(tmp_path / "cli"), "--photos", "631"])
+    assert code != 0 and "less than or equal to 630" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()

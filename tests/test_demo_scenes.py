@@ -16,6 +16,7 @@ from cocatk.demo.scenes import (
     MANIFEST_NAME,
     RELATIONS,
     SHAPES,
+    distinct_meanings,
     iter_scenes,
     random_scene,
     render_scene,
@@ -111,6 +112,34 @@ def test_variety_of_backgrounds_styles_and_counts():
 def test_unique_scenes_have_distinct_meanings():
     keys = [s.key() for s in iter_scenes(0, 150, n_objects=2, unique=True)]
     assert len(keys) == len(set(keys)) == 150
+
+
+def test_distinct_meanings_is_exact_and_bounds_unique_streams():
+    # Every meaning, enumerated: 18 single objects; ordered pairs of different objects x relations, where
+    # "A left of B" and "B right of A" are one meaning.
+    pairs = {
+        min(f"a {a} {r} a {b}", f"a {b} {INVERSE_RELATION[r]} a {a}")
+        for a in CLASS_NAMES
+        for b in CLASS_NAMES
+        if a != b
+        for r in RELATIONS
+    }
+    assert distinct_meanings(1) == len(CLASS_NAMES) == 18
+    assert distinct_meanings(2) == len(pairs) == 612
+    assert distinct_meanings() == 630
+    # The whole one-object space can be drawn; one more would loop forever, so it is refused up front.
+    assert len({s.key() for s in iter_scenes(0, 18, n_objects=1, unique=True)}) == 18
+    with pytest.raises(ValueError, match="at most 18"):
+        next(iter_scenes(0, 19, n_objects=1, unique=True))
+    with pytest.raises(ValueError, match="at most 630"):
+        next(iter_scenes(0, 631, unique=True))
+    assert len(list(iter_scenes(0, 631))) == 631  # repeats allowed without unique
+
+
+def test_cli_photo_limit_matches_the_scene_space():
+    from cocatk.cli.demo import MAX_PHOTOS
+
+    assert distinct_meanings() == MAX_PHOTOS
 
 
 def test_generate_folder(tmp_path):

@@ -12,6 +12,10 @@ from . import options
 from .progress import progress_bar
 from .render import err, out, print_json
 
+#: cocatk.demo.scenes.distinct_meanings(): every generated photo shows a different scene (kept literal here so that
+#: `cocatk --help` imports neither numpy nor PIL; a test checks that the two agree).
+MAX_PHOTOS = 630
+
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
@@ -21,7 +25,7 @@ def demo(
     directory: Annotated[Path, typer.Argument(help="Folder for the photos, index and report (created).")] = Path(
         "cocatk-demo"
     ),
-    photos: Annotated[int, typer.Option("--photos", min=8, help="Scene photos to generate.")] = 120,
+    photos: Annotated[int, typer.Option("--photos", min=8, max=MAX_PHOTOS, help="Scene photos to generate.")] = 120,
     queries: Annotated[int, typer.Option("--queries", min=1, max=20, help="Captions to search for.")] = 4,
     model: options.Model = None,
     pretrained: options.Pretrained = None,

@@ -122,12 +122,22 @@ def run_demo(
 
     Returns:
         A :class:`DemoReport`.
+
+    Raises:
+        UsageError: ``n_photos`` is not between 1 and :func:`~cocatk.demo.scenes.distinct_meanings` (630).
     """
+    from ..errors import UsageError
     from ..retrieval import Index
     from ..retrieval.gallery import GallerySection, write_gallery
     from ..retrieval.search import search_index
     from ..zeroshot import evaluate_zeroshot
-    from .scenes import generate_folder
+    from .scenes import distinct_meanings, generate_folder
+
+    if not 1 <= n_photos <= distinct_meanings():
+        raise UsageError(
+            f"n_photos must be between 1 and {distinct_meanings()} (the scenes with distinct meanings), got {n_photos}",
+            hint=f"ask for at most {distinct_meanings()} photos",
+        )
 
     t_start = time.perf_counter()
     root = Path(directory).expanduser().resolve()

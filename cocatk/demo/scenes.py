@@ -272,10 +272,24 @@ def swap_objects(spec: SceneSpec) -> SceneSpec:
     return SceneSpec(spec.background, (a2, b2), INVERSE_RELATION[spec.relation])
 
 
+def distinct_meanings(n_objects: int | None = None) -> int:
+    """How many scenes with different meanings (:meth:`SceneSpec.key`) exist: 18 with one object, 612 with two
+    (18 x 17 ordered object pairs x 4 relations, halved: "A left of B" means "B right of A"), 630 in all."""
+    single = len(CLASS_NAMES)
+    pairs = len(CLASS_NAMES) * (len(CLASS_NAMES) - 1) * len(RELATIONS) // 2
+    return {1: single, 2: pairs}.get(n_objects, single + pairs)  # type: ignore[arg-type]
+
+
 def iter_scenes(seed: int, n: int, n_objects: int | None = None, unique: bool = False,
                 namespace: str = "scene") -> Iterator[SceneSpec]:  # fmt: skip
     """``n`` scenes of stream ``seed``; ``unique=True`` skips scenes whose meaning (:meth:`SceneSpec.key`) repeats,
-    so every caption has exactly one matching image (retrieval evaluation)."""
+    so every caption has exactly one matching image (retrieval evaluation).
+
+    Raises:
+        ValueError: ``unique=True`` and ``n`` is more than :func:`distinct_meanings` (it would never finish).
+    """
+    if unique and n > (limit := distinct_meanings(n_objects)):
+        raise ValueError(f"only {limit} scenes with distinct meanings exist; ask for at most {limit}")
     seen: set[str] = set()
     index = 0
     count = 0
@@ -423,7 +437,7 @@ def generate_folder(
 
     Args:
         directory: created if missing; existing files with the same names are overwritten.
-        n: how many photos.
+        n: how many photos, at most :func:`distinct_meanings` (630).
         seed: the scene stream; the same seed writes the same files.
         min_size, max_size: range of each side in pixels.
         png_fraction, exif_fraction: shares of PNG files and of rotated JPEGs with an orientation tag.

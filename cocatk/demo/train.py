@@ -83,7 +83,8 @@ _PREPROCESS_SHARE = 0.3
 # Share of two-object scenes that come with their swapped twin in the same batch (same objects and background, places
 # exchanged), as hard negatives. The shipped model was trained without them (0.0, the default, so the defaults
 # reproduce its recipe) and learned objects perfectly but left/right/above/below at chance: nothing in a random batch
-# asks where each object is. --twin-share 0.5 is the proposed fix; it has not been measured at full length yet.
+# asks where each object is. --twin-share 0.5 did not fix it in the CPU runs measured so far (fine-tuning the shipped
+# weights: losses flat; from scratch: too short to learn much at all); see README, "The demo model".
 _TWIN_SHARE = 0.0
 # CLIP normalisation (open_clip's OPENAI_DATASET_MEAN / STD), for the images drawn at 64 px.
 _MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
