@@ -61,6 +61,19 @@ def test_models_json(capsys):
     assert by_name["coca-b32"]["cached"] is False  # the test hub cache is empty
 
 
+def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch):
+    # typer turns KeyboardInterrupt into a silent Exit(130); the user must still be told what happened.
+    import cocatk.models
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cocatk.models, "list_presets", interrupted)
+    assert main(["models"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "run the same command again" in err and len(err.strip().splitlines()) == 1
+
+
 def test_models_table(capsys):
     assert main(["models"]) == 0
     assert "coca-l14" in capsys.readouterr().out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+_INTERRUPTED = "interrupted: work committed so far is kept; run the same command again to resume"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return (and, as a console script, exit with) the process exit code.
@@ -30,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = app(args=args, prog_name="cocatk", standalone_mode=False)
         code = result if isinstance(result, int) else 0
+        if code == 130:  # typer turns Ctrl-C into a silent return value of 130 (standalone_mode=False)
+            err.print(_INTERRUPTED, style="red")
     except CocatkError as e:
         if debug_enabled():
             err.print_exception()
@@ -44,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         e.show()
         code = e.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted: work committed so far is kept", style="red")
+        err.print(_INTERRUPTED, style="red")
         code = 130
     if argv is None:
         sys.exit(code)
