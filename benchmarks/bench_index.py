@@ -31,20 +31,26 @@ from _common import machine_info, print_table, write_record
 from _photos import CACHE_DIR, ensure_photo_set
 
 
-def baseline_loop(m: Any, paths: list[Path], batch_size: int = 32) -> tuple[float, int]:
-    """The plain open_clip loop (bf16 autocast on a GPU, like cocatk); returns (seconds, images encoded)."""
+def baseline_loop(m: Any, paths: list[Path], batch_size: int = 32) -> tuple[float, int, dict[str, float]]:
+    """The plain open_clip loop (bf16 autocast on a GPU, like cocatk); returns (seconds, images encoded, stage
+    seconds: ``decode_preprocess`` for open + convert + preprocess + stack, ``model`` for encode_image)."""
     import torch
     from PIL import Image
 
     cuda = m.device.startswith("cuda")
     t = time.perf_counter()
     n = 0
+    stages = {"decode_preprocess": 0.0, "model": 0.0}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         for i in range(0, len(paths), batch_size):
+            t1 = time.perf_counter()
             batch = torch.stack([m.preprocess(Image.open(p).convert("RGB")) for p in paths[i : i + batch_size]])
+            t2 = time.perf_counter()
             feats = m.model.encode_image(batch.to(m.device)).float().cpu()
             n += feats.shape[0]
-    return time.perf_counter() - t, n
+            stages["decode_preprocess"] += t2 - t1
+            stages["model"] += time.perf_counter() - t2
+    return time.perf_counter() - t, n, stages
 
 
 def cocatk_index(
@@ -109,7 +115,7 @@ def main() -> None:
             p.read_bytes()
         baseline_loop(m, paths[: args.batch_size // 4 or 1], args.batch_size)
         load_before = machine_info()["loadavg"]
-        base_s, base_n = baseline_loop(m, paths, args.batch_size)
+        base_s, base_n, base_stages = baseline_loop(m, paths, args.batch_size)
         print(f"  baseline: {base_n / base_s:.2f} images/s ({base_s:.1f} s)", flush=True)
         idx_s, idx_n, report = cocatk_index(args.model, folder, args.batch_size, args.workers, args.device)
         print(f"  cocatk index: {idx_n / max(idx_s, 1e-9):.2f} images/s ({idx_s:.1f} s)", flush=True)
@@ -121,13 +127,16 @@ def main() -> None:
                 "mb_per_image": mb,
                 "baseline_s": base_s,
                 "baseline_images_per_s": base_n / base_s,
+                "baseline_stages_s": base_stages,
                 "cocatk_s": idx_s,
                 "cocatk_images_per_s": idx_n / idx_s,
                 "cocatk_encoded": idx_n,
                 "speedup": (idx_n / idx_s) / (base_n / base_s),
                 "loadavg_before": load_before,
                 "loadavg_after": machine_info()["loadavg"],
-                "report": {k: report[k] for k in ("encoded", "failed_total", "checkpoints", "seconds", "warnings")},
+                "report": {
+                    k: report[k] for k in ("encoded", "failed_total", "checkpoints", "seconds", "timings", "warnings")
+                },
             }
         )
     print_table(
@@ -145,6 +154,19 @@ def main() -> None:
             ]
             for r in record["results"]
         ],
+    )
+    stages = ("decode_preprocess", "read_hash", "wait_decode", "model", "sqlite", "faiss", "scan", "other")
+    rows = []
+    for r in record["results"]:
+        rows.append([f"{r['set']} baseline", r["baseline_s"], *(r["baseline_stages_s"].get(k, "") for k in stages)])
+        t = r["report"]["timings"]
+        rows.append([f"{r['set']} cocatk", r["cocatk_s"], *(t[k] for k in stages)])
+    print_table(
+        "where the time goes, seconds (cocatk: decode_preprocess and read_hash are summed over "
+        f"{int(record['results'][0]['report']['timings']['decode_threads']) if record['results'] else 0} decode "
+        "threads and overlap the main thread; the main-thread stages add up to the total)",
+        ["run", "total", *stages],
+        rows,
     )
     write_record("index", record, args.out)
 

@@ -82,6 +82,28 @@ def test_first_run_counts_failures_and_consistency(tmp_path: Path, tiny_model) -
     assert r.failed == {"not an image": 1} and r.new == 1 and r.encoded == 1
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stage_timings_account_for_the_run(tmp_path: Path, workers: int) -> None:
+    photos = tmp_path / "photos"
+    make_images(photos, 20)
+    ix = open_tiny(tmp_path / "idx")
+    r = ix.update([photos], workers=workers, batch_size=8)
+    t = r.timings
+    main_thread = ("scan", "model_load", "wait_decode", "model", "sqlite", "faiss", "other")
+    assert set(t) == {*main_thread, "read_hash", "decode_preprocess", "decode_threads"}
+    assert all(v >= 0 for v in t.values()) and t["decode_threads"] == workers
+    # The main-thread stages partition the run (a stage nested in another is counted once).
+    assert sum(t[k] for k in main_thread) == pytest.approx(r.seconds, rel=0.02, abs=0.02)
+    assert t["model"] > 0 and t["decode_preprocess"] > 0 and t["read_hash"] > 0 and t["sqlite"] > 0
+    if workers == 0:  # decoding runs inline, inside the wait for the next prepared file
+        assert t["wait_decode"] >= t["decode_preprocess"] + t["read_hash"] - 0.01
+    assert r.to_dict()["timings"]["model"] == round(t["model"], 3)
+    # A run with nothing to do loads no model and encodes nothing.
+    r = ix.update([photos])
+    assert r.encoded == 0 and r.timings["model"] == 0 and r.timings["model_load"] == 0
+    assert set(r.timings) == set(t)
+
+
 def test_incremental_add_modify_delete_move_duplicate(tmp_path: Path) -> None:
     photos = tmp_path / "photos"
     paths = make_images(photos, 12)

@@ -96,6 +96,11 @@ class IndexReport:
     checkpoints: int = 0
     total: int = 0
     seconds: float = 0.0
+    #: Where the time went, in seconds. Main thread (they add up to ``seconds``): ``scan``, ``model_load``,
+    #: ``wait_decode`` (blocked on the decode threads), ``model`` (image tower), ``sqlite`` (rows, tokens, commits),
+    #: ``faiss`` (load, add, save), ``other``. Decode threads, summed over threads and overlapping the main thread:
+    #: ``read_hash`` and ``decode_preprocess``; ``decode_threads`` says how many there were.
+    timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -112,6 +117,7 @@ class IndexReport:
         d["failed_total"] = self.failed_total
         d["images_per_s"] = round(self.images_per_s, 1)
         d["seconds"] = round(self.seconds, 3)
+        d["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return d
 
 
@@ -127,6 +133,31 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _StageTimer:
+    """Seconds per stage on one thread; time in a nested stage is not counted in the stage around it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stack: list[str] = []
+        self._since = 0.0
+
+    def _charge(self, now: float) -> None:
+        if self._stack:
+            top = self._stack[-1]
+            self.seconds[top] = self.seconds.get(top, 0.0) + now - self._since
+        self._since = now
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        self._charge(time.perf_counter())
+        self._stack.append(stage)
+        try:
+            yield
+        finally:
+            self._charge(time.perf_counter())
+            self._stack.pop()
 
 
 @dataclass
@@ -146,6 +177,8 @@ class _Prepared:
     hash: str | None = None
     tensor: Any = None  # (3, S, S) preprocessed image, or None when not decoded
     error: ImageDecodeError | None = None
+    read_s: float = 0.0  # decode thread: reading and hashing the file
+    decode_s: float = 0.0  # decode thread: decoding and preprocessing
 
 
 def _hash_bytes(data: bytes) -> str:
@@ -594,6 +627,8 @@ class _Updater:
         self._last_save = time.monotonic()
         self._since_checkpoint = 0
         self._vectors_dirty = False  # FAISS could not apply a removal: rebuild from SQLite before saving
+        self.timed = _StageTimer()
+        self._thread_seconds = {"read_hash": 0.0, "decode_preprocess": 0.0}
 
     # -- setup --
     def _roots(self) -> list[str]:
@@ -638,19 +673,8 @@ class _Updater:
 
         # Scan before changing anything, so that a bad option fails fast.
         self.progress("scan", 0, None)
-        found: list[tuple[str, int, int]] = []
-        for p in find_images(roots, follow_symlinks=self.opts["follow_symlinks"]):
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            found.append((str(p), st.st_size, st.st_mtime_ns))
-            if len(found) % 1000 == 0:
-                self.progress("scan", len(found), None)
-        self.report.scanned = len(found)
-        rows = self.store.file_rows()
-        present = {p for p, _, _ in found}
-        vanished = [r for path, r in rows.items() if path not in present and _under(path, roots)]
+        with self.timed("scan"):
+            found, rows, vanished = self._scan(roots)
 
         if factory:
             expected = len(rows) - len(vanished) + sum(1 for p, _, _ in found if p not in rows)
@@ -670,6 +694,7 @@ class _Updater:
         # A file that failed before is retried when it changes, or when the outcome may depend on options and
         # plugins ("too large", "unsupported format"); otherwise it is reported again without decoding.
         failures = self.store.failure_rows()
+        present = {p for p, _, _ in found}
         stale_failures = [p for p in failures if _under(p, roots) and p not in present]
         todo: list[_Item] = []
         for path, size, mtime in found:
@@ -689,20 +714,23 @@ class _Updater:
 
         model = None
         if todo:
-            model = index.model
+            with self.timed("model_load"):
+                model = index.model
             if cache_tokens:
                 self._check_token_budget(model, len(rows) - len(vanished) + sum(1 for t in todo if t.row is None))
 
         # Vectors of the committed state; written now when stale, so that every later checkpoint is incremental.
-        vectors = index._load_vectors(self.store.generation, save=True)
+        with self.timed("faiss"):
+            vectors = index._load_vectors(self.store.generation, save=True)
         index._vectors, index._vectors_gen = vectors, self.store.generation
         self.vectors = vectors
 
         self.store.begin()
         try:
             with _cpu_threads(model, self._workers()):
-                self.store.add_roots(roots)
-                self.store.delete_failures(stale_failures + [t.path for t in todo])
+                with self.timed("sqlite"):
+                    self.store.add_roots(roots)
+                    self.store.delete_failures(stale_failures + [t.path for t in todo])
                 self._process(todo, vanished, model, cache_tokens)
                 self._remove(vanished)
                 self._checkpoint(final=True)
@@ -715,7 +743,29 @@ class _Updater:
         self.report.token_cache_bytes = self.store.token_bytes()
         self.report.seconds = time.monotonic() - t0
         self.report.failures.sort(key=lambda f: f["path"])
+        timings = dict.fromkeys(("scan", "model_load", "wait_decode", "model", "sqlite", "faiss"), 0.0)
+        timings.update(self.timed.seconds)
+        timings["other"] = max(0.0, self.report.seconds - sum(timings.values()))
+        timings.update(self._thread_seconds, decode_threads=float(self._workers()))
+        self.report.timings = timings
         return self.report
+
+    def _scan(self, roots: list[str]) -> tuple[list[tuple[str, int, int]], dict[str, FileRow], list[FileRow]]:
+        """Files under ``roots`` (path, size, mtime), the stored rows, and the stored rows whose file is gone."""
+        found: list[tuple[str, int, int]] = []
+        for p in find_images(roots, follow_symlinks=self.opts["follow_symlinks"]):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            found.append((str(p), st.st_size, st.st_mtime_ns))
+            if len(found) % 1000 == 0:
+                self.progress("scan", len(found), None)
+        self.report.scanned = len(found)
+        rows = self.store.file_rows()
+        present = {p for p, _, _ in found}
+        vanished = [r for path, r in rows.items() if path not in present and _under(path, roots)]
+        return found, rows, vanished
 
     def _check_token_budget(self, model: CocaModel, n: int) -> None:
         import torch
@@ -745,6 +795,7 @@ class _Updater:
     def _prepare(self, item: _Item, known: set[str], draft: int, preprocess: Any) -> _Prepared:
         """Worker thread: read once, hash, and decode + preprocess only when the content is not indexed yet."""
         out = _Prepared(item)
+        t = time.perf_counter()
         try:
             with open(item.path, "rb") as f:
                 data = f.read()
@@ -752,6 +803,7 @@ class _Updater:
             out.error = ImageDecodeError("unreadable", e.strerror or type(e).__name__, item.path)
             return out
         out.hash = _hash_bytes(data)
+        out.read_s = time.perf_counter() - t
         if not item.need_decode and out.hash in known:
             return out  # a move, a duplicate or a touch: the embedding is reused
         try:
@@ -762,6 +814,7 @@ class _Updater:
             out.error = e
         except Exception as e:  # preprocessing failure on an odd image: skip the file, never the run
             out.error = ImageDecodeError("decode error", str(e)[:160], item.path)
+        out.decode_s = time.perf_counter() - t - out.read_s
         return out
 
     def _workers(self) -> int:
@@ -810,53 +863,74 @@ class _Updater:
         self.progress("index", 0, total)
 
         def flush() -> None:
-            nonlocal batch
             if not batch:
                 return
             assert model is not None
             import torch
 
-            x = torch.stack([p.tensor for p in batch])
-            emb, toks = model.encode_images_and_tokens(x, batch_size=len(batch), tokens=tokens)
-            tok_np = toks.to(torch.float16).cpu().numpy() if toks is not None else None
+            with self.timed("model"):
+                x = torch.stack([p.tensor for p in batch])
+                emb, toks = model.encode_images_and_tokens(x, batch_size=len(batch), tokens=tokens)
+                tok_np = toks.to(torch.float16).cpu().numpy() if toks is not None else None
             report.encoded += len(batch)
-            for i, p in enumerate(batch):
-                fid = self._write(p, emb[i], tok_np[i] if tok_np is not None else None)
-                for follower in waiting.pop(p.hash or "", []):
-                    self._write_copy(follower, fid)
-            batch = []
+            with self.timed("sqlite"):
+                for i, p in enumerate(batch):
+                    fid = self._write(p, emb[i], tok_np[i] if tok_np is not None else None)
+                    for follower in waiting.pop(p.hash or "", []):
+                        self._write_copy(follower, fid)
+            batch.clear()
             self._maybe_checkpoint()
 
-        for prep in self._prepared(todo, known, model):
-            item = prep.item
-            done += 1
-            if prep.error is not None:
-                self._fail(prep)
-            elif item.row is not None and prep.hash == item.row.hash and not item.need_decode:
-                store.update_stat(item.row.id, item.size, item.mtime_ns)  # touched, same content
-                report.unchanged += 1
-                self._tick()
-            elif not item.need_decode and self._try_reuse(prep):
-                self._tick()
-            elif prep.hash in waiting:
-                waiting[prep.hash].append(prep)
-            else:
-                if prep.tensor is None:  # hash looked known to the worker but its row is gone: decode now
-                    prep = self._decode_now(prep, model)
-                    if prep.error is not None:
-                        self._fail(prep)
-                        continue
-                known.add(prep.hash or "")
-                waiting[prep.hash or ""] = []
-                batch.append(prep)
+        prepared = self._prepared(todo, known, model)
+        while True:
+            with self.timed("wait_decode"):
+                prep = next(prepared, None)
+            if prep is None:
+                break
+            with self.timed("sqlite"):
+                self._handle(prep, model, batch, waiting, known)
                 if len(batch) >= bs:
                     flush()
-            # Every written row is complete (items still in `batch` are not written yet), so committing is safe.
-            self._maybe_checkpoint()
+                # Every written row is complete (items still in `batch` are not written yet), so committing is safe.
+                self._maybe_checkpoint()
+            done += 1
             if done % 16 == 0 or done == total:
                 self.progress("index", done, total)
         flush()
         self.progress("index", total, total)
+
+    def _handle(
+        self,
+        prep: _Prepared,
+        model: CocaModel | None,
+        batch: list[_Prepared],
+        waiting: dict[str, list[_Prepared]],
+        known: set[str],
+    ) -> None:
+        """Main thread: record one prepared file (failure, touch, move, copy) or queue it in ``batch`` to encode."""
+        store, report = self.store, self.report
+        item = prep.item
+        self._thread_seconds["read_hash"] += prep.read_s
+        self._thread_seconds["decode_preprocess"] += prep.decode_s
+        if prep.error is not None:
+            self._fail(prep)
+        elif item.row is not None and prep.hash == item.row.hash and not item.need_decode:
+            store.update_stat(item.row.id, item.size, item.mtime_ns)  # touched, same content
+            report.unchanged += 1
+            self._tick()
+        elif not item.need_decode and self._try_reuse(prep):
+            self._tick()
+        elif prep.hash in waiting:
+            waiting[prep.hash].append(prep)
+        else:
+            if prep.tensor is None:  # hash looked known to the worker but its row is gone: decode now
+                prep = self._decode_now(prep, model)
+                if prep.error is not None:
+                    self._fail(prep)
+                    return
+            known.add(prep.hash or "")
+            waiting[prep.hash or ""] = []
+            batch.append(prep)
 
     def _decode_now(self, prep: _Prepared, model: CocaModel | None) -> _Prepared:
         assert model is not None
@@ -905,7 +979,8 @@ class _Updater:
 
     def _add_vector(self, fid: int, emb: np.ndarray) -> None:
         if self.vectors.is_trained:
-            self.vectors.add(emb[None, :], np.array([fid]))
+            with self.timed("faiss"):
+                self.vectors.add(emb[None, :], np.array([fid]))
         self._tick()
 
     def _write(self, prep: _Prepared, emb: np.ndarray, tokens: np.ndarray | None) -> int:
@@ -941,9 +1016,11 @@ class _Updater:
         gone = [r.id for rows in self._vanished_by_hash.values() for r in rows] if vanished else []
         if not gone:
             return
-        self.store.delete_files(gone)
-        if not self.vectors.remove(np.array(gone, dtype=np.int64)):
-            self._vectors_dirty = True
+        with self.timed("sqlite"):
+            self.store.delete_files(gone)
+        with self.timed("faiss"):
+            if not self.vectors.remove(np.array(gone, dtype=np.int64)):
+                self._vectors_dirty = True
         self.report.removed += len(gone)
         self._since_checkpoint += len(gone)
 
@@ -961,12 +1038,14 @@ class _Updater:
         wrote = self._since_checkpoint > 0
         if not wrote and not final:
             return
-        gen = store.bump_generation() if wrote else store.generation
-        store.commit()
+        with self.timed("sqlite"):
+            gen = store.bump_generation() if wrote else store.generation
+            store.commit()
         self._since_checkpoint = 0
         if wrote:
             self.report.checkpoints += 1
-        self._save_vectors(gen, final)
+        with self.timed("faiss"):
+            self._save_vectors(gen, final)
         if not final:
             store.begin()
 
