@@ -132,8 +132,16 @@ def test_distinct_meanings_is_exact_and_bounds_unique_streams():
     with pytest.raises(ValueError, match="at most 18"):
         next(iter_scenes(0, 19, n_objects=1, unique=True))
     with pytest.raises(ValueError, match="at most 630"):
-        next(iter_scenes(0, 631, unique=True))
+        iter_scenes(0, 631, unique=True)  # refused when called, not at the first next()
     assert len(list(iter_scenes(0, 631))) == 631  # repeats allowed without unique
+
+
+def test_generate_folder_refuses_more_than_the_scene_space_before_writing(tmp_path):
+    from cocatk.demo.scenes import generate_folder
+
+    with pytest.raises(ValueError, match="at most 630"):
+        generate_folder(tmp_path / "photos", n=631)
+    assert not (tmp_path / "photos").exists()
 
 
 def test_cli_photo_limit_matches_the_scene_space():

@@ -288,8 +288,12 @@ def iter_scenes(seed: int, n: int, n_objects: int | None = None, unique: bool = 
     Raises:
         ValueError: ``unique=True`` and ``n`` is more than :func:`distinct_meanings` (it would never finish).
     """
-    if unique and n > (limit := distinct_meanings(n_objects)):
+    if unique and n > (limit := distinct_meanings(n_objects)):  # checked now, not at the first next()
         raise ValueError(f"only {limit} scenes with distinct meanings exist; ask for at most {limit}")
+    return _scene_stream(seed, n, n_objects, unique, namespace)
+
+
+def _scene_stream(seed: int, n: int, n_objects: int | None, unique: bool, namespace: str) -> Iterator[SceneSpec]:
     seen: set[str] = set()
     index = 0
     count = 0
@@ -451,10 +455,11 @@ def generate_folder(
         raise ValueError(f"n must be >= 0, got {n}")
     if not 8 <= min_size <= max_size:
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
+    scenes = iter_scenes(seed, n, unique=True, namespace="folder")  # refuses n > 630 before anything is written
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
-    for i, spec in enumerate(iter_scenes(seed, n, unique=True, namespace="folder")):
+    for i, spec in enumerate(scenes):
         rng = scene_rng(seed, i, namespace="folder-file")
         w, h = rng.randint(min_size, max_size), rng.randint(min_size, max_size)
         orientation = rng.choice((3, 6, 8)) if rng.random() < exif_fraction else None

@@ -674,7 +674,19 @@ class _Updater:
         # Scan before changing anything, so that a bad option fails fast.
         self.progress("scan", 0, None)
         with self.timed("scan"):
-            found, rows, vanished = self._scan(roots)
+            found: list[tuple[str, int, int]] = []
+            for p in find_images(roots, follow_symlinks=self.opts["follow_symlinks"]):
+                try:
+                    st = p.stat()
+                except OSError:
+                    continue
+                found.append((str(p), st.st_size, st.st_mtime_ns))
+                if len(found) % 1000 == 0:
+                    self.progress("scan", len(found), None)
+            self.report.scanned = len(found)
+            rows = self.store.file_rows()
+            present = {p for p, _, _ in found}
+            vanished = [r for path, r in rows.items() if path not in present and _under(path, roots)]
 
         if factory:
             expected = len(rows) - len(vanished) + sum(1 for p, _, _ in found if p not in rows)
@@ -694,7 +706,6 @@ class _Updater:
         # A file that failed before is retried when it changes, or when the outcome may depend on options and
         # plugins ("too large", "unsupported format"); otherwise it is reported again without decoding.
         failures = self.store.failure_rows()
-        present = {p for p, _, _ in found}
         stale_failures = [p for p in failures if _under(p, roots) and p not in present]
         todo: list[_Item] = []
         for path, size, mtime in found:
@@ -749,23 +760,6 @@ class _Updater:
         timings.update(self._thread_seconds, decode_threads=float(self._workers()))
         self.report.timings = timings
         return self.report
-
-    def _scan(self, roots: list[str]) -> tuple[list[tuple[str, int, int]], dict[str, FileRow], list[FileRow]]:
-        """Files under ``roots`` (path, size, mtime), the stored rows, and the stored rows whose file is gone."""
-        found: list[tuple[str, int, int]] = []
-        for p in find_images(roots, follow_symlinks=self.opts["follow_symlinks"]):
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            found.append((str(p), st.st_size, st.st_mtime_ns))
-            if len(found) % 1000 == 0:
-                self.progress("scan", len(found), None)
-        self.report.scanned = len(found)
-        rows = self.store.file_rows()
-        present = {p for p, _, _ in found}
-        vanished = [r for path, r in rows.items() if path not in present and _under(path, roots)]
-        return found, rows, vanished
 
     def _check_token_budget(self, model: CocaModel, n: int) -> None:
         import torch
