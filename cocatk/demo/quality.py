@@ -58,7 +58,9 @@ def evaluate(
         ``zeroshot_acc`` (chance 1/18), ``t2i_r1`` and ``t2i_r{k}`` (contrastive), ``t2i_r1_rerank`` (top-k reranked
         by caption likelihood), ``swap_pref_contrastive`` and ``swap_pref_loglik``: how often the true caption
         beats the swapped one ("a blue square left of a red circle" for "a red circle left of a blue square") for its
-        own image by cosine similarity and by caption log-likelihood; plus the counts.
+        own image by cosine similarity and by caption log-likelihood; ``caption_loglik_mean``, the mean
+        log p(true caption | its image) of the two-object scenes, summed over the caption's tokens, in nats, with
+        the softmax over the whole vocabulary (0 for a perfect captioner); plus the counts.
     """
     single, pairs = eval_scenes(n_single, n_pairs, seed)
     report: dict[str, Any] = {"seed": seed, "n_single": len(single), "n_pairs": len(pairs), "rerank_k": rerank_k}
@@ -98,4 +100,5 @@ def evaluate(
         ll_true = np.array([model.caption_loglik(c, tokens[i : i + 1])[0] for i, c in enumerate(captions)])
         ll_swap = np.array([model.caption_loglik(c, tokens[i : i + 1])[0] for i, c in enumerate(swapped)])
         report["swap_pref_loglik"] = float((ll_true > ll_swap).mean())
+        report["caption_loglik_mean"] = float(ll_true.mean())
     return report
