@@ -600,7 +600,8 @@ class CocaModel:
 
     # ---- public heads --------------------------------------------------------------------------------------
     def encode_images(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
-        """Contrastive image embeddings (attentional pooler query 0, projected), L2-normalised.
+        """Contrastive image embeddings (attentional pooler query 0, projected; the class token in a CoCa config
+        without the pooler, like the ``demo`` model), L2-normalised.
 
         Args:
             images: PIL images (any mode is converted by the model's preprocessing) or a tensor already
@@ -614,9 +615,10 @@ class CocaModel:
         return emb
 
     def image_tokens(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """The pooled image tokens the multimodal decoder attends to: (N, T, D) float32 on the model's device.
+        """The image tokens the multimodal decoder attends to: (N, T, D) float32 on the model's device.
 
-        T is ``attn_pooler_queries - 1`` (255 for the released models).
+        T is ``attn_pooler_queries - 1`` (255 for the released models), or the number of patches for a config
+        without the attentional pooler (64 for the ``demo`` model).
         """
         _, tokens = self.encode_images_and_tokens(images, batch_size=batch_size, tokens=True)
         assert tokens is not None

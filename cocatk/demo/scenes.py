@@ -272,6 +272,20 @@ def swap_objects(spec: SceneSpec) -> SceneSpec:
     return SceneSpec(spec.background, (a2, b2), INVERSE_RELATION[spec.relation])
 
 
+def reshape_object(spec: SceneSpec, rng: random.Random) -> SceneSpec:
+    """The same scene with one object drawn as another shape (same colour, place, size, style): a hard negative
+    whose caption differs from the original in one shape word. Two objects stay different things.
+    """
+    i = rng.randrange(len(spec.objects))
+    obj = spec.objects[i]
+    taken = {o.name for j, o in enumerate(spec.objects) if j != i}
+    shapes = [s for s in SHAPES if s != obj.shape and f"{obj.colour} {s}" not in taken]
+    shape = rng.choice(shapes)
+    new = Shape(obj.colour, shape, obj.x, obj.y, obj.size, _angle(rng, shape), obj.style, obj.rgb)
+    objects = tuple(new if j == i else o for j, o in enumerate(spec.objects))
+    return SceneSpec(spec.background, objects, spec.relation)
+
+
 def distinct_meanings(n_objects: int | None = None) -> int:
     """How many scenes with different meanings (:meth:`SceneSpec.key`) exist: 18 with one object, 612 with two
     (18 x 17 ordered object pairs x 4 relations, halved: "A left of B" means "B right of A"), 630 in all."""
