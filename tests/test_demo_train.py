@@ -98,7 +98,7 @@ def test_scene_labels_match_the_captions(demo_arch):
     for (spec, inverse), p, f, r in zip(scenes, present, first.tolist(), relation.tolist(), strict=True):
         assert sorted(CLASS_NAMES[i] for i in p.nonzero()[:, 0].tolist()) == sorted(o.name for o in spec.objects)
         if len(spec.objects) == 1:
-            assert r == -1
+            assert r == -1 and CLASS_NAMES[f] == spec.objects[0].name
         else:  # "a {first} {relation} a {other}" is the caption the CoCa stage is given for this scene
             assert spec.caption(inverse=inverse) == f"a {CLASS_NAMES[f]} {RELATIONS[r]} a " + next(
                 o.name for o in spec.objects if o.name != CLASS_NAMES[f]

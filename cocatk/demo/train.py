@@ -9,16 +9,16 @@ A small open_clip CoCa (real ``CoCa`` classes, the real CLIP tokenizer with a 16
 rendered on the fly by :mod:`cocatk.demo.scenes` (every step sees new scenes, drawn from ``seed`` and the step
 number only) in two stages:
 
-1. image-tower warm-up (``--pretrain-steps``, default 1500 steps of 64 scenes, ~7 min on two CPU cores): the vision
-   tower learns the scenes' own labels, which objects are present and how the first-named object stands to the other
-   (:func:`pretrain_image_tower`); its heads are then thrown away;
-2. CoCa (``--steps``, default 1600 steps of 64, ~12 min): ``open_clip.loss.CoCaLoss`` (contrastive + 2 x
+1. image-tower warm-up (``--pretrain-steps``, default 1500 steps of 64 scenes, ~9 min on two CPU cores): the vision
+   tower learns the scenes' own labels, which objects are present, how the first-named object stands to the other and
+   what shape the object of a named colour has (:func:`pretrain_image_tower`); its heads are then thrown away;
+2. CoCa (``--steps``, default 1600 steps of 64, ~13 min): ``open_clip.loss.CoCaLoss`` (contrastive + 2 x
    captioning), a quarter of the scenes followed by a hard-negative twin, AdamW with a linear warmup, the peak rate
    held, then a cosine decay over the last quarter. The caption softmax runs over the 18 token ids the captions use
    (:func:`corpus_vocab`) on 15 steps of 16 and over the whole 49,408-word vocabulary on every 16th
    (``--full-vocab-every``): the full output layer is most of a CPU step's cost.
 
-The defaults train in about 20 minutes on two CPU cores. The run writes into ``--out``:
+The defaults train in about 22 minutes on two CPU cores (22.4 for the shipped weights). The run writes into ``--out``:
 
 - ``coca_demo_tiny.json``: the open_clip model config (the file stem is the architecture name);
 - ``demo.safetensors``: the weights in fp16 (cocatk loads them into an fp32 model);
@@ -41,8 +41,10 @@ import numpy as np
 
 from .scenes import (
     CLASS_NAMES,
+    COLOURS,
     INVERSE_RELATION,
     RELATIONS,
+    SHAPES,
     SceneSpec,
     random_scene,
     render_scene,
@@ -99,6 +101,12 @@ CONFIG: dict[str, Any] = {
     "custom_text": True,
 }
 
+#: The image-tower warm-up's loss, as the training record states it (:func:`pretrain_image_tower`).
+WARMUP_LOSS = (
+    "10 x BCE(object presence from the contrastive embedding) + CE(relation of the first-named object) + "
+    "CE(shape of the object of the first-named object's colour, skipped when both objects share it); the last two "
+    "read from the image tokens by 2 cross-attention layers; heads discarded"
+)
 # open_clip's CoCa recipe weighs captioning twice as much as the contrastive loss.
 CAPTION_LOSS_WEIGHT = 2.0
 CLIP_LOSS_WEIGHT = 1.0
@@ -189,8 +197,6 @@ def corpus_vocab(tokenizer: Any) -> Any:
     the 18 ids the decoder has to tell apart, of its 49,408."""
     import torch
 
-    from .scenes import COLOURS, SHAPES
-
     words = [f"a {c} {s}" for c in COLOURS for s in SHAPES] + [f"a {r} a" for r in RELATIONS]
     ids = tokenizer(words)
     return torch.cat([torch.zeros(1, dtype=ids.dtype), ids[ids != 0].unique()])
@@ -238,8 +244,8 @@ def coca_forward(model: Any, images: Any, ids: Any, vocab: Any = None) -> dict[s
 
 def scene_labels(scenes: list[tuple[SceneSpec, bool]]) -> tuple[Any, Any, Any]:
     """Targets of the image-tower warm-up for a batch from :meth:`SceneBatches.draw`: which of the 18 objects are
-    present (B, 18), and for two-object scenes the object their caption names first and its relation to the other
-    (-1 for one-object scenes)."""
+    present (B, 18), the object the caption names first (B,; the only one in a one-object scene) and, for two-object
+    scenes, its relation to the other (-1 for one-object scenes)."""
     import torch
 
     present = torch.zeros(len(scenes), len(CLASS_NAMES))
@@ -248,6 +254,7 @@ def scene_labels(scenes: list[tuple[SceneSpec, bool]]) -> tuple[Any, Any, Any]:
     for i, (spec, inverse) in enumerate(scenes):
         for obj in spec.objects:
             present[i, CLASS_NAMES.index(obj.name)] = 1.0
+        first[i] = CLASS_NAMES.index(spec.objects[0].name)
         if len(spec.objects) == 2 and spec.relation is not None:
             a, rel = (spec.objects[1], INVERSE_RELATION[spec.relation]) if inverse else (spec.objects[0], spec.relation)
             first[i], relation[i] = CLASS_NAMES.index(a.name), RELATIONS.index(rel)
@@ -255,8 +262,9 @@ def scene_labels(scenes: list[tuple[SceneSpec, bool]]) -> tuple[Any, Any, Any]:
 
 
 def _tower_heads(width: int) -> Any:
-    """Heads of the warm-up, thrown away after it: object presence from the contrastive embedding, and the
-    relation of a named object read from the image tokens by cross-attention, as the caption decoder reads them."""
+    """Heads of the warm-up, thrown away after it: object presence from the contrastive embedding, and, read from
+    the image tokens by cross-attention as the caption decoder reads them, the relation of a named object to the
+    other and the shape of the object of a named colour."""
     import torch
     from torch import nn
 
@@ -270,12 +278,18 @@ def _tower_heads(width: int) -> Any:
                 for _ in range(2)
             )
             self.relation = nn.Linear(width, len(RELATIONS))
+            self.colour = nn.Embedding(len(COLOURS), width)
+            self.shape = nn.Linear(width, len(SHAPES))
 
-        def forward(self, latent: torch.Tensor, tokens: torch.Tensor, first: torch.Tensor) -> tuple[Any, Any]:
-            x = self.query(first)[:, None]
+        def forward(self, latent: torch.Tensor, tokens: torch.Tensor, first: torch.Tensor) -> tuple[Any, Any, Any]:
+            # Two independent reads per image (stacked on the batch axis, so neither query sees the other): by the
+            # first object's name for its relation, by its colour alone for its shape.
+            b = first.shape[0]
+            x = torch.cat([self.query(first), self.colour(first // len(SHAPES))])[:, None]
+            kv = torch.cat([tokens, tokens])
             for layer in self.read:
-                x = layer(x, tokens)
-            return self.present(latent), self.relation(x[:, 0])
+                x = layer(x, kv)
+            return self.present(latent), self.relation(x[:b, 0]), self.shape(x[b:, 0])
 
     return Heads()
 
@@ -289,11 +303,11 @@ def pretrain_image_tower(
     device: str = "cpu",
     log_every: int = 250,
 ) -> list[dict[str, float]]:
-    """Warm up ``model.visual`` on the scenes' own labels (object presence, relations) before CoCa training.
+    """Warm up ``model.visual`` on the scenes' own labels (object presence, relations, shapes) before CoCa training.
 
     A CoCa this small learns colours from CoCaLoss within a few hundred steps, but shapes and relations only after
     far more scenes than 20 CPU minutes allow (measured: zero-shot 0.56, relations at chance after 1200 steps of 64
-    from scratch). A step here costs about 0.3 s on two CPU cores for 64 scenes, against 0.9-1.0 s for a CoCa step
+    from scratch). A step here costs about 0.35 s on two CPU cores for 64 scenes, against 0.9-1.0 s for a CoCa step
     with the full output layer (0.37 s with the corpus softmax), and its labels point straight at what the captions
     need. Returns the curve (losses, and on a fixed held-out batch the one-object shape accuracy and the relation
     accuracy).
@@ -308,7 +322,7 @@ def pretrain_image_tower(
     val_present, val_first, val_relation = scene_labels(val_scenes)
     warmup = max(1, steps // 30)
     curve: list[dict[str, float]] = []
-    running = torch.zeros(2)
+    running = torch.zeros(3)
     t0 = time.time()
     for step in range(steps):
         for group in opt.param_groups:
@@ -316,10 +330,18 @@ def pretrain_image_tower(
         images, scenes = data.draw(step)
         present, first, relation = (t.to(device) for t in scene_labels(scenes))
         latent, tokens = model.visual(images.to(device))
-        p_logits, r_logits = heads(latent, tokens, first)
+        p_logits, r_logits, s_logits = heads(latent, tokens, first)
         pairs = relation >= 0
+        # A colour names one object unless both share it (then the shape read is skipped).
+        named = present.view(len(scenes), len(COLOURS), len(SHAPES)).sum(-1).amax(-1) <= 1
         # Presence is 18 binary decisions averaged: weighted up to the scale of the 4-way relation loss.
-        losses = torch.stack([10 * bce(p_logits, present), ce(r_logits[pairs], relation[pairs])])
+        losses = torch.stack(
+            [
+                10 * bce(p_logits, present),
+                ce(r_logits[pairs], relation[pairs]),
+                ce(s_logits[named], (first % len(SHAPES))[named]),
+            ]
+        )
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         opt.step()
@@ -328,7 +350,7 @@ def pretrain_image_tower(
             model.visual.eval()
             with torch.no_grad():
                 latent, tokens = model.visual(val_images.to(device))
-                p_logits, r_logits = heads(latent, tokens, val_first.to(device))
+                p_logits, r_logits, s_logits = heads(latent, tokens, val_first.to(device))
             model.visual.train()
             single = val_present.sum(1) == 1
             pred = p_logits.cpu()[single].argmax(1)
@@ -336,21 +358,25 @@ def pretrain_image_tower(
             shape_acc = float(((pred % 3) == (truth % 3)).float().mean())  # CLASS_NAMES: colour-major, 3 shapes
             pairs = val_relation >= 0
             rel_acc = float((r_logits.cpu()[pairs].argmax(1) == val_relation[pairs]).float().mean())
+            named = val_present.view(-1, len(COLOURS), len(SHAPES)).sum(-1).amax(-1) <= 1
+            read_acc = float((s_logits.cpu()[named].argmax(1) == (val_first % len(SHAPES))[named]).float().mean())
             n = (step + 1) - (curve[-1]["step"] if curve else 0)
-            pres, rel = (running / n).tolist()
+            pres, rel, shp = (running / n).tolist()
             running.zero_()
             curve.append(
                 {
                     "step": step + 1,
                     "presence": round(pres, 4),
                     "relation": round(rel, 4),
+                    "shape": round(shp, 4),
                     "val_shape_acc": round(shape_acc, 3),
+                    "val_read_shape_acc": round(read_acc, 3),
                     "val_relation_acc": round(rel_acc, 3),
                 }
             )
             print(
-                f"warm-up {step + 1}/{steps}  presence {pres:.3f}  relation {rel:.3f}  held-out shape "
-                f"{shape_acc:.2f} relation {rel_acc:.2f}  {time.time() - t0:.0f}s",
+                f"warm-up {step + 1}/{steps}  presence {pres:.3f}  relation {rel:.3f}  shape {shp:.3f}  held-out "
+                f"shape {shape_acc:.2f} (read {read_acc:.2f}) relation {rel_acc:.2f}  {time.time() - t0:.0f}s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -539,8 +565,7 @@ def train(
         "lr_schedule": f"linear warmup, held, cosine to 0 over the last {_DECAY_SHARE:.0%} of the steps",
         "image_tower_warmup": {
             "steps": pretrain_steps,
-            "loss": "10 x BCE(object presence from the contrastive embedding) + CE(relation of the first-named object, "
-            "read from the image tokens by 2 cross-attention layers); heads discarded",
+            "loss": WARMUP_LOSS,
             "wall_time_s": round(pretrain_wall, 1),
             "curve": warmup_curve,
         },
@@ -574,9 +599,9 @@ def train(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cocatk.demo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the config, weights and record")
-    parser.add_argument("--steps", type=int, default=1600, help="CoCaLoss steps (default 1600: ~12 min on 2 CPUs)")
+    parser.add_argument("--steps", type=int, default=1600, help="CoCaLoss steps (default 1600: ~13 min on 2 CPUs)")
     parser.add_argument(
-        "--pretrain-steps", type=int, default=1500, help="image-tower warm-up steps first (default 1500: ~7 min)"
+        "--pretrain-steps", type=int, default=1500, help="image-tower warm-up steps first (default 1500: ~9 min)"
     )
     parser.add_argument("--batch", type=int, default=64, help="scenes per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
