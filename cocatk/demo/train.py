@@ -213,8 +213,8 @@ def coca_forward(model: Any, images: Any, ids: Any, vocab: Any = None) -> dict[s
     With ``vocab`` (:func:`corpus_vocab`), the output layer is evaluated for those ids only: ``logits[..., j]`` is
     the full layer's logit of id ``vocab[j]`` and the labels are renumbered to match (padding stays 0), so
     ``CoCaLoss`` gives the caption loss of a softmax over the corpus's words alone (tested against slicing the full
-    logits). A fraction of the cost; the full softmax also has to push the other 49,382 ids down, which the last
-    steps of a run do (see ``train``).
+    logits). A fraction of the cost; the full softmax also has to push the other 49,390 ids down, which ``train``
+    does on every ``full_vocab_every``-th step.
     """
     import torch
 
@@ -294,6 +294,12 @@ def _tower_heads(width: int) -> Any:
     return Heads()
 
 
+def _colour_names_one_object(present: Any) -> Any:
+    """(B,) bool from presence targets (B, 18): no colour is on two objects, so a colour names one object (the shape
+    read is skipped where both objects share a colour)."""
+    return present.view(-1, len(COLOURS), len(SHAPES)).sum(-1).amax(-1) <= 1
+
+
 def pretrain_image_tower(
     model: Any,
     data: SceneBatches,
@@ -332,8 +338,7 @@ def pretrain_image_tower(
         latent, tokens = model.visual(images.to(device))
         p_logits, r_logits, s_logits = heads(latent, tokens, first)
         pairs = relation >= 0
-        # A colour names one object unless both share it (then the shape read is skipped).
-        named = present.view(len(scenes), len(COLOURS), len(SHAPES)).sum(-1).amax(-1) <= 1
+        named = _colour_names_one_object(present)
         # Presence is 18 binary decisions averaged: weighted up to the scale of the 4-way relation loss.
         losses = torch.stack(
             [
@@ -355,10 +360,10 @@ def pretrain_image_tower(
             single = val_present.sum(1) == 1
             pred = p_logits.cpu()[single].argmax(1)
             truth = val_present[single].argmax(1)
-            shape_acc = float(((pred % 3) == (truth % 3)).float().mean())  # CLASS_NAMES: colour-major, 3 shapes
+            shape_acc = float(((pred % len(SHAPES)) == (truth % len(SHAPES))).float().mean())  # colour-major
             pairs = val_relation >= 0
             rel_acc = float((r_logits.cpu()[pairs].argmax(1) == val_relation[pairs]).float().mean())
-            named = val_present.view(-1, len(COLOURS), len(SHAPES)).sum(-1).amax(-1) <= 1
+            named = _colour_names_one_object(val_present)
             read_acc = float((s_logits.cpu()[named].argmax(1) == (val_first % len(SHAPES))[named]).float().mean())
             n = (step + 1) - (curve[-1]["step"] if curve else 0)
             pres, rel, shp = (running / n).tolist()
@@ -610,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--workers", type=int, default=0, help="data loader processes (0: render in the main one)")
     parser.add_argument("--init", type=Path, default=None, help="start from these weights (fine-tuning)")
-    parser.add_argument("--twin-share", type=float, default=_TWIN_SHARE, help="two-object scenes with a swapped twin")
+    parser.add_argument("--twin-share", type=float, default=_TWIN_SHARE, help="scenes followed by a hard-negative twin")
     parser.add_argument(
         "--full-vocab-every",
         type=int,
@@ -622,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 2:
         parser.error("--steps must be >= 1 and --batch >= 2")
+    if args.pretrain_steps < 0 or args.full_vocab_every < 0:
+        parser.error("--pretrain-steps and --full-vocab-every must be >= 0")
     record = train(
         args.out,
         steps=args.steps,
