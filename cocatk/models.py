@@ -41,6 +41,13 @@ ASSETS_DIR = Path(__file__).parent / "assets"
 RANDOM_WEIGHTS = "none"
 #: Seed of random-weight models: every process builds identical weights from it.
 RANDOM_SEED = 0
+#: The preset trained by cocatk on synthetic scenes (cocatk/assets), and what its users are told.
+DEMO_PRESET = "demo"
+DEMO_NOTICE = (
+    "the demo model knows only synthetic coloured shapes (`cocatk demo`): on real photos its results mean nothing; "
+    "use --model coca-b32 or coca-l14"
+)
+RANDOM_NOTICE = "random weights (--pretrained none): the scores carry no meaning beyond tests and speed"
 
 
 @dataclass(frozen=True)
@@ -384,7 +391,8 @@ def _fetch_tag_weights(arch: str, tag: str, name: str | None = None) -> str:
             f"weights for {arch}/{tag} are not in the local Hugging Face cache and cannot be downloaded: {reason}",
             hint=f"on a machine with network run `cocatk models --download {preset}` (copy the hub cache over), or "
             f"fetch open_clip_pytorch_model.bin from {where} and pass "
-            "--pretrained /path/to/open_clip_pytorch_model.bin",
+            "--pretrained /path/to/open_clip_pytorch_model.bin; to try cocatk offline now, use --model demo "
+            "(it knows synthetic coloured shapes only)",
         )
     return path
 
@@ -537,6 +545,14 @@ class CocaModel:
     def is_random(self) -> bool:
         """True for seeded random weights: results carry no meaning beyond tests and speed."""
         return self.spec.is_random
+
+    def notices(self) -> list[str]:
+        """What a reader of this model's results must know (shown under tables, in JSON and in HTML pages)."""
+        if self.is_random:
+            return [RANDOM_NOTICE]
+        if self.spec.preset == DEMO_PRESET:
+            return [DEMO_NOTICE]
+        return []
 
     def info(self) -> dict[str, Any]:
         """A JSON-friendly description (used in result records and manifests)."""

@@ -17,7 +17,6 @@ app = typer.Typer(
     help="Zero-shot image retrieval and classification with CoCa.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
     rich_markup_mode="rich",
 )
 

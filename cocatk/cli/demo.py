@@ -22,9 +22,10 @@ def register(app: typer.Typer) -> None:
 
 
 def demo(
-    directory: Annotated[Path, typer.Argument(help="Folder for the photos, index and report (created).")] = Path(
-        "cocatk-demo"
-    ),
+    directory: Annotated[
+        Path | None,
+        typer.Argument(help="Folder for the photos, index and report (created).", show_default="$COCATK_HOME/demo"),
+    ] = None,
     photos: Annotated[int, typer.Option("--photos", min=8, max=MAX_PHOTOS, help="Scene photos to generate.")] = 120,
     queries: Annotated[int, typer.Option("--queries", min=1, max=20, help="Captions to search for.")] = 4,
     model: options.Model = None,
@@ -33,7 +34,10 @@ def demo(
     json_: options.Json = False,
 ) -> None:
     """Run the whole product offline on generated photos with the shipped `demo` model."""
+    from ..config import home_dir
     from ..demo.run import run_demo
+
+    directory = directory if directory is not None else home_dir() / "demo"
 
     with progress_bar(disable=json_) as progress:
         report = run_demo(

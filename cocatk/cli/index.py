@@ -6,15 +6,20 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+from rich.text import Text
 
+from ..paths import display_path
 from . import options
 from .progress import progress_bar
-from .render import err, out, print_json, warn
+from .render import err, note, out, print_json, show_path, warn
 
 
 def register(app: typer.Typer) -> None:
     app.command("index")(index)
     app.command("info")(info)
+    app.command("forget")(forget)
+    app.command("compact")(compact)
 
 
 def index(
@@ -61,24 +66,36 @@ def index(
     from ..retrieval.index import Index, resolve_roots
 
     resolve_roots(paths or [])  # a bad PATH fails before an index folder is created
-    ix = Index.open(index_dir, model=model, pretrained=pretrained, device=device, create=True, rebuild=rebuild)
-    with ix, progress_bar(disable=json_) as progress:
-        report = ix.update(
-            [str(p) for p in paths or []],
-            batch_size=batch_size,
-            workers=workers,
-            follow_symlinks=follow_symlinks,
-            max_megapixels=max_megapixels,
-            faiss_factory=faiss_factory,
-            cache_tokens=cache_tokens,
-            checkpoint_every=checkpoint_every,
+    with progress_bar(disable=json_) as progress:
+        if progress is not None:
+            progress("start", 0, None)
+        # lock=True: a second writer is refused before any model is loaded.
+        ix = Index.open(
+            index_dir,
+            model=model,
+            pretrained=pretrained,
+            device=device,
+            create=True,
+            rebuild=rebuild,
+            lock=True,
             progress=progress,
         )
+        with ix:
+            report = ix.update(
+                [str(p) for p in paths or []],
+                batch_size=batch_size,
+                workers=workers,
+                follow_symlinks=follow_symlinks,
+                max_megapixels=max_megapixels,
+                faiss_factory=faiss_factory,
+                cache_tokens=cache_tokens,
+                checkpoint_every=checkpoint_every,
+                progress=progress,
+            )
     data = report.to_dict()
     for root in report.missing_roots:
-        warn(f"root {root} is missing (unmounted?): its files are kept")
-    for f in report.failures[:20]:
-        err.print(f"[dim]skipped[/] {f['path']}: {f['reason']}" + (f" ({f['detail']})" if f["detail"] else ""))
+        warn(f"root {display_path(root)} is missing (unmounted?): its files are kept")
+    _print_failures(report.failures, "skipped")
     if len(report.failures) > 20:
         err.print(f"[dim]... and {len(report.failures) - 20} more (`cocatk info` lists them)[/]")
     if json_:
@@ -87,10 +104,18 @@ def index(
     _print_summary(data)
 
 
+def _print_failures(failures: list[dict[str, str]], verb: str, console: Any = None) -> None:
+    """One line per failed file (the first 20): ``<verb> <path>: <reason> (<detail>)``; names are shown, not parsed."""
+    for f in failures[:20]:
+        detail = f" ({f['detail']})" if f.get("detail") else ""
+        line = Text.assemble((f"{verb} ", "dim"), display_path(f["path"]), f": {f['reason']}{detail}")
+        (console or err).print(line, highlight=False, soft_wrap=True)
+
+
 def _print_summary(d: dict[str, Any]) -> None:
     failed = ", ".join(f"{n} {reason}" for reason, n in sorted(d["failed"].items())) or "0"
     out.print(
-        f"[bold]{d['index_dir']}[/]: {d['total']} images indexed\n"
+        f"[bold]{escape(display_path(d['index_dir']))}[/]: {d['total']} images indexed\n"
         f"  scanned {d['scanned']}  new {d['new']}  changed {d['changed']}  unchanged {d['unchanged']}  "
         f"moved {d['moved']}  removed {d['removed']}  duplicates {d['duplicates']}\n"
         f"  failed {failed}\n"
@@ -108,24 +133,71 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
     if json_:
         print_json(data)
         return
+    out.print(show_path(data["index_dir"], style="bold"), highlight=False)
     m = data["manifest"]
+    if m is None:
+        out.print(
+            "empty: no image indexed yet (the first `cocatk index` run did not finish); "
+            f"run `cocatk index PATH --index {display_path(data['index_dir'])}`",
+            highlight=False,
+            markup=False,
+        )
+        return
     ident = m.get("identity", {})
-    out.print(f"[bold]{data['index_dir']}[/]", highlight=False)
     rows = [
         ("model", f"{ident.get('model')} ({ident.get('arch')})"),
         ("weights", str(ident.get("weights"))),
         ("embedding", f"{m.get('embed_dim')}-d, {m.get('metric')}, image size {m.get('image_size')}"),
         ("faiss", f"{m.get('factory')} ({data['faiss_file'] or 'rebuilt from SQLite on next open'})"),
-        ("images", f"{data['files']} files, {data['unique_contents']} distinct contents"),
+        ("images", f"{data['files']} files, {data['unique_contents']} distinct contents" if data["files"] else "none"),
         ("tokens", f"{'cached' if m.get('cache_tokens') else 'not cached'} ({data['token_cache_bytes'] / 1e6:.1f} MB)"),
         ("size on disk", f"{data['size_bytes'] / 1e6:.1f} MB"),
         ("schema", f"v{m.get('schema_version')}, built by cocatk {m.get('cocatk_version')}"),
-        ("roots", "\n".join(data["roots"]) or "-"),
+        ("roots", "\n".join(display_path(r) for r in data["roots"]) or "-"),
         ("failed", ", ".join(f"{n} {r}" for r, n in sorted(data["failed"].items())) or "0"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         v = v.replace("\n", "\n" + " " * (width + 2))
-        out.print(f"{k:<{width}}  {v}", highlight=False)
-    for f in data["failures"][:20]:
-        out.print(f"  [dim]{f['path']}: {f['reason']}[/]", highlight=False)
+        out.print(f"{k:<{width}}  {v}", highlight=False, markup=False)
+    _print_failures(data["failures"], " ", console=out)
+    if len(data["failures"]) > 20:
+        out.print(f"  ... and {len(data['failures']) - 20} more (`cocatk info --json` lists all)", markup=False)
+    if data["files"] == 0:
+        out.print("this index is empty: add images with `cocatk index PATH`", style="dim", highlight=False)
+
+
+def forget(
+    roots: Annotated[list[Path], typer.Argument(help="Roots to drop (as `cocatk info` lists them); may be gone.")],
+    index_dir: options.IndexDir = None,
+    json_: options.Json = False,
+) -> None:
+    """Drop roots from the index with every image below them (an old drive). Files on disk are not touched."""
+    from ..retrieval.index import Index
+
+    with Index.open(index_dir, lock=True) as ix:
+        result = ix.forget(roots)
+    if json_:
+        print_json(result)
+        return
+    for r in result["roots"]:
+        out.print(Text.assemble("forgot ", display_path(r)), highlight=False)
+    out.print(f"{result['files']} images removed from {display_path(result['index_dir'])}", highlight=False)
+    note("run `cocatk compact` to give the space back to the disk")
+
+
+def compact(index_dir: options.IndexDir = None, json_: options.Json = False) -> None:
+    """Reclaim disk space: VACUUM the SQLite store, fold its log back, delete stale vector and temporary files."""
+    from ..retrieval.index import Index
+
+    with Index.open(index_dir, lock=True) as ix:
+        result = ix.compact()
+    if json_:
+        print_json(result)
+        return
+    out.print(
+        f"{display_path(result['index_dir'])}: {result['before_bytes'] / 1e6:.1f} MB -> "
+        f"{result['after_bytes'] / 1e6:.1f} MB ({result['reclaimed_bytes'] / 1e6:.1f} MB reclaimed)",
+        highlight=False,
+        markup=False,
+    )

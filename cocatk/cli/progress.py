@@ -10,6 +10,8 @@ from .render import err
 
 #: How each library stage is named on the bar.
 STAGE_LABELS = {
+    "start": "starting",
+    "model": "loading model",
     "scan": "scanning",
     "index": "indexing",
     "photos": "generating photos",
@@ -50,6 +52,8 @@ class _Bar:
         self.tasks: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if stage != "start" and "start" in self.tasks:  # the first real stage replaces the "starting" row
+            self.progress.remove_task(self.tasks.pop("start"))
         task = self.tasks.get(stage)
         if task is None or (done == 0 and self.progress.tasks[task].completed > 0):
             if task is not None:  # a stage that starts over (e.g. a second pass) gets a fresh row

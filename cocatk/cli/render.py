@@ -1,27 +1,66 @@
-"""Output helpers: results on stdout, everything else (progress, warnings, errors) on stderr."""
+"""Output helpers: results on stdout, everything else (progress, warnings, errors) on stderr.
+
+File names are shown through :mod:`cocatk.paths`: readable in tables and messages (never parsed as Rich markup),
+exact bytes with ``--paths`` / ``-0``, and the documented ``path`` / ``path_b64`` form in JSON.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
+
+from ..paths import display_path, text_path, to_bytes
 
 #: Results (tables) go to stdout; progress, warnings and errors to stderr.
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
+def _json_safe(data: Any) -> Any:
+    """Every string as valid Unicode (a file name that is not UTF-8 would otherwise fail to encode)."""
+    if isinstance(data, str):
+        return text_path(data)
+    if isinstance(data, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_json_safe(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
     """One JSON document on stdout (plain, no colour codes, so scripts can parse it)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.write(json.dumps(_json_safe(data), indent=2, default=str, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 
-def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {message}", highlight=False)
+def print_paths(paths: Iterable[str], nul: bool = False) -> None:
+    """The exact bytes of each path, one per line (``nul``: NUL-terminated, like ``find -print0``), for xargs."""
+    end = b"\0" if nul else b"\n"
+    stream = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+    for p in paths:
+        if stream is not None:
+            stream.write(to_bytes(p) + end)
+        else:  # a text-only stdout (tests capture it so): the readable form is all it can hold
+            sys.stdout.write(display_path(p) + end.decode())
+    if stream is not None:
+        stream.flush()
+    sys.stdout.flush()
 
 
-def note(message: str) -> None:
-    err.print(message, highlight=False)
+def show_path(path: str, style: str = "") -> Text:
+    """A file name for a table cell or message: readable, never interpreted as markup."""
+    return Text(display_path(path), style=style)
+
+
+def warn(message: str | Text) -> None:
+    """``warning: <message>`` on stderr; the message is plain text (a path in it cannot inject markup)."""
+    err.print(Text.assemble(("warning: ", "yellow"), message), highlight=False, soft_wrap=True)
+
+
+def note(message: str | Text) -> None:
+    err.print(message if isinstance(message, Text) else Text(message), highlight=False, soft_wrap=True)

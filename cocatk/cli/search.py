@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
+from ..paths import display_path
 from . import options
-from .render import err, out, print_json, warn
+from .render import err, note, out, print_json, print_paths, show_path, warn
 
 
 def register(app: typer.Typer) -> None:
@@ -32,7 +34,13 @@ def search(
     ] = None,
     under: Annotated[Path | None, typer.Option("--under", help="Only hits below this folder.")] = None,
     json_: options.Json = False,
-    paths: Annotated[bool, typer.Option("--paths", help="Print one path per line (for shell pipes).")] = False,
+    paths: Annotated[
+        bool, typer.Option("--paths", help="Print each hit's path, one per line, as the exact bytes (for xargs).")
+    ] = False,
+    paths0: Annotated[
+        bool,
+        typer.Option("--paths0", "-0", help="Like --paths, NUL-terminated (xargs -0), for names with newlines."),
+    ] = False,
     html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML gallery.")] = None,
     cache_tokens: Annotated[
         bool,
@@ -51,8 +59,8 @@ def search(
     from ..retrieval.gallery import GallerySection, write_gallery
     from ..retrieval.search import search_index
 
-    if json_ and paths:
-        raise UsageError("--json and --paths exclude each other", hint="pick one output format")
+    if sum([json_, paths, paths0]) > 1:
+        raise UsageError("--json, --paths and --paths0 exclude each other", hint="pick one output format")
     idx = Index.open(index, model=model, pretrained=pretrained, device=device)
     result = search_index(
         idx,
@@ -66,33 +74,45 @@ def search(
         use_token_cache=cache_tokens,
     )
     if result.dropped:
-        shown = ", ".join(f"{p} ({r})" for p, r in result.dropped[:3])
+        shown = ", ".join(f"{display_path(p)} ({r})" for p, r in result.dropped[:3])
         more = f" and {len(result.dropped) - 3} more" if len(result.dropped) > 3 else ""
         warn(f"{len(result.dropped)} candidate(s) skipped: {shown}{more}; run `cocatk index` to refresh the index")
     if html is not None:
-        title = query or (f"images like {image}" if image else "search")
-        page = write_gallery(html, f"cocatk search: {title}", [GallerySection(title, result.hits)])
-        err.print(f"wrote {page}", highlight=False)
+        title = query or (f"images like {display_path(str(image))}" if image else "search")
+        meta = {
+            "query": title,
+            "model": f"{result.model['model']} ({result.model['arch']}, {result.model['pretrained']})",
+            "index": str(idx.dir),
+            "reranked": f"by caption log-likelihood of the top {result.candidates}" if result.reranked else "no",
+        }
+        page = write_gallery(
+            html, f"cocatk search: {title}", [GallerySection(title, result.hits)], meta=meta, warnings=result.warnings
+        )
+        note(f"wrote {page}")
     if json_:
         print_json(result.to_dict())
+    elif paths or paths0:
+        print_paths([hit.path for hit in result.hits], nul=paths0)
+    else:
+        _table(result)
         return
-    if paths:
-        for hit in result.hits:
-            out.print(hit.path, highlight=False, markup=False, soft_wrap=True)
-        return
-    _table(result)
+    for message in result.warnings:
+        warn(message)
 
 
 def _table(result) -> None:  # noqa: ANN001 - SearchResult
     title = result.query["text"] or result.query["image"]
-    table = Table(title=f"{title}", title_justify="left")
+    table = Table(title=Text(display_path(title)), title_justify="left")
+    if result.warnings:  # in the table's footer, where the reader looks
+        table.caption = Text("\n".join(f"warning: {w}" for w in result.warnings), style="yellow")
+        table.caption_justify = "left"
     table.add_column("#", justify="right")
     table.add_column("path", overflow="fold")
     table.add_column("similarity", justify="right")
     table.add_column("log-likelihood", justify="right")
     for hit in result.hits:
         ll = "–" if hit.loglik is None else f"{hit.loglik:.2f}"
-        table.add_row(str(hit.rank), hit.path, f"{hit.similarity:.4f}", ll)
+        table.add_row(str(hit.rank), show_path(hit.path), f"{hit.similarity:.4f}", ll)
     out.print(table)
     t = result.timings
     parts = [f"embed {t['embed'] * 1000:.0f} ms", f"search {t['search'] * 1000:.1f} ms"]
@@ -100,5 +120,4 @@ def _table(result) -> None:  # noqa: ANN001 - SearchResult
         parts.append(
             f"rerank {t['rerank'] * 1000:.0f} ms ({result.candidates} candidates, tokens from {result.tokens_from})"
         )
-    note = "; random weights: scores carry no meaning" if result.model.get("random_weights") else ""
-    err.print(f"{len(result.hits)} hits · " + " · ".join(parts) + note, style="dim", highlight=False)
+    err.print(f"{len(result.hits)} hits · " + " · ".join(parts), style="dim", highlight=False)

@@ -9,7 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from ..paths import display_path
 from . import options
 from .progress import progress_bar
 from .render import note, out, print_json, warn
@@ -185,20 +187,26 @@ def classify(
         top_n=top_n,
     )
     for s in result["skipped"]:
-        note(f"skipped {s['image']}: {s['error']}")
-    if result["model"]["random_weights"]:
-        warn("random weights (--pretrained none): the probabilities mean nothing")
+        note(Text.assemble("skipped ", display_path(s["image"]), f": {s['error']}"))
     if json_:
         print_json(result)
-        return 1 if not result["results"] else 0
+        for message in result["warnings"]:
+            warn(message)
+        return 0
     table = Table(title=f"zero-shot labels ({len(result['labels'])} labels)", title_justify="left")
+    if result["warnings"]:
+        table.caption = Text("\n".join(f"warning: {w}" for w in result["warnings"]), style="yellow")
+        table.caption_justify = "left"
     for col in ("image", "rank", "label", "probability"):
         table.add_column(col, justify="right" if col in ("rank", "probability") else "left", overflow="fold")
     for item in result["results"]:
         for rank, p in enumerate(item["predictions"], start=1):
             table.add_row(
-                escape(item["image"]) if rank == 1 else "", str(rank), escape(p["label"]), f"{p['probability']:.3f}"
+                Text(display_path(item["image"])) if rank == 1 else "",
+                str(rank),
+                Text(p["label"]),
+                f"{p['probability']:.3f}",
             )
         table.add_section()
     out.print(table)
-    return 1 if not result["results"] else 0
+    return 0

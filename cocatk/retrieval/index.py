@@ -49,7 +49,7 @@ from ..errors import (
     UsageError,
 )
 from ..images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, find_images, load_image
-from .store import SCHEMA_VERSION, FileRow, Store
+from .store import DB_NAME, SCHEMA_VERSION, FileRow, Store
 from .vectors import DEFAULT_FACTORY, VectorIndex, min_training_points
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,6 +67,8 @@ DEFAULT_TOKEN_CACHE_LIMIT_GB = 8.0
 _SMALL_FAISS_BYTES = 256 << 20
 _BIG_SAVE_INTERVAL_S = 60.0
 LOCK_NAME = "index.lock"
+#: Seconds between progress reports of stages without a known total (scanning).
+_PROGRESS_INTERVAL_S = 0.2
 _RETRY_REASONS = ("too large", "unsupported format")
 MANIFEST_NAME = "manifest.json"
 
@@ -118,6 +120,7 @@ class IndexReport:
         d["images_per_s"] = round(self.images_per_s, 1)
         d["seconds"] = round(self.seconds, 3)
         d["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        d["failures"] = [_json_failure(f) for f in self.failures]
         return d
 
 
@@ -233,6 +236,8 @@ class Index:
         *,
         create: bool = False,
         rebuild: bool = False,
+        lock: bool = False,
+        progress: ProgressCallback | None = None,
     ) -> Index:
         """Open the index in ``folder`` (default :func:`cocatk.config.default_index_dir`).
 
@@ -241,50 +246,89 @@ class Index:
             model, pretrained: the model to check the index against (and to build a new index with). None means
                 the manifest's model for an existing index, and the default model for a new one.
             device, precision: where the model runs when it is needed (encoding new images, queries).
-            create: create the index when the folder holds none (otherwise IndexNotFoundError).
+            create: create the index when the folder holds none (otherwise IndexNotFoundError). The model is
+                loaded first: when it cannot be (weights missing), nothing is written to disk.
             rebuild: when the index was built with another model, drop its contents (files, vectors, tokens,
                 failures; roots are kept) and switch it to ``model``, instead of raising IndexMismatchError.
+            lock: take the writer lock now and hold it until :meth:`close` (a writer then fails fast with
+                IndexBusyError, before any model is loaded).
+            progress: ``progress(stage, done, total)``; stage ``"model"`` while a model loads.
 
         Raises:
-            IndexNotFoundError, IndexMismatchError, IndexBusyError (create/rebuild while another process writes),
-            IndexCorruptError, and model resolution errors.
+            IndexNotFoundError, IndexMismatchError, IndexBusyError (lock, create or rebuild while another process
+            writes), IndexCorruptError, and model resolution and loading errors.
         """
         from ..models import resolve_model
 
         path = Path(folder).expanduser() if folder is not None else config.default_index_dir()
         path = path.resolve()
-        exists = (path / "index.sqlite").is_file()
+        exists = (path / DB_NAME).is_file()
         if not exists and not create:
             raise IndexNotFoundError(f"no index at {path}", hint=f"build one with `cocatk index PATH --index {path}`")
+        new_spec = None
         if not exists:
+            # Load the model before anything touches the disk: missing weights must not leave an index stub.
+            new_spec = resolve_model(model, pretrained)
+            _load_with_progress(new_spec, device, precision, progress)
             path.mkdir(parents=True, exist_ok=True)
         store = Store.open(path, create=True)
-        manifest = store.manifest()
-        spec = None
-        if model is not None or pretrained is not None or manifest is None:
+        index = cls(path, store, device=device, precision=precision)
+        try:
+            if lock:
+                index._acquire_lock()
+            index._open_checked(model, pretrained, new_spec, create=create, rebuild=rebuild, progress=progress)
+        except BaseException:
+            index.close()
+            raise
+        return index
+
+    def _open_checked(
+        self,
+        model: str | None,
+        pretrained: str | None,
+        spec: ModelSpec | None,
+        *,
+        create: bool,
+        rebuild: bool,
+        progress: ProgressCallback | None,
+    ) -> None:
+        """Check (or write) the manifest against the requested model; see :meth:`open`."""
+        from ..models import resolve_model
+
+        manifest = self.store.manifest()
+        if manifest is None and not create:
+            return  # a stub left by an interrupted first run: it reads as an empty index
+        if spec is None and (model is not None or pretrained is not None or manifest is None):
             # --pretrained alone on an existing index means "that index's model with these weights".
             name = model if model is not None or manifest is None else manifest["model"]
             spec = resolve_model(name, pretrained)
-        index = cls(path, store, device=device, precision=precision, spec=spec)
+        self._spec = spec
         if manifest is None:
-            with index._writer_lock():
-                if store.manifest() is None:  # another creator may have won the race
-                    index._init_manifest(spec or resolve_model(None, None))
-            return index
+            assert spec is not None
+            with self._writer_lock():
+                if self.store.manifest() is None:  # another creator may have won the race
+                    _load_with_progress(spec, self._device, self._precision, progress)
+                    self._init_manifest(spec)
+            return
         if spec is not None and spec.identity() != manifest.get("identity"):
             if not rebuild:
                 raise IndexMismatchError(
-                    f"index {path} was built with {_identity_text(manifest.get('identity', {}))}, not "
+                    f"index {self.dir} was built with {_identity_text(manifest.get('identity', {}))}, not "
                     f"{_identity_text(spec.identity())}",
-                    hint=f"re-encode everything with `cocatk index --index {path} --rebuild --model {spec.name}"
+                    hint=f"re-encode everything with `cocatk index --index {self.dir} --rebuild --model {spec.name}"
                     f"{' --pretrained ' + spec.pretrained if pretrained else ''}`, or use another --index folder",
                 )
-            with index._writer_lock():
-                index._reset(spec)
+            with self._writer_lock():
+                _load_with_progress(spec, self._device, self._precision, progress)
+                self._reset(spec)
         elif spec is not None and rebuild:
-            with index._writer_lock():
-                index._reset(spec)
-        return index
+            with self._writer_lock():
+                self._reset(spec)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the index holds no images (also for a folder whose first run never recorded a model)."""
+        return self.store.manifest() is None or self.store.count() == 0
 
     def _init_manifest(self, spec: ModelSpec, factory: str = DEFAULT_FACTORY) -> None:
         model = self._load(spec)
@@ -342,8 +386,11 @@ class Index:
     @property
     def manifest(self) -> dict[str, Any]:
         m = self.store.manifest()
-        if m is None:  # pragma: no cover - open() writes it
-            raise IndexCorruptError(f"index {self.dir} has no manifest", hint="re-create it with `cocatk index PATH`")
+        if m is None:  # a folder whose first `cocatk index` never recorded a model
+            raise EmptyIndexError(
+                f"the index at {self.dir} is empty: its first `cocatk index` run did not finish",
+                hint=f"run `cocatk index PATH --index {self.dir}`",
+            )
         return m
 
     @property
@@ -559,15 +606,101 @@ class Index:
 
         return search_index(self, text, image, negative, n=n, rerank=rerank, rerank_k=rerank_k, under=under).hits
 
+    # ---- maintenance -------------------------------------------------------------------------------------------
+    def forget(self, roots: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+        """Drop roots from the index with every file, vector, token and failure below them (an old drive, a folder
+        you no longer want searched). Nothing on disk outside the index folder is touched.
+
+        Returns:
+            ``{"roots": [...], "files": N}``: the roots dropped and how many indexed files went with them.
+
+        Raises:
+            UsageError: a path is not one of the index's roots. IndexBusyError: another process is writing.
+        """
+        with self._writer_lock():
+            stored = self.store.roots()
+            targets: list[str] = []
+            for p in roots:
+                candidates = {os.path.abspath(os.path.expanduser(os.fspath(p)))}
+                with contextlib.suppress(OSError):
+                    candidates.add(str(Path(p).expanduser().resolve()))
+                match = next((r for r in stored if r in candidates), None)
+                if match is None:
+                    from ..paths import display_path
+
+                    listed = ", ".join(display_path(r) for r in stored) or "none"
+                    raise UsageError(
+                        f"{display_path(os.fspath(p))} is not a root of the index at {self.dir}",
+                        hint=f"pass one of its roots ({listed}); `cocatk info` lists them",
+                    )
+                targets.append(match)
+            ids = np.unique(np.concatenate([self.store.ids_under(r) for r in targets] or [np.zeros(0, np.int64)]))
+            vectors = self.vectors if self.store.manifest() is not None else None
+            failed = [f for f in self.store.failure_rows() if _under(f, targets)]
+            self.store.begin()
+            try:
+                self.store.delete_files(ids.tolist())
+                self.store.delete_failures(failed)
+                for r in targets:
+                    self.store.remove_root(r)
+                gen = self.store.bump_generation()
+                self.store.commit()
+            except BaseException:
+                self.store.rollback()
+                raise
+            # SQLite is committed; the FAISS file of the new generation follows (rebuilt from SQLite if we die here).
+            if vectors is not None and vectors.remove(ids):
+                vectors.save(self._vector_path(gen))
+                self._cleanup_vector_files(keep=gen)
+                self._vectors, self._vectors_gen = vectors, gen
+            elif vectors is not None:
+                self._vectors = self._load_vectors(gen, save=True)
+                self._vectors_gen = gen
+            return {"index_dir": str(self.dir), "roots": targets, "files": int(len(ids))}
+
+    def compact(self) -> dict[str, Any]:
+        """Reclaim disk space: fold the SQLite write-ahead log back, VACUUM the database, delete stale vector and
+        temporary files. Searches may run meanwhile; writers wait (the writer lock is held).
+
+        Returns:
+            ``{"before_bytes", "after_bytes", "reclaimed_bytes", "removed_files"}``.
+        """
+        with self._writer_lock():
+            before = _folder_bytes(self.dir)
+            conn = self.store.conn
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            gen = self.store.generation
+            removed = []
+            keep = self._vector_path(gen).name
+            for p in self.dir.iterdir():
+                stale = p.name.startswith("vectors.") and p.name != keep
+                if stale or p.name.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                        removed.append(p.name)
+            if self.store.manifest() is not None and self.store.count():
+                self._vectors = self._load_vectors(gen, save=True)  # writes the current file when it was missing
+                self._vectors_gen = gen
+            after = _folder_bytes(self.dir)
+            return {
+                "index_dir": str(self.dir),
+                "before_bytes": before,
+                "after_bytes": after,
+                "reclaimed_bytes": before - after,
+                "removed_files": sorted(removed),
+            }
+
     # ---- info and check ----------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Manifest, counts, roots, size on disk and failures, as plain data."""
         failures = self.store.failures()
-        size = sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
+        size = _folder_bytes(self.dir)
         gen = self.store.generation
         return {
             "index_dir": str(self.dir),
-            "manifest": self.manifest,
+            "manifest": self.store.manifest(),  # None: the first run never recorded a model (an empty index)
             "files": self.store.count(),
             "unique_contents": int(self.store.conn.execute("SELECT COUNT(DISTINCT hash) FROM files").fetchone()[0]),
             "roots": self.store.roots(),
@@ -576,7 +709,7 @@ class Index:
             "size_bytes": size,
             "token_cache_bytes": self.store.token_bytes(),
             "failed": dict(Counter(f["reason"] for f in failures)),
-            "failures": failures,
+            "failures": [_json_failure(f) for f in failures],
         }
 
     def check(self) -> CheckReport:
@@ -673,6 +806,7 @@ class _Updater:
 
         # Scan before changing anything, so that a bad option fails fast.
         self.progress("scan", 0, None)
+        last_report = time.monotonic()
         with self.timed("scan"):
             found: list[tuple[str, int, int]] = []
             for p in find_images(roots, follow_symlinks=self.opts["follow_symlinks"]):
@@ -681,9 +815,12 @@ class _Updater:
                 except OSError:
                     continue
                 found.append((str(p), st.st_size, st.st_mtime_ns))
-                if len(found) % 1000 == 0:
+                now = time.monotonic()
+                if now - last_report >= _PROGRESS_INTERVAL_S:
+                    last_report = now
                     self.progress("scan", len(found), None)
             self.report.scanned = len(found)
+            self.progress("scan", len(found), len(found))
             rows = self.store.file_rows()
             present = {p for p, _, _ in found}
             vanished = [r for path, r in rows.items() if path not in present and _under(path, roots)]
@@ -726,7 +863,10 @@ class _Updater:
         model = None
         if todo:
             with self.timed("model_load"):
+                if index._model is None:
+                    self.progress("model", 0, None)
                 model = index.model
+                self.progress("model", 1, 1)
             if cache_tokens:
                 self._check_token_budget(model, len(rows) - len(vanished) + sum(1 for t in todo if t.row is None))
 
@@ -1082,6 +1222,31 @@ def _cpu_threads(model: CocaModel | None, workers: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _json_failure(failure: dict[str, str]) -> dict[str, str]:
+    """A failure for JSON: ``path`` (+ ``path_b64`` for a name that is not UTF-8), ``reason``, ``detail``."""
+    from ..paths import json_path
+
+    return {**json_path(failure["path"]), "reason": failure["reason"], "detail": failure["detail"]}
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _load_with_progress(
+    spec: ModelSpec, device: str | None, precision: str | None, progress: ProgressCallback | None
+) -> CocaModel:
+    """Load (or fetch from the process cache) the model of ``spec``, reporting stage ``"model"``."""
+    from ..models import load_model
+
+    if progress is not None:
+        progress("model", 0, None)
+    model = load_model(spec.name, spec.pretrained, device=device, precision=precision)
+    if progress is not None:
+        progress("model", 1, 1)
+    return model
 
 
 def resolve_roots(paths: Sequence[str | os.PathLike[str]]) -> list[str]:

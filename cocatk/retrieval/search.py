@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import EmptyIndexError, ImageError, UsageError
+from ..paths import display_path, json_path, text_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from .index import Index
@@ -39,7 +40,10 @@ class Hit:
     loglik: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON form; ``path`` follows :func:`cocatk.paths.json_path` (``path_b64`` for names that are not UTF-8)."""
+        d = asdict(self)
+        d.update(json_path(self.path))
+        return d
 
 
 @dataclass
@@ -56,6 +60,8 @@ class SearchResult:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     #: Where the rerank's image tokens came from: "cache", "files", "mixed" or None.
     tokens_from: str | None = None
+    #: Things the reader of the results must know (demo model on real photos, random weights).
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,8 +71,9 @@ class SearchResult:
             "candidates": self.candidates,
             "tokens_from": self.tokens_from,
             "timings_ms": {k: round(v * 1000, 2) for k, v in self.timings.items()},
-            "dropped": [{"path": p, "reason": r} for p, r in self.dropped],
+            "dropped": [{**json_path(p), "reason": r} for p, r in self.dropped],
             "hits": [h.to_dict() for h in self.hits],
+            "warnings": self.warnings,
         }
 
 
@@ -99,7 +106,16 @@ def build_query_vector(
         parts.append(model.encode_texts([text])[0])
     if image is not None:
         kwargs = {} if max_megapixels is None else {"max_megapixels": max_megapixels}
-        im = load_image(image, draft_size=model.image_size, **kwargs)
+        shown = display_path(os.fspath(image))
+        if not os.path.exists(image):
+            raise UsageError(f"--image {shown} does not exist", hint="pass the path of an image file to search with")
+        try:
+            im = load_image(image, draft_size=model.image_size, **kwargs)
+        except ImageError as e:
+            reason = getattr(e, "reason", "") or e.message
+            raise ImageError(
+                f"cannot search with {shown}: {reason}", hint="pass a readable JPEG, PNG, WebP, ... image to --image"
+            ) from e
         parts.append(model.encode_images([im])[0])
     q = np.mean(parts, axis=0)
     q = q / max(np.linalg.norm(q), 1e-12)
@@ -117,12 +133,7 @@ def _under_ids(index: Index, under: str | os.PathLike[str]) -> np.ndarray:
     root = Path(under).expanduser().resolve()
     if not root.is_dir():
         raise UsageError(f"--under {under}: no such folder", hint="pass a folder that holds indexed images")
-    prefix = str(root).rstrip(os.sep) + os.sep
-    # A range scan on the UNIQUE path index: every path that starts with prefix sorts in [prefix, prefix + max).
-    rows = index.store.conn.execute(
-        "SELECT id FROM files WHERE path >= ? AND path < ?", (prefix, prefix + "\U0010ffff")
-    ).fetchall()
-    return np.array([r[0] for r in rows], dtype=np.int64)
+    return index.store.ids_under(str(root))
 
 
 def candidate_tokens(
@@ -190,8 +201,14 @@ def search_index(
         raise UsageError(f"--rerank-k must be >= 1, got {rerank_k}", hint="use e.g. --rerank-k 50")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if index.ntotal == 0:
+    if index.is_empty:  # answered from SQLite alone: no model is loaded for an empty index
         raise EmptyIndexError(f"the index at {index.dir} holds no images", hint="run `cocatk index PATH` first")
+    selector = _under_ids(index, under) if under is not None else None
+    if selector is not None and len(selector) == 0:
+        raise EmptyIndexError(
+            f"no indexed images under {display_path(str(under))}",
+            hint=f"check the folder (`cocatk info` lists the roots), or index it: `cocatk index {under}`",
+        )
     model = index.model
     vectors = index.vectors  # reads (or rebuilds) the FAISS file: part of loading, not of the search
     max_megapixels = index.manifest.get("max_megapixels")
@@ -202,27 +219,21 @@ def search_index(
     timings["embed"] = time.perf_counter() - t0
 
     do_rerank = bool(rerank and text is not None)
-    k = max(n, rerank_k) if do_rerank else n
     t0 = time.perf_counter()
-    selector = _under_ids(index, under) if under is not None else None
-    if selector is not None and len(selector) == 0:
-        scores, ids = np.zeros(0, np.float32), np.zeros(0, np.int64)
-    else:
-        s, i = vectors.search(query, k, id_selector=selector)
-        keep = i[0] >= 0
-        scores, ids = s[0][keep], i[0][keep]
-    paths = index.store.paths_for_ids(ids.tolist())
+    total = len(selector) if selector is not None else vectors.ntotal
+    candidates, dropped = _existing_candidates(
+        index, vectors, query, max(n, rerank_k) if do_rerank else n, total, selector
+    )
     timings["search"] = time.perf_counter() - t0
 
-    candidates = [(int(i), p, float(s)) for i, p, s in zip(ids, paths, scores, strict=True) if p is not None]
     hits: list[Hit]
-    dropped: list[tuple[str, str]] = []
     source = None
     if do_rerank and candidates:
         t0 = time.perf_counter()
-        tokens, kept, dropped, source = candidate_tokens(
+        tokens, kept, unreadable, source = candidate_tokens(
             index, [c[0] for c in candidates], [c[1] for c in candidates], max_megapixels, use_token_cache
         )
+        dropped += unreadable
         survivors = [candidates[j] for j in kept]
         loglik = model.caption_loglik(text, tokens) if survivors else np.zeros(0)
         # Stable sort by caption log-likelihood; ties keep the contrastive order.
@@ -239,11 +250,11 @@ def search_index(
         hits=hits,
         query={
             "text": text,
-            "image": str(image) if image is not None else None,
+            "image": text_path(str(image)) if image is not None else None,
             "not": list(negative),
             "n": n,
             "rerank_k": rerank_k if do_rerank else None,
-            "under": str(under) if under else None,
+            "under": text_path(str(under)) if under else None,
         },
         model=model.info(),
         timings=timings,
@@ -251,4 +262,33 @@ def search_index(
         candidates=len(candidates),
         dropped=dropped,
         tokens_from=source,
+        warnings=model.notices(),
     )
+
+
+def _existing_candidates(
+    index: Index, vectors: Any, query: np.ndarray, want: int, total: int, selector: np.ndarray | None
+) -> tuple[list[tuple[int, str, float]], list[tuple[str, str]]]:
+    """The top ``want`` hits whose file still exists, in similarity order, and the (path, reason) of those skipped.
+
+    A file deleted since the last `cocatk index` is never returned, in any mode: FAISS is asked for more hits
+    (doubling k) until ``want`` existing files are found or the index is exhausted.
+    """
+    k = min(want, total)
+    while True:
+        s, i = vectors.search(query, k, id_selector=selector)
+        keep = i[0] >= 0
+        scores, ids = s[0][keep], i[0][keep]
+        paths = index.store.paths_for_ids(ids.tolist())
+        found: list[tuple[int, str, float]] = []
+        gone: list[tuple[str, str]] = []
+        for fid, path, score in zip(ids, paths, scores, strict=True):
+            if path is None:
+                continue
+            if os.path.exists(path):
+                found.append((int(fid), path, float(score)))
+            else:
+                gone.append((path, "file is gone"))
+        if len(found) >= want or k >= total or len(ids) < k:
+            return found[:want], gone
+        k = min(total, 2 * k)

@@ -9,7 +9,8 @@ Tables (schema version :data:`SCHEMA_VERSION`, numbered migrations in :data:`MIG
 
 - ``meta(key, value)``: ``manifest`` (JSON) and ``generation`` (bumped by every committed checkpoint).
 - ``roots(path, added_at)``: the folders and files given to ``cocatk index``.
-- ``files(id, path, size, mtime_ns, hash, embedding, indexed_at)``: ``hash`` is blake2b-128 of the content;
+- ``files(id, path, size, mtime_ns, hash, embedding, indexed_at)``: ``path`` is the file name's exact bytes (a BLOB,
+  so that names that are not UTF-8 round-trip; see :mod:`cocatk.paths`); ``hash`` is blake2b-128 of the content;
   ``embedding`` is D float32 values (little-endian, L2-normalised).
 - ``tokens(id, data)``: with ``--cache-tokens``, the decoder tokens of file ``id``, (T, D) float16.
 - ``failures(path, reason, detail, size, mtime_ns, at)``: files that could not be decoded in the last run.
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexCorruptError, IndexMismatchError
+from ..paths import from_bytes, to_bytes
 
 #: Numbered migrations: entry i brings the schema from version i to i + 1.
 MIGRATIONS: list[str] = [
@@ -54,6 +56,42 @@ MIGRATIONS: list[str] = [
         at REAL NOT NULL
     );
     INSERT INTO meta (key, value) VALUES ('generation', '0');
+    """,
+    # 2: paths become BLOBs holding the file name's bytes (a name that is not UTF-8 could not be stored as TEXT).
+    # Tables are rebuilt (SQLite cannot change a column's type); ids and the AUTOINCREMENT counter are kept.
+    """
+    CREATE TABLE roots_v2 (path BLOB PRIMARY KEY, added_at REAL NOT NULL);
+    INSERT INTO roots_v2 SELECT CAST(path AS BLOB), added_at FROM roots;
+    DROP TABLE roots;
+    ALTER TABLE roots_v2 RENAME TO roots;
+    CREATE TABLE files_v2 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path BLOB NOT NULL UNIQUE,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        embedding BLOB NOT NULL,
+        indexed_at REAL NOT NULL
+    );
+    INSERT INTO files_v2 SELECT id, CAST(path AS BLOB), size, mtime_ns, hash, embedding, indexed_at FROM files;
+    INSERT INTO sqlite_sequence (name, seq) SELECT 'files_v2', seq FROM sqlite_sequence
+        WHERE name = 'files' AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'files_v2');
+    UPDATE sqlite_sequence SET seq = (SELECT MAX(seq) FROM sqlite_sequence WHERE name IN ('files', 'files_v2'))
+        WHERE name = 'files_v2';
+    DROP TABLE files;
+    ALTER TABLE files_v2 RENAME TO files;
+    CREATE INDEX files_hash ON files (hash);
+    CREATE TABLE failures_v2 (
+        path BLOB PRIMARY KEY,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        size INTEGER,
+        mtime_ns INTEGER,
+        at REAL NOT NULL
+    );
+    INSERT INTO failures_v2 SELECT CAST(path AS BLOB), reason, detail, size, mtime_ns, at FROM failures;
+    DROP TABLE failures;
+    ALTER TABLE failures_v2 RENAME TO failures;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -118,9 +156,20 @@ class Store:
                 f"index schema version {version} is newer than this cocatk understands ({SCHEMA_VERSION})",
                 hint="upgrade cocatk (pip install -U cocatk), or build a new index in another --index folder",
             )
-        for v in range(version, SCHEMA_VERSION):
-            # executescript commits any open transaction first; migrations run before any writer work.
-            self.conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[v]}; PRAGMA user_version = {v + 1}; COMMIT;")
+        if version == SCHEMA_VERSION:
+            return
+        # Rebuilding a table must not cascade into the rows that reference it (tokens -> files): foreign keys are
+        # off while migrating (the pragma is a no-op inside a transaction, so it is set around them) and checked after.
+        self.conn.execute("PRAGMA foreign_keys=OFF")
+        try:
+            for v in range(version, SCHEMA_VERSION):
+                # executescript commits any open transaction first; migrations run before any writer work.
+                self.conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[v]}; PRAGMA user_version = {v + 1}; COMMIT;")
+        finally:
+            self.conn.execute("PRAGMA foreign_keys=ON")
+        bad = self.conn.execute("PRAGMA foreign_key_check").fetchall()
+        if bad:  # pragma: no cover - a migration bug, never user data
+            raise IndexCorruptError(f"migration left {len(bad)} dangling rows", hint="report this as a cocatk bug")
 
     def close(self) -> None:
         self.conn.close()
@@ -171,10 +220,14 @@ class Store:
     # ---- roots -------------------------------------------------------------------------------------------------
     def add_roots(self, roots: Iterable[str]) -> None:
         now = time.time()
-        self.conn.executemany("INSERT OR IGNORE INTO roots (path, added_at) VALUES (?, ?)", [(r, now) for r in roots])
+        rows = [(to_bytes(r), now) for r in roots]
+        self.conn.executemany("INSERT OR IGNORE INTO roots (path, added_at) VALUES (?, ?)", rows)
 
     def roots(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT path FROM roots ORDER BY path")]
+        return [from_bytes(r[0]) for r in self.conn.execute("SELECT path FROM roots ORDER BY path")]
+
+    def remove_root(self, root: str) -> None:
+        self.conn.execute("DELETE FROM roots WHERE path = ?", (to_bytes(root),))
 
     # ---- files -------------------------------------------------------------------------------------------------
     def count(self) -> int:
@@ -187,7 +240,22 @@ class Store:
     def file_rows(self) -> dict[str, FileRow]:
         """Every indexed file by path (no embeddings)."""
         rows = self.conn.execute("SELECT id, path, size, mtime_ns, hash FROM files")
-        return {r[1]: FileRow(int(r[0]), r[1], int(r[2]), int(r[3]), r[4]) for r in rows}
+        out = {}
+        for r in rows:
+            path = from_bytes(r[1])
+            out[path] = FileRow(int(r[0]), path, int(r[2]), int(r[3]), r[4])
+        return out
+
+    def ids_under(self, path: str) -> np.ndarray:
+        """Ids of the files at or below ``path`` (absolute; stored paths are absolute and resolved), sorted."""
+        exact = to_bytes(path).rstrip(b"/") or b"/"
+        prefix = exact.rstrip(b"/") + b"/"
+        # A range scan on the UNIQUE path index: the paths that start with "dir/" sort in ["dir/", "dir0").
+        upper = prefix[:-1] + bytes([prefix[-1] + 1])
+        rows = self.conn.execute(
+            "SELECT id FROM files WHERE path = ? OR (path >= ? AND path < ?) ORDER BY id", (exact, prefix, upper)
+        )
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
     def id_for_hash(self, content_hash: str) -> int | None:
         row = self.conn.execute("SELECT id FROM files WHERE hash = ? LIMIT 1", (content_hash,)).fetchone()
@@ -196,7 +264,7 @@ class Store:
     def insert_file(self, path: str, size: int, mtime_ns: int, content_hash: str, embedding: np.ndarray) -> int:
         cur = self.conn.execute(
             "INSERT INTO files (path, size, mtime_ns, hash, embedding, indexed_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (path, size, mtime_ns, content_hash, _blob(embedding), time.time()),
+            (to_bytes(path), size, mtime_ns, content_hash, _blob(embedding), time.time()),
         )
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
@@ -212,7 +280,8 @@ class Store:
             self.conn.execute("UPDATE files SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, file_id))
         else:
             self.conn.execute(
-                "UPDATE files SET size = ?, mtime_ns = ?, path = ? WHERE id = ?", (size, mtime_ns, path, file_id)
+                "UPDATE files SET size = ?, mtime_ns = ?, path = ? WHERE id = ?",
+                (size, mtime_ns, to_bytes(path), file_id),
             )
 
     def delete_files(self, ids: Sequence[int]) -> None:
@@ -258,7 +327,7 @@ class Store:
         for chunk in _chunks(valid):
             marks = ",".join("?" * len(chunk))
             for i, p in self.conn.execute(f"SELECT id, path FROM files WHERE id IN ({marks})", chunk):
-                found[int(i)] = p
+                found[int(i)] = from_bytes(p)
         return [found.get(i) for i in wanted]
 
     def hashes_for_ids(self, ids: Sequence[int]) -> list[str | None]:
@@ -307,20 +376,20 @@ class Store:
     def record_failure(self, path: str, reason: str, detail: str, size: int | None, mtime_ns: int | None) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO failures (path, reason, detail, size, mtime_ns, at) VALUES (?, ?, ?, ?, ?, ?)",
-            (path, reason, detail, size, mtime_ns, time.time()),
+            (to_bytes(path), reason, detail, size, mtime_ns, time.time()),
         )
 
     def failure_rows(self) -> dict[str, tuple[str, str, int | None, int | None]]:
         """path -> (reason, detail, size, mtime_ns) of every recorded failure."""
         rows = self.conn.execute("SELECT path, reason, detail, size, mtime_ns FROM failures")
-        return {p: (r, d, s, m) for p, r, d, s, m in rows}
+        return {from_bytes(p): (r, d, s, m) for p, r, d, s, m in rows}
 
     def delete_failures(self, paths: Sequence[str]) -> None:
-        self.conn.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in paths])
+        self.conn.executemany("DELETE FROM failures WHERE path = ?", [(to_bytes(p),) for p in paths])
 
     def failures(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT path, reason, detail FROM failures ORDER BY path")
-        return [{"path": p, "reason": r, "detail": d} for p, r, d in rows]
+        return [{"path": from_bytes(p), "reason": r, "detail": d} for p, r, d in rows]
 
     def integrity_problems(self) -> list[str]:
         rows = [r[0] for r in self.conn.execute("PRAGMA integrity_check")]

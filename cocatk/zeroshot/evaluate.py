@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._version import __version__
-from ..errors import DatasetError, UsageError
+from ..errors import DatasetError, ImageError, UsageError
 from .classifier import ProgressFn, ZeroShotClassifier
-from .datasets import ZeroShotDataset, decode_path, open_dataset
+from .datasets import ZeroShotDataset, open_dataset
 from .references import reference_for
 from .templates import TEMPLATE_SETS, fill, likelihood_prompt, load_templates
 
@@ -389,6 +389,14 @@ def classify_images(
         raise UsageError("duplicate labels", hint="list each label once")
     if top_n < 1:
         raise UsageError(f"-n must be >= 1, got {top_n}", hint="pass -n 1 or more")
+    missing = [str(p) for p in images if not os.path.isfile(p)]
+    if missing:  # checked before the model loads: a typo should not cost a model load
+        from ..paths import display_path
+
+        shown = ", ".join(display_path(p) for p in missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise UsageError(f"no such image file: {shown}", hint="check the paths; pass existing image files")
     if templates is None or isinstance(templates, str):
         template_label, template_list = load_templates(templates, default="simple")
     else:
@@ -399,14 +407,21 @@ def classify_images(
         model = load_model(model, pretrained, device, precision)
     clf = ZeroShotClassifier.from_classnames(model, names, template_list, cache=cache)
 
+    from ..images import ImageDecodeError, load_image
+
     decoded, ok, skipped = [], [], []
     for path in images:
-        try:
-            decoded.append(decode_path(path))
+        try:  # decoded like the indexer does (EXIF orientation applied, megapixel guard)
+            decoded.append(load_image(path))
             ok.append(str(path))
-        except Exception as e:  # skipped and reported, like every command that reads files
-            skipped.append({"image": str(path), "error": f"{type(e).__name__}: {e}"})
-    preds = clf.predict(decoded, top_n=top_n) if decoded else []
+        except ImageDecodeError as e:  # skipped and reported, like every command that reads files
+            skipped.append({"image": str(path), "error": e.reason + (f" ({e.detail})" if e.detail else "")})
+    if not decoded:
+        raise ImageError(
+            f"none of the {len(skipped)} image(s) could be decoded ({skipped[0]['error']})",
+            hint="pass readable JPEG, PNG, WebP, ... files",
+        )
+    preds = clf.predict(decoded, top_n=top_n)
     return {
         "model": model.info(),
         "labels": names,
@@ -417,4 +432,5 @@ def classify_images(
             for p, pr in zip(ok, preds, strict=True)
         ],
         "skipped": skipped,
+        "warnings": model.notices(),
     }
