@@ -113,7 +113,7 @@ h2{font-size:16px;margin:28px 0 2px;overflow-wrap:anywhere}
  padding:10px 14px;margin:0 0 16px;color:#3b2300;font-size:14px}
 .warnings p{margin:4px 0;white-space:pre-wrap} .warnings p::before{content:"⚠ ";color:var(--warn)}
 .sub{color:var(--muted);font-size:13px;margin:0 0 10px;white-space:pre-wrap;overflow-wrap:anywhere}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:14px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:14px;align-items:start}
 .hit{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px;font-size:12px;
  margin:0;min-width:0}
 .hit.marked{border:3px solid var(--ok);padding:6px;box-shadow:0 0 0 3px #dafbe1}
@@ -124,9 +124,12 @@ h2{font-size:16px;margin:28px 0 2px;overflow-wrap:anywhere}
 .line{display:flex;flex-wrap:wrap;align-items:baseline;gap:4px 8px;margin-top:6px}
 .rank{font-weight:600} .score{color:var(--muted);font-variant-numeric:tabular-nums}
 .badge{background:var(--ok);color:#fff;border-radius:10px;padding:1px 8px;font-weight:600;white-space:nowrap}
-.path{display:block;margin-top:4px;color:#0969da;text-decoration:none;overflow-wrap:anywhere;word-break:break-all}
-.path:hover{text-decoration:underline}
+.path{display:block;margin-top:4px;color:#0969da;text-decoration:none}
+.path:hover .name{text-decoration:underline}
+.dir{display:block;color:var(--muted);white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.name{display:-webkit-box;-webkit-box-orient:vertical;-webkit-line-clamp:5;overflow:hidden;overflow-wrap:anywhere}
 footer{margin-top:28px;color:var(--muted);font-size:13px;white-space:pre-wrap}
+@media (max-width:600px){main{padding:14px 12px 28px}.grid{grid-template-columns:repeat(2,minmax(0,1fr));gap:10px}}
 """
 
 
@@ -144,6 +147,14 @@ def _header(title: str, meta: Mapping[str, str] | None, warnings: Sequence[str])
     return parts
 
 
+def _split(path: str) -> str:
+    """The folder (one muted line) and the file name, each shown like :func:`_shown`."""
+    folder, name = os.path.split(path)
+    if not folder:
+        return f'<span class="name">{_shown(name)}</span>'
+    return f'<span class="dir">{_shown(os.path.join(folder, ""))}</span><span class="name">{_shown(name)}</span>'
+
+
 def _hit(hit: Any, marked: bool) -> str:
     shown = _shown(hit.path)
     href = _href(hit.path)
@@ -155,7 +166,7 @@ def _hit(hit: Any, marked: bool) -> str:
         f'<a class="thumb" href="{href}" title="{shown}">{img}</a>'
         f'<div class="line"><span class="rank">#{_text(hit.rank)}</span>{badge}'
         f'<span class="score">sim {_fmt(hit.similarity, 3)} · loglik {_fmt(hit.loglik, 2)}</span></div>'
-        f'<a class="path" href="{href}">{shown}</a></figure>'
+        f'<a class="path" href="{href}" title="{shown}">{_split(hit.path)}</a></figure>'
     )
 
 
