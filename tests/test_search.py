@@ -226,6 +226,10 @@ def test_cli_paths_and_html(built, capsys, tmp_path):
     assert text.startswith("<!doctype html>") and text.count("data:image/jpeg;base64,") == 5
     for p in want:
         assert f'data-path="{p}"' in text and f'href="{file_url(p)}"' in text
+    assert "<dt>query</dt><dd>a dog</dd>" in text and f"<dt>index</dt><dd>{built[0]}</dd>" in text
+    assert "<dt>model</dt>" in text and "rerank off" in text and "<dt>date</dt>" in text
+    assert "random weights: the scores carry no meaning" in text  # the tiny test model has random weights
+    assert f"wrote {page}" in err
 
 
 def test_cli_html_folder_is_a_one_line_error(built, capsys, tmp_path):

@@ -47,6 +47,7 @@ def search(
 ) -> None:
     """Search the index with text (and/or an image); rerank by CoCa caption likelihood."""
     from ..errors import UsageError
+    from ..paths import display_path
     from ..retrieval import Index
     from ..retrieval.gallery import GallerySection, write_gallery
     from ..retrieval.search import search_index
@@ -71,8 +72,14 @@ def search(
         warn(f"{len(result.dropped)} candidate(s) skipped: {shown}{more}; run `cocatk index` to refresh the index")
     if html is not None:
         title = query or (f"images like {image}" if image else "search")
-        page = write_gallery(html, f"cocatk search: {title}", [GallerySection(title, result.hits)])
-        err.print(f"wrote {page}", highlight=False)
+        page = write_gallery(
+            html,
+            f"cocatk search: {title}",
+            [GallerySection(title, result.hits)],
+            meta=_page_meta(result, idx.dir),
+            warnings=["random weights: the scores carry no meaning"] if result.model.get("random_weights") else (),
+        )
+        err.print(f"wrote {display_path(str(page))}", highlight=False, markup=False)
     if json_:
         print_json(result.to_dict())
         return
@@ -81,6 +88,24 @@ def search(
             out.print(hit.path, highlight=False, markup=False, soft_wrap=True)
         return
     _table(result)
+
+
+def _page_meta(result, index_dir: Path) -> dict[str, str]:  # noqa: ANN001 - SearchResult
+    """The gallery header: what was asked, of which index, with which model."""
+    q = result.query
+    meta = {"query": q["text"] or ""}
+    if q["image"]:
+        meta["image"] = q["image"]
+    if q["not"]:
+        meta["not"] = ", ".join(q["not"])
+    if q["under"]:
+        meta["under"] = q["under"]
+    m = result.model
+    meta["model"] = f"{m.get('model')} ({m.get('arch')}, {m.get('pretrained')})"
+    meta["index"] = str(index_dir)
+    rerank = f"top {result.candidates} by caption likelihood" if result.reranked else "off"
+    meta["ranking"] = f"{len(result.hits)} hits by similarity; rerank {rerank}"
+    return {k: v for k, v in meta.items() if v}
 
 
 def _table(result) -> None:  # noqa: ANN001 - SearchResult
