@@ -8,6 +8,7 @@ from conftest import TINY_CONFIG
 
 from cocatk.cli import main
 from cocatk.demo.run import run_demo
+from cocatk.paths import file_url
 
 
 def test_run_demo_end_to_end(tmp_path):
@@ -36,7 +37,16 @@ def test_run_demo_end_to_end(tmp_path):
     page = (tmp_path / "demo" / "report.html").read_text()
     for q in report.queries:
         for h in q.reranked + q.contrastive:
-            assert f"data-path='{h['path']}'" in page
+            assert f'data-path="{h["path"]}"' in page and f'href="{file_url(h["path"])}"' in page
+    # the true image of each query is marked wherever it is shown (and only there)
+    photos = tmp_path / "demo" / "photos"
+    shown = sum((q.rank_contrastive or 99) <= 5 for q in report.queries)
+    shown += sum((q.rank_rerank or 99) <= 5 for q in report.queries)
+    assert page.count("✓ true image") == shown
+    marked = [f for f in page.split("<figure")[1:] if "✓ true image" in f]
+    truths = {f'data-path="{(photos / q.truth).resolve()}"' for q in report.queries}
+    assert all(any(t in f for t in truths) for f in marked) and len(marked) == shown
+    assert "<dt>model</dt>" in page and "random weights" in page  # header and the warning of the random model
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["queries"][0]["text"] == report.queries[0].text
 
 

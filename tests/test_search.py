@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from cocatk.cli import main
 from cocatk.errors import EmptyIndexError, IndexMismatchError, UsageError
+from cocatk.paths import file_url
 from cocatk.retrieval import Index
 from cocatk.retrieval.search import search_index
 
@@ -223,7 +225,20 @@ def test_cli_paths_and_html(built, capsys, tmp_path):
     text = page.read_text()
     assert text.startswith("<!doctype html>") and text.count("data:image/jpeg;base64,") == 5
     for p in want:
-        assert f"data-path='{p}'" in text
+        assert f'data-path="{p}"' in text and f'href="{file_url(p)}"' in text
+    assert "<dt>query</dt><dd>a dog</dd>" in text and f"<dt>index</dt><dd>{built[0]}</dd>" in text
+    assert "<dt>model</dt>" in text and "rerank off" in text and "<dt>date</dt>" in text
+    assert "random weights (--pretrained none): the scores carry no meaning" in text  # tiny test model
+    assert f"wrote {page}" in err
+
+
+def test_cli_html_folder_is_a_one_line_error(built, capsys, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    code, out, err = _cli(capsys, "search", "a dog", "--index", str(built[0]), "-n", "2", "--html", str(folder))
+    assert code == 2 and "Traceback" not in err
+    assert f"--html {folder} is a folder" in err and f"{folder}/results.html" in err
+    assert os.listdir(folder) == []  # no .tmp left behind
 
 
 def test_cli_table(built, capsys):

@@ -55,6 +55,7 @@ def search(
 ) -> None:
     """Search the index with text (and/or an image); rerank by CoCa caption likelihood."""
     from ..errors import UsageError
+    from ..paths import display_path
     from ..retrieval import Index
     from ..retrieval.gallery import GallerySection, write_gallery
     from ..retrieval.search import search_index
@@ -79,16 +80,14 @@ def search(
         warn(f"{len(result.dropped)} candidate(s) skipped: {shown}{more}; run `cocatk index` to refresh the index")
     if html is not None:
         title = query or (f"images like {display_path(str(image))}" if image else "search")
-        meta = {
-            "query": title,
-            "model": f"{result.model['model']} ({result.model['arch']}, {result.model['pretrained']})",
-            "index": str(idx.dir),
-            "reranked": f"by caption log-likelihood of the top {result.candidates}" if result.reranked else "no",
-        }
         page = write_gallery(
-            html, f"cocatk search: {title}", [GallerySection(title, result.hits)], meta=meta, warnings=result.warnings
+            html,
+            f"cocatk search: {title}",
+            [GallerySection(title, result.hits)],
+            meta=_page_meta(result, idx.dir),
+            warnings=result.warnings,
         )
-        note(f"wrote {page}")
+        note(f"wrote {display_path(str(page))}")
     if json_:
         print_json(result.to_dict())
     elif paths or paths0:
@@ -98,6 +97,24 @@ def search(
         return
     for message in result.warnings:
         warn(message)
+
+
+def _page_meta(result, index_dir: Path) -> dict[str, str]:  # noqa: ANN001 - SearchResult
+    """The gallery header: what was asked, of which index, with which model."""
+    q = result.query
+    meta = {"query": q["text"] or ""}
+    if q["image"]:
+        meta["image"] = display_path(q["image"])
+    if q["not"]:
+        meta["not"] = ", ".join(q["not"])
+    if q["under"]:
+        meta["under"] = q["under"]
+    m = result.model
+    meta["model"] = f"{m.get('model')} ({m.get('arch')}, {m.get('pretrained')})"
+    meta["index"] = str(index_dir)
+    rerank = f"top {result.candidates} by caption likelihood" if result.reranked else "off"
+    meta["ranking"] = f"{len(result.hits)} hits by similarity; rerank {rerank}"
+    return {k: v for k, v in meta.items() if v}
 
 
 def _table(result) -> None:  # noqa: ANN001 - SearchResult

@@ -74,6 +74,12 @@ def _rank_of(hits: list[Any], truth: Path) -> int | None:
     return next((h.rank for h in hits if h.path == target), None)
 
 
+def _truth_ids(hits: list[Any], truth: Path) -> set[int]:
+    """The id of the true image (empty when it is not among ``hits``), for the report's "true image" badge."""
+    target = str(truth.resolve())
+    return {h.id for h in hits if h.path == target}
+
+
 def make_zeroshot_folder(directory: str | Path, per_class: int = 6, seed: int = ZEROSHOT_SEED) -> Path:
     """An ImageFolder of single-object scenes, one sub-folder per "colour shape" class (``red_circle``)."""
     from .scenes import COLOURS, SHAPES, random_scene, render_scene, scene_rng
@@ -177,8 +183,11 @@ def run_demo(
             queries.append(q)
             where = lambda r: f"rank {r}" if r else f"not in the top {pool}"  # noqa: E731
             sub = f"true image {truth}: {where(q.rank_contrastive)} by similarity, {where(q.rank_rerank)} after rerank"
-            sections.append(GallerySection(f"“{text}” — contrastive top {top}", first.hits[:top], sub))
-            sections.append(GallerySection(f"“{text}” — reranked by caption likelihood", second.hits[:top]))
+            marked = _truth_ids(first.hits + second.hits, truth_path)
+            sections.append(GallerySection(f"“{text}” — contrastive top {top}", first.hits[:top], sub, marked=marked))
+            sections.append(
+                GallerySection(f"“{text}” — reranked by caption likelihood", second.hits[:top], marked=marked)
+            )
         if progress:
             progress("search", len(chosen), len(chosen))
         zs_dir = make_zeroshot_folder(root / "zeroshot", per_class=zeroshot_per_class)
@@ -193,6 +202,13 @@ def run_demo(
         sections,
         footer=f"model {model_info['model']} ({model_info['arch']}); zero-shot top-1 "
         f"{zs.metrics['top1']:.1%} over {zs.data.get('num_classes', '?')} classes, n={zs.metrics['n']}",
+        meta={
+            "model": f"{model_info['model']} ({model_info['arch']})",
+            "index": str(root / "index"),
+            "photos": f"{photos} ({n_photos} generated scenes, 3 broken files)",
+            "queries": f"{len(chosen)} captions of scenes in the folder; each one's true image is framed in green",
+        },
+        warnings=["random weights: the scores carry no meaning"] if model_info.get("random_weights") else (),
     )
     result = DemoReport(
         directory=str(root),
