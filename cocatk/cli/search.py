@@ -57,11 +57,13 @@ def search(
     from ..errors import UsageError
     from ..paths import display_path
     from ..retrieval import Index
-    from ..retrieval.gallery import GallerySection, write_gallery
+    from ..retrieval.gallery import GallerySection, check_target, write_gallery
     from ..retrieval.search import search_index
 
     if sum([json_, paths, paths0]) > 1:
         raise UsageError("--json, --paths and --paths0 exclude each other", hint="pick one output format")
+    if html is not None:
+        check_target(html)  # before the search, not after it
     idx = Index.open(index, model=model, pretrained=pretrained, device=device)
     result = search_index(
         idx,

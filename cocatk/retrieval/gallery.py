@@ -250,6 +250,14 @@ def _create_temp(folder: Path, name: str) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "no free temporary file name", str(folder))
 
 
+def check_target(path: str | Path) -> Path:
+    """The resolved page path, or UsageError when it names a folder (callers check before long work)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise _folder_error(target)
+    return target.resolve()
+
+
 def write_gallery(
     path: str | Path,
     title: str,
@@ -268,10 +276,7 @@ def write_gallery(
         UsageError: ``path`` is a folder (checked before anything is created).
         CocatkError: the page cannot be written (permission, disk full, ...); the hint says what to do.
     """
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise _folder_error(target)
-    target = target.resolve()
+    target = check_target(path)
     text = render_gallery(title, sections, footer, meta=meta, warnings=warnings)
     tmp: Path | None = None
     try:
