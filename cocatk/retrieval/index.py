@@ -25,13 +25,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,80 +46,28 @@ from ..errors import (
     IndexNotFoundError,
     UsageError,
 )
-from ..images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, find_images, load_image
-from .store import DB_NAME, SCHEMA_VERSION, FileRow, Store
-from .vectors import DEFAULT_FACTORY, VectorIndex, min_training_points
+from ..images import DEFAULT_MAX_MEGAPIXELS
+from .layout import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_TOKEN_CACHE_LIMIT_GB,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    ProgressCallback,
+    is_under,
+    json_failure,
+    resolve_roots,
+    vector_file_name,
+)
+from .search import Hit, search_index
+from .store import DB_NAME, SCHEMA_VERSION, Store
+from .updater import IndexReport, UpdateOptions, update_index
+from .vectors import DEFAULT_FACTORY, VectorIndex
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..models import CocaModel, ModelSpec
-    from .search import Hit
-
-#: Files per checkpoint: a killed run loses at most this much work.
-DEFAULT_CHECKPOINT_EVERY = 256
-#: ``--cache-tokens`` is refused when the cache would exceed this (bytes = images x T x D x 2).
-DEFAULT_TOKEN_CACHE_LIMIT_GB = 8.0
-#: The FAISS file is rewritten at every checkpoint while it is small; above this, at most every
-#: ``_BIG_SAVE_INTERVAL_S`` (SQLite still commits every checkpoint, and a stale FAISS file is rebuilt from it).
-_SMALL_FAISS_BYTES = 256 << 20
-_BIG_SAVE_INTERVAL_S = 60.0
-LOCK_NAME = "index.lock"
-#: Seconds between progress reports of stages without a known total (scanning).
-_PROGRESS_INTERVAL_S = 0.2
-_RETRY_REASONS = ("too large", "unsupported format")
-MANIFEST_NAME = "manifest.json"
-
-#: progress(stage, done, total): stage is "scan" (total None) or "index" (files processed of the files to look at).
-ProgressCallback = Callable[[str, int, "int | None"], None]
-
-
-@dataclass
-class IndexReport:
-    """What one :meth:`Index.update` did. ``to_dict()`` gives the JSON the CLI prints."""
-
-    index_dir: str
-    roots: list[str]
-    scanned: int = 0
-    new: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    moved: int = 0
-    duplicates: int = 0
-    removed: int = 0
-    encoded: int = 0
-    failed: dict[str, int] = field(default_factory=dict)
-    failures: list[dict[str, str]] = field(default_factory=list)
-    missing_roots: list[str] = field(default_factory=list)
-    tokens_cached: int = 0
-    token_cache_bytes: int = 0
-    checkpoints: int = 0
-    total: int = 0
-    seconds: float = 0.0
-    #: Where the time went, in seconds. Main thread (they add up to ``seconds``): ``scan``, ``model_load``,
-    #: ``wait_decode`` (blocked on the decode threads), ``model`` (image tower), ``sqlite`` (rows, tokens, commits),
-    #: ``faiss`` (load, add, save), ``other``. Decode threads, summed over threads and overlapping the main thread:
-    #: ``read_hash`` and ``decode_preprocess``; ``decode_threads`` says how many there were.
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def failed_total(self) -> int:
-        return sum(self.failed.values())
-
-    @property
-    def images_per_s(self) -> float:
-        """Images through the model per second of the whole run (scan, decode and save included)."""
-        return self.encoded / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["failed_total"] = self.failed_total
-        d["images_per_s"] = round(self.images_per_s, 1)
-        d["seconds"] = round(self.seconds, 3)
-        d["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
-        d["failures"] = [_json_failure(f) for f in self.failures]
-        return d
+    from .encoder import Encoder
 
 
 @dataclass
@@ -136,60 +82,6 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class _StageTimer:
-    """Seconds per stage on one thread; time in a nested stage is not counted in the stage around it."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._stack: list[str] = []
-        self._since = 0.0
-
-    def _charge(self, now: float) -> None:
-        if self._stack:
-            top = self._stack[-1]
-            self.seconds[top] = self.seconds.get(top, 0.0) + now - self._since
-        self._since = now
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        self._charge(time.perf_counter())
-        self._stack.append(stage)
-        try:
-            yield
-        finally:
-            self._charge(time.perf_counter())
-            self._stack.pop()
-
-
-@dataclass
-class _Item:
-    """One file to look at in an update."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    row: FileRow | None  # the existing row (changed, or token backfill), None for a new path
-    need_decode: bool = False  # token backfill: decode even when the hash is known
-
-
-@dataclass
-class _Prepared:
-    item: _Item
-    hash: str | None = None
-    tensor: Any = None  # (3, S, S) preprocessed image, or None when not decoded
-    error: ImageDecodeError | None = None
-    read_s: float = 0.0  # decode thread: reading and hashing the file
-    decode_s: float = 0.0  # decode thread: decoding and preprocessing
-
-
-def _hash_bytes(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _under(path: str, roots: Sequence[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
 def _identity_text(identity: dict[str, str]) -> str:
@@ -428,7 +320,7 @@ class Index:
         return self.store.count()
 
     def _vector_path(self, gen: int) -> Path:
-        return self.dir / f"vectors.{gen}.faiss"
+        return self.dir / vector_file_name(gen)
 
     def _load_vectors(self, gen: int, save: bool = False) -> VectorIndex:
         m = self.manifest
@@ -537,6 +429,7 @@ class Index:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         token_cache_limit_gb: float = DEFAULT_TOKEN_CACHE_LIMIT_GB,
         progress: ProgressCallback | None = None,
+        encoder: Encoder | None = None,
     ) -> IndexReport:
         """Bring the index up to date with ``paths`` (default: every root already in the index).
 
@@ -557,6 +450,8 @@ class Index:
                 the index keeps caching. Refused above ``token_cache_limit_gb``.
             checkpoint_every: files per checkpoint (SQLite commit, then FAISS save).
             progress: ``progress(stage, done, total)`` callback (the library never prints).
+            encoder: where embeddings come from (:mod:`cocatk.retrieval.encoder`); default: decode threads and the
+                index's model in this process.
 
         Returns:
             An :class:`IndexReport`.
@@ -565,24 +460,21 @@ class Index:
             IndexBusyError: another process is writing. UsageError: a path does not exist, a bad factory, a token
             cache too large. Model errors when the model is needed and cannot be loaded.
         """
-        if checkpoint_every < 1:
-            raise UsageError(f"checkpoint_every must be >= 1, got {checkpoint_every}", hint="pass a positive number")
-        if batch_size is not None and batch_size < 1:
-            raise UsageError(f"batch size must be >= 1, got {batch_size}", hint="pass --batch-size 1 or more")
+        options = UpdateOptions(
+            paths=tuple(os.fspath(p) for p in paths or ()),
+            batch_size=batch_size,
+            workers=workers,
+            follow_symlinks=follow_symlinks,
+            max_megapixels=max_megapixels,
+            faiss_factory=faiss_factory,
+            cache_tokens=cache_tokens,
+            checkpoint_every=checkpoint_every,
+            token_cache_limit_gb=token_cache_limit_gb,
+            progress=progress,
+            encoder=encoder,
+        )
         with self._writer_lock():
-            return _Updater(
-                self,
-                paths=paths,
-                batch_size=batch_size,
-                workers=workers,
-                follow_symlinks=follow_symlinks,
-                max_megapixels=max_megapixels,
-                faiss_factory=faiss_factory,
-                cache_tokens=cache_tokens,
-                checkpoint_every=checkpoint_every,
-                token_cache_limit_gb=token_cache_limit_gb,
-                progress=progress,
-            ).run()
+            return update_index(self, options)
 
     # ---- search ------------------------------------------------------------------------------------------------
     def search(
@@ -602,8 +494,6 @@ class Index:
         Example:
             >>> [h.path for h in Index.open().search("a red bicycle", n=3)]   # doctest: +SKIP
         """
-        from .search import search_index
-
         return search_index(self, text, image, negative, n=n, rerank=rerank, rerank_k=rerank_k, under=under).hits
 
     # ---- maintenance -------------------------------------------------------------------------------------------
@@ -636,7 +526,7 @@ class Index:
                 targets.append(match)
             ids = np.unique(np.concatenate([self.store.ids_under(r) for r in targets] or [np.zeros(0, np.int64)]))
             vectors = self.vectors if self.store.manifest() is not None else None
-            failed = [f for f in self.store.failure_rows() if _under(f, targets)]
+            failed = [f for f in self.store.failure_rows() if is_under(f, targets)]
             self.store.begin()
             try:
                 self.store.delete_files(ids.tolist())
@@ -709,7 +599,7 @@ class Index:
             "size_bytes": size,
             "token_cache_bytes": self.store.token_bytes(),
             "failed": dict(Counter(f["reason"] for f in failures)),
-            "failures": [_json_failure(f) for f in failures],
+            "failures": [json_failure(f) for f in failures],
         }
 
     def check(self) -> CheckReport:
@@ -742,493 +632,10 @@ class Index:
         if orphans:
             problems.append(f"{len(orphans)} token rows without a file")
         roots = self.store.roots()
-        outside = [p for p in self.store.file_rows() if not _under(p, roots)]
+        outside = [p for p in self.store.file_rows() if not is_under(p, roots)]
         if outside:
             problems.append(f"{len(outside)} files outside every root, e.g. {outside[0]}")
         return CheckReport(not problems, problems, len(store_ids), vi.ntotal, len(tok_ids))
-
-
-class _Updater:
-    """One incremental update (the writer lock is held by the caller)."""
-
-    def __init__(self, index: Index, **opts: Any) -> None:
-        self.index = index
-        self.store = index.store
-        self.opts = opts
-        self.progress: ProgressCallback = opts["progress"] or (lambda stage, done, total: None)
-        self.report = IndexReport(index_dir=str(index.dir), roots=[])
-        self._last_save = time.monotonic()
-        self._since_checkpoint = 0
-        self._vectors_dirty = False  # FAISS could not apply a removal: rebuild from SQLite before saving
-        self.timed = _StageTimer()
-        self._thread_seconds = {"read_hash": 0.0, "decode_preprocess": 0.0}
-
-    # -- setup --
-    def _roots(self) -> list[str]:
-        paths = self.opts["paths"]
-        if paths:
-            return resolve_roots(paths)
-        stored = self.store.roots()
-        if not stored:
-            raise UsageError("no folders to index", hint="pass one or more PATHs: `cocatk index ~/Pictures`")
-        roots = [r for r in stored if Path(r).exists()]
-        # A missing root (unmounted drive) is reported, and its files are kept rather than deleted.
-        self.report.missing_roots = [r for r in stored if r not in roots]
-        return roots
-
-    def _apply_options(self) -> None:
-        m = self.index.manifest
-        changed = False
-        factory = self.opts["faiss_factory"]
-        if factory and factory != m.get("factory"):
-            VectorIndex.validate_factory(int(m["embed_dim"]), factory)
-            m["factory"] = factory
-            changed = True
-        if self.opts["cache_tokens"] and not m.get("cache_tokens"):
-            m["cache_tokens"] = True
-            changed = True
-        if changed:
-            self.store.begin()
-            self.store.set_manifest(m)
-            self.store.bump_generation()  # the FAISS file of the old factory no longer matches
-            self.store.commit()
-            self.index._write_manifest_json()
-
-    def run(self) -> IndexReport:
-        t0 = time.monotonic()
-        index = self.index
-        roots = self._roots()
-        self.report.roots = roots
-        manifest = index.manifest
-        factory = self.opts["faiss_factory"]
-        if factory:
-            VectorIndex.validate_factory(int(manifest["embed_dim"]), factory)
-
-        # Scan before changing anything, so that a bad option fails fast.
-        self.progress("scan", 0, None)
-        last_report = time.monotonic()
-        with self.timed("scan"):
-            found: list[tuple[str, int, int]] = []
-            for p in find_images(roots, follow_symlinks=self.opts["follow_symlinks"]):
-                try:
-                    st = p.stat()
-                except OSError:
-                    continue
-                found.append((str(p), st.st_size, st.st_mtime_ns))
-                now = time.monotonic()
-                if now - last_report >= _PROGRESS_INTERVAL_S:
-                    last_report = now
-                    self.progress("scan", len(found), None)
-            self.report.scanned = len(found)
-            self.progress("scan", len(found), len(found))
-            rows = self.store.file_rows()
-            present = {p for p, _, _ in found}
-            vanished = [r for path, r in rows.items() if path not in present and _under(path, roots)]
-
-        if factory:
-            expected = len(rows) - len(vanished) + sum(1 for p, _, _ in found if p not in rows)
-            need = min_training_points(factory)
-            if need and expected < need:
-                raise UsageError(
-                    f"FAISS factory '{factory}' needs at least {need} vectors to train; this index would hold "
-                    f"{expected}",
-                    hint="drop --faiss (exact search is fast below ~1M images) or use a smaller factory "
-                    "such as HNSW32 or IVF64,Flat",
-                )
-        self._apply_options()
-        manifest = index.manifest
-        cache_tokens = bool(manifest.get("cache_tokens"))
-        token_ids = self.store.token_ids() if cache_tokens else set()
-
-        # A file that failed before is retried when it changes, or when the outcome may depend on options and
-        # plugins ("too large", "unsupported format"); otherwise it is reported again without decoding.
-        failures = self.store.failure_rows()
-        stale_failures = [p for p in failures if _under(p, roots) and p not in present]
-        todo: list[_Item] = []
-        for path, size, mtime in found:
-            row = rows.get(path)
-            failure = failures.get(path) if row is None else None
-            if failure is not None and failure[2:] == (size, mtime) and failure[0] not in _RETRY_REASONS:
-                self.report.failed[failure[0]] = self.report.failed.get(failure[0], 0) + 1
-                self.report.failures.append({"path": path, "reason": failure[0], "detail": failure[1]})
-            elif row is None:
-                todo.append(_Item(path, size, mtime, None))
-            elif row.size != size or row.mtime_ns != mtime:
-                todo.append(_Item(path, size, mtime, row))
-            elif cache_tokens and row.id not in token_ids:
-                todo.append(_Item(path, size, mtime, row, need_decode=True))
-            else:
-                self.report.unchanged += 1
-
-        model = None
-        if todo:
-            with self.timed("model_load"):
-                if index._model is None:
-                    self.progress("model", 0, None)
-                model = index.model
-                self.progress("model", 1, 1)
-            if cache_tokens:
-                self._check_token_budget(model, len(rows) - len(vanished) + sum(1 for t in todo if t.row is None))
-
-        # Vectors of the committed state; written now when stale, so that every later checkpoint is incremental.
-        with self.timed("faiss"):
-            vectors = index._load_vectors(self.store.generation, save=True)
-        index._vectors, index._vectors_gen = vectors, self.store.generation
-        self.vectors = vectors
-
-        self.store.begin()
-        try:
-            with _cpu_threads(model, self._workers()):
-                with self.timed("sqlite"):
-                    self.store.add_roots(roots)
-                    self.store.delete_failures(stale_failures + [t.path for t in todo])
-                self._process(todo, vanished, model, cache_tokens)
-                self._remove(vanished)
-                self._checkpoint(final=True)
-        except BaseException:
-            # Roll back to the last checkpoint; the in-memory FAISS index is discarded with it.
-            self.store.rollback()
-            index._vectors = None
-            raise
-        self.report.total = self.store.count()
-        self.report.token_cache_bytes = self.store.token_bytes()
-        self.report.seconds = time.monotonic() - t0
-        self.report.failures.sort(key=lambda f: f["path"])
-        timings = dict.fromkeys(("scan", "model_load", "wait_decode", "model", "sqlite", "faiss"), 0.0)
-        timings.update(self.timed.seconds)
-        timings["other"] = max(0.0, self.report.seconds - sum(timings.values()))
-        timings.update(self._thread_seconds, decode_threads=float(self._workers()))
-        self.report.timings = timings
-        return self.report
-
-    def _check_token_budget(self, model: CocaModel, n: int) -> None:
-        import torch
-
-        m = self.index.manifest
-        if not m.get("token_shape"):
-            s = model.image_size
-            shape = tuple(model.image_tokens(torch.zeros(1, 3, s, s)).shape[1:])
-            m["token_shape"] = list(shape)
-            self.store.begin()
-            self.store.set_manifest(m)
-            self.store.commit()
-            self.index._write_manifest_json()
-        t, d = m["token_shape"]
-        estimate = n * t * d * 2
-        limit = self.opts["token_cache_limit_gb"] * (1 << 30)
-        if estimate > limit:
-            raise UsageError(
-                f"--cache-tokens would store {n} x {t} x {d} fp16 tokens = {estimate / (1 << 30):.1f} GiB "
-                f"(limit {self.opts['token_cache_limit_gb']:g} GiB)",
-                hint="drop --cache-tokens (search then recomputes tokens for its top-k candidates only), "
-                "or index a smaller collection",
-            )
-        self.report.token_cache_bytes = estimate
-
-    # -- the pipeline --
-    def _prepare(self, item: _Item, known: set[str], draft: int, preprocess: Any) -> _Prepared:
-        """Worker thread: read once, hash, and decode + preprocess only when the content is not indexed yet."""
-        out = _Prepared(item)
-        t = time.perf_counter()
-        try:
-            with open(item.path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            out.error = ImageDecodeError("unreadable", e.strerror or type(e).__name__, item.path)
-            return out
-        out.hash = _hash_bytes(data)
-        out.read_s = time.perf_counter() - t
-        if not item.need_decode and out.hash in known:
-            return out  # a move, a duplicate or a touch: the embedding is reused
-        try:
-            image = load_image(data, draft_size=draft, max_megapixels=self.opts["max_megapixels"])
-            out.tensor = preprocess(image)
-        except ImageDecodeError as e:
-            e.path = item.path
-            out.error = e
-        except Exception as e:  # preprocessing failure on an odd image: skip the file, never the run
-            out.error = ImageDecodeError("decode error", str(e)[:160], item.path)
-        out.decode_s = time.perf_counter() - t - out.read_s
-        return out
-
-    def _workers(self) -> int:
-        workers = self.opts["workers"]
-        return min(8, os.cpu_count() or 1) if workers is None else int(workers)
-
-    def _prepared(self, todo: list[_Item], known: set[str], model: CocaModel | None) -> Iterator[_Prepared]:
-        """Prepared items in order, decoded by a thread pool that runs ahead of the model (bounded prefetch)."""
-        if model is None:
-            return
-        draft, preprocess = model.image_size, model.preprocess
-        workers = self._workers()
-        if workers == 0:
-            for item in todo:
-                yield self._prepare(item, known, draft, preprocess)
-            return
-        batch = self.opts["batch_size"] or model.image_batch_size
-        window = max(2 * batch, 4 * workers)  # about two batches decoded ahead of the one being encoded
-        pending: deque[Future[_Prepared]] = deque()
-        with ThreadPoolExecutor(workers, thread_name_prefix="cocatk-decode") as pool:
-            it = iter(todo)
-            try:
-                for item in it:
-                    pending.append(pool.submit(self._prepare, item, known, draft, preprocess))
-                    if len(pending) >= window:
-                        yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            finally:
-                for fut in pending:
-                    fut.cancel()
-
-    def _process(self, todo: list[_Item], vanished: list[FileRow], model: CocaModel | None, tokens: bool) -> None:
-        store = self.store
-        report = self.report
-        known = {r.hash for r in store.file_rows().values()}
-        vanished_by_hash: dict[str, list[FileRow]] = {}
-        for r in vanished:
-            vanished_by_hash.setdefault(r.hash, []).append(r)
-        self._vanished_by_hash = vanished_by_hash
-        bs = self.opts["batch_size"] or (model.image_batch_size if model else 32)
-        batch: list[_Prepared] = []
-        waiting: dict[str, list[_Prepared]] = {}  # hash -> items whose identical content is in `batch`
-        done = 0
-        total = len(todo)
-        self.progress("index", 0, total)
-
-        def flush() -> None:
-            if not batch:
-                return
-            assert model is not None
-            import torch
-
-            with self.timed("model"):
-                x = torch.stack([p.tensor for p in batch])
-                emb, toks = model.encode_images_and_tokens(x, batch_size=len(batch), tokens=tokens)
-                tok_np = toks.to(torch.float16).cpu().numpy() if toks is not None else None
-            report.encoded += len(batch)
-            with self.timed("sqlite"):
-                for i, p in enumerate(batch):
-                    fid = self._write(p, emb[i], tok_np[i] if tok_np is not None else None)
-                    for follower in waiting.pop(p.hash or "", []):
-                        self._write_copy(follower, fid)
-            batch.clear()
-            self._maybe_checkpoint()
-
-        prepared = self._prepared(todo, known, model)
-        while True:
-            with self.timed("wait_decode"):
-                prep = next(prepared, None)
-            if prep is None:
-                break
-            with self.timed("sqlite"):
-                self._handle(prep, model, batch, waiting, known)
-                if len(batch) >= bs:
-                    flush()
-                # Every written row is complete (items still in `batch` are not written yet), so committing is safe.
-                self._maybe_checkpoint()
-            done += 1
-            if done % 16 == 0 or done == total:
-                self.progress("index", done, total)
-        flush()
-        self.progress("index", total, total)
-
-    def _handle(
-        self,
-        prep: _Prepared,
-        model: CocaModel | None,
-        batch: list[_Prepared],
-        waiting: dict[str, list[_Prepared]],
-        known: set[str],
-    ) -> None:
-        """Main thread: record one prepared file (failure, touch, move, copy) or queue it in ``batch`` to encode."""
-        store, report = self.store, self.report
-        item = prep.item
-        self._thread_seconds["read_hash"] += prep.read_s
-        self._thread_seconds["decode_preprocess"] += prep.decode_s
-        if prep.error is not None:
-            self._fail(prep)
-        elif item.row is not None and prep.hash == item.row.hash and not item.need_decode:
-            store.update_stat(item.row.id, item.size, item.mtime_ns)  # touched, same content
-            report.unchanged += 1
-            self._tick()
-        elif not item.need_decode and self._try_reuse(prep):
-            self._tick()
-        elif prep.hash in waiting:
-            waiting[prep.hash].append(prep)
-        else:
-            if prep.tensor is None:  # hash looked known to the worker but its row is gone: decode now
-                prep = self._decode_now(prep, model)
-                if prep.error is not None:
-                    self._fail(prep)
-                    return
-            known.add(prep.hash or "")
-            waiting[prep.hash or ""] = []
-            batch.append(prep)
-
-    def _decode_now(self, prep: _Prepared, model: CocaModel | None) -> _Prepared:
-        assert model is not None
-        if prep.error is None:
-            try:
-                image = load_image(
-                    prep.item.path, draft_size=model.image_size, max_megapixels=self.opts["max_megapixels"]
-                )
-                prep.tensor = model.preprocess(image)
-            except ImageDecodeError as e:
-                prep.error = e
-        return prep
-
-    def _try_reuse(self, prep: _Prepared) -> bool:
-        """A new or changed file whose content is already indexed: move a vanished row, or copy an embedding."""
-        item, h = prep.item, prep.hash or ""
-        store, report = self.store, self.report
-        movers = self._vanished_by_hash.get(h)
-        if item.row is None and movers:
-            row = movers.pop()
-            store.update_stat(row.id, item.size, item.mtime_ns, path=item.path)
-            report.moved += 1
-            return True
-        src = store.id_for_hash(h)
-        if src is None:
-            return False
-        self._write_copy(prep, src)
-        return True
-
-    def _upsert(self, prep: _Prepared, emb: np.ndarray) -> int:
-        """Insert a new row, or replace a known row's content (dropping its old vector); count it; return the id."""
-        item = prep.item
-        if item.row is None:
-            self.report.new += 1
-            return self.store.insert_file(item.path, item.size, item.mtime_ns, prep.hash or "", emb)
-        fid = item.row.id
-        self.store.update_content(fid, item.size, item.mtime_ns, prep.hash or "", emb)
-        if not self.vectors.remove(np.array([fid])):
-            self._vectors_dirty = True
-        # Unchanged: size/mtime differed but the content hash did not (e.g. a touched file).
-        if item.need_decode and prep.hash == item.row.hash:
-            self.report.unchanged += 1
-        else:
-            self.report.changed += 1
-        return fid
-
-    def _add_vector(self, fid: int, emb: np.ndarray) -> None:
-        if self.vectors.is_trained:
-            with self.timed("faiss"):
-                self.vectors.add(emb[None, :], np.array([fid]))
-        self._tick()
-
-    def _write(self, prep: _Prepared, emb: np.ndarray, tokens: np.ndarray | None) -> int:
-        fid = self._upsert(prep, emb)
-        if tokens is not None:
-            self.store.put_tokens(fid, tokens)
-            self.report.tokens_cached += 1
-        self._add_vector(fid, emb)
-        return fid
-
-    def _write_copy(self, prep: _Prepared, src: int) -> None:
-        """Index ``prep`` with the embedding (and tokens) of row ``src``, which has the same content."""
-        emb = self.store.embeddings([src], self.index.dim)[0]
-        fid = self._upsert(prep, emb)
-        self.report.duplicates += 1
-        if self.store.copy_tokens(src, fid):
-            self.report.tokens_cached += 1
-        self._add_vector(fid, emb)
-
-    def _fail(self, prep: _Prepared) -> None:
-        item, e = prep.item, prep.error
-        assert e is not None
-        self.store.record_failure(item.path, e.reason, e.detail, item.size, item.mtime_ns)
-        if item.row is not None:  # an indexed file became unreadable: its old embedding is stale
-            self.store.delete_files([item.row.id])
-            if not self.vectors.remove(np.array([item.row.id])):
-                self._vectors_dirty = True
-        self.report.failed[e.reason] = self.report.failed.get(e.reason, 0) + 1
-        self.report.failures.append({"path": item.path, "reason": e.reason, "detail": e.detail})
-        self._tick()
-
-    def _remove(self, vanished: list[FileRow]) -> None:
-        gone = [r.id for rows in self._vanished_by_hash.values() for r in rows] if vanished else []
-        if not gone:
-            return
-        with self.timed("sqlite"):
-            self.store.delete_files(gone)
-        with self.timed("faiss"):
-            if not self.vectors.remove(np.array(gone, dtype=np.int64)):
-                self._vectors_dirty = True
-        self.report.removed += len(gone)
-        self._since_checkpoint += len(gone)
-
-    # -- checkpoints --
-    def _tick(self) -> None:
-        self._since_checkpoint += 1
-
-    def _maybe_checkpoint(self) -> None:
-        if self._since_checkpoint >= self.opts["checkpoint_every"]:
-            self._checkpoint()
-
-    def _checkpoint(self, final: bool = False) -> None:
-        """Commit SQLite (the durable step), then save the matching FAISS file, then open the next transaction."""
-        store = self.store
-        wrote = self._since_checkpoint > 0
-        if not wrote and not final:
-            return
-        with self.timed("sqlite"):
-            gen = store.bump_generation() if wrote else store.generation
-            store.commit()
-        self._since_checkpoint = 0
-        if wrote:
-            self.report.checkpoints += 1
-        with self.timed("faiss"):
-            self._save_vectors(gen, final)
-        if not final:
-            store.begin()
-
-    def _save_vectors(self, gen: int, final: bool) -> None:
-        index, vi = self.index, self.vectors
-        if self._vectors_dirty or not vi.is_trained or (final and vi.ntotal != self.store.count()):
-            if not final:
-                return  # rebuilt once at the end from SQLite; a crash before that rebuilds it on the next open
-            vi = self.vectors = index._load_vectors(gen)
-            self._vectors_dirty = False
-        elif (
-            not final
-            and vi.ntotal * vi.dim * 4 > _SMALL_FAISS_BYTES
-            and time.monotonic() - self._last_save < _BIG_SAVE_INTERVAL_S
-        ):
-            return
-        path = index._vector_path(gen)
-        if not path.is_file():
-            vi.save(path)
-            index._cleanup_vector_files(keep=gen)
-        self._last_save = time.monotonic()
-        index._vectors, index._vectors_gen = vi, gen
-
-
-@contextlib.contextmanager
-def _cpu_threads(model: CocaModel | None, workers: int) -> Iterator[None]:
-    """On the CPU, give torch the cores the decode threads leave free, for the duration of an update.
-
-    torch's OpenMP threads spin while they wait; with ``workers`` decode threads on the same cores they fight, and
-    on a 2-core machine the tiny test model went from ~50 to ~500 images/s with one torch thread instead of two.
-    """
-    if model is None or not model.device.startswith("cpu") or workers == 0:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _json_failure(failure: dict[str, str]) -> dict[str, str]:
-    """A failure for JSON: ``path`` (+ ``path_b64`` for a name that is not UTF-8), ``reason``, ``detail``."""
-    from ..paths import json_path
-
-    return {**json_path(failure["path"]), "reason": failure["reason"], "detail": failure["detail"]}
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -1249,21 +656,6 @@ def _load_with_progress(
     return model
 
 
-def resolve_roots(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """Absolute, resolved, de-duplicated roots for ``cocatk index PATH...``.
-
-    Raises:
-        UsageError: a path does not exist (checked before anything is created or changed).
-    """
-    roots = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if not path.exists():
-            raise UsageError(f"{p} does not exist", hint="pass existing image files or folders")
-        roots.append(str(path.resolve()))
-    return sorted(set(roots))
-
-
 def open_index(folder: str | os.PathLike[str] | None = None, **kwargs: Any) -> Index:
     """Shorthand for :meth:`Index.open`."""
     return Index.open(folder, **kwargs)
@@ -1276,5 +668,7 @@ __all__ = [
     "Index",
     "IndexReport",
     "ProgressCallback",
+    "UpdateOptions",
     "open_index",
+    "resolve_roots",
 ]
