@@ -106,11 +106,14 @@ def test_odd_names_in_json_table_and_info(odd_index, capsys, monkeypatch) -> Non
     assert set(by_bytes) == {os.fsencode(p) for p in files.values()}
     assert [h for h in hits if "path_b64" in h] == [by_bytes[os.fsencode(files["latin1"])]]
 
-    monkeypatch.setattr(render.out, "width", 2000)  # a wide "terminal": cells are not folded
     code, out, _ = _run(capsys, "search", "a photo", "--index", str(idx), "-n", "10", "--no-rerank")
-    assert code == 0
+    assert code == 0  # piped: TSV, one whole line per hit, the names readable
+    names = {line.split("\t")[1].rsplit("/", 1)[1] for line in out.splitlines()[1:]}
+    assert names == {"fleur_caf\ufffd.jpg", "line\\nbreak.png", "[bold red]x.jpg", "a" * 251 + ".png", "plain.jpg"}
+    monkeypatch.setattr(render, "out", render.Console(force_terminal=True, width=2000, soft_wrap=True))
+    code, out, _ = _run(capsys, "search", "a photo", "--index", str(idx), "-n", "10", "--no-rerank")
+    assert code == 0 and "┃" in out  # a terminal: the Rich table, markup-like names shown literally
     assert "fleur_caf\ufffd.jpg" in out and "line\\nbreak.png" in out and "[bold red]x.jpg" in out
-    assert "a" * 251 + ".png" in out
 
     code, out, _ = _run(capsys, "info", "--index", str(idx))
     assert code == 0 and "broken_\ufffd.jpg: not an image" in out and "5 files" in out
@@ -224,9 +227,11 @@ def test_demo_model_results_carry_a_warning(tmp_path: Path, capsys, monkeypatch)
     capsys.readouterr()
     code, out, _ = _run(capsys, "search", "a red circle", "--index", str(idx), "-n", "2", "--json")
     assert code == 0 and any("demo model" in w for w in json.loads(out)["warnings"])
-    monkeypatch.setattr(render.out, "width", 300)
+    code, out, err = _run(capsys, "search", "a red circle", "--index", str(idx), "-n", "2")
+    assert code == 0 and "warning: the demo model knows only synthetic" in err  # piped: footer on stderr
+    monkeypatch.setattr(render, "out", render.Console(force_terminal=True, width=300, soft_wrap=True))
     code, out, _ = _run(capsys, "search", "a red circle", "--index", str(idx), "-n", "2")
-    assert code == 0 and "warning: the demo model knows only synthetic" in out
+    assert code == 0 and "warning: the demo model knows only synthetic" in out  # in the table footer
 
 
 def test_forget_a_root_then_compact(tmp_path: Path, capsys) -> None:

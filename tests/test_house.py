@@ -231,3 +231,39 @@ def test_local_encoder_results_come_back_in_job_order_with_repeats_encoded_once(
     )
     np.testing.assert_allclose(np.stack([r.embedding for r in encoded]), ref, atol=1e-5)
     assert timings["model"] == 2  # batches of 2: [f0, f1], [f2, f3]
+
+
+def test_piped_tables_are_tsv_with_whole_values(capsys, monkeypatch) -> None:
+    """`cocatk models | grep coca_ViT-L-14` finds the row: a pipe gets TSV, never a table folded at 80 columns."""
+    from cocatk.cli import main
+
+    monkeypatch.setenv("COLUMNS", "60")
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split("\t") == ["preset", "open_clip model", "pretrained", "dim", "weights", "about"]
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+    assert rows["coca-l14"][1:4] == ["coca_ViT-L-14", "laion2b_s13b_b90k", "768"]
+    assert [line for line in lines if "coca_ViT-L-14" in line] == [
+        "\t".join(rows["coca-l14"]),
+        "\t".join(rows["coca-l14-coco"]),
+    ]
+    assert all(len(line.split("\t")) == 6 for line in lines)  # no wrapped continuation lines
+
+
+def test_narrow_terminal_table_folds_but_never_cuts(capsys, monkeypatch) -> None:
+    from rich.console import Console
+
+    from cocatk.cli import main, render
+
+    monkeypatch.setattr(render, "out", Console(force_terminal=True, width=60, soft_wrap=True, color_system=None))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "┃" in out
+    # Each value is whole, folded over consecutive lines of its own column: join a column's slices line by line.
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("┃"))
+    bars = [i for i, ch in enumerate(header) if ch == "┃"]
+    body = [line for line in lines if line.startswith("│")]
+    columns = ["".join(line[a + 1 : b].strip() for line in body) for a, b in zip(bars, bars[1:], strict=False)]
+    assert "coca_ViT-L-14" in columns[1] and "mscoco_finetuned_laion2b_s13b_b90k" in columns[2]

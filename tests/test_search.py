@@ -244,7 +244,8 @@ def test_cli_html_folder_is_a_one_line_error(built, capsys, tmp_path):
 def test_cli_table(built, capsys):
     code, out, err = _cli(capsys, "search", "a dog", "--index", str(built[0]), "-n", "3", "--rerank-k", "5")
     assert code == 0 and "log-likelihood" in out and "rerank" in err
-    assert "warning: random weights" in out  # in the table footer
+    assert "warning: random weights" in err  # the table's footer goes to stderr when stdout is a pipe
+    assert out.splitlines()[0] == "#\tpath\tsimilarity\tlog-likelihood" and len(out.splitlines()) == 4
 
 
 @pytest.mark.parametrize(

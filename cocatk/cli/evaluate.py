@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 from . import options
-from .render import err, out, print_json
+from .render import err, out, print_json, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -105,7 +105,7 @@ def eval_retrieval(
             table.add_row(
                 label, f"[dim]published ({result.reference['benchmark']})[/]", *(f"[dim]{ref[k]:.2f}[/]" for k in ref)
             )
-    out.print(table)
+    print_table(table)
     notes = [
         f"rerank@k reorders the contrastive top-k by log P(caption|image); image->text subtracts "
         f"{result.alpha:g} x log P(caption) (prior on blank/noise images)."

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from . import options
-from .render import out, print_json
+from .render import note, out, print_json, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -47,9 +47,8 @@ def models(
             "[green]cached[/]" if r["cached"] else "[dim]not cached[/]",
             r["description"],
         )
-    out.print(table)
-    out.print(
+    print_table(table)
+    note(
         "Any open_clip CoCa architecture name or config JSON also works with --model; "
-        "--pretrained takes a tag, a checkpoint path, or 'none'.",
-        style="dim",
+        "--pretrained takes a tag, a checkpoint path, or 'none'."
     )

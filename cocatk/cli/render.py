@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -64,3 +64,41 @@ def warn(message: str | Text) -> None:
 
 def note(message: str | Text) -> None:
     err.print(message if isinstance(message, Text) else Text(message), highlight=False, soft_wrap=True)
+
+
+def _cell_text(cell: Any) -> str:
+    """A table cell as one line of plain text: markup removed, tabs and newlines escaped."""
+    if isinstance(cell, Text):
+        text = cell.plain
+    elif isinstance(cell, str):
+        text = Text.from_markup(cell).plain
+    else:
+        text = str(cell)
+    return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def print_table(table: Any, rows: Iterable[Sequence[Any]] | None = None) -> None:
+    """A Rich table on a terminal; otherwise TSV with a header row, every value whole (never wrapped or cut).
+
+    A pipe gets what ``cut``, ``grep`` and ``sort`` expect, as rclip and sqlite-utils print: the header, then one
+    line per row, cells separated by tabs (a tab or newline inside a value is shown as ``\\t`` / ``\\n``, as file
+    names are everywhere; ``--paths`` gives exact bytes). The table's caption (warnings) goes to stderr there, so
+    stdout stays one table.
+
+    Args:
+        table: the ``rich.table.Table`` to show on a terminal.
+        rows: the TSV rows when they differ from the table's cells (e.g. a value the table shows once per group);
+            default: the table's own cells.
+    """
+    if out.is_terminal:
+        out.print(table)
+        return
+    header = [_cell_text(c.header) for c in table.columns]
+    if rows is None:
+        columns = [list(c._cells) for c in table.columns]  # noqa: SLF001 - Rich keeps cells per column
+        rows = list(zip(*columns, strict=True)) if columns else []
+    lines = ["\t".join(header)] + ["\t".join(_cell_text(c) for c in row) for row in rows]
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+    if table.caption:
+        err.print(table.caption, highlight=False, soft_wrap=True)

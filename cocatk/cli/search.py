@@ -11,7 +11,7 @@ from rich.text import Text
 
 from ..paths import display_path
 from . import options
-from .render import err, note, out, print_json, print_paths, show_path, warn
+from .render import err, note, print_json, print_paths, print_table, show_path, warn
 
 
 def register(app: typer.Typer) -> None:
@@ -132,7 +132,7 @@ def _table(result) -> None:  # noqa: ANN001 - SearchResult
     for hit in result.hits:
         ll = "–" if hit.loglik is None else f"{hit.loglik:.2f}"
         table.add_row(str(hit.rank), show_path(hit.path), f"{hit.similarity:.4f}", ll)
-    out.print(table)
+    print_table(table)
     t = result.timings
     parts = [f"embed {t['embed'] * 1000:.0f} ms", f"search {t['search'] * 1000:.1f} ms"]
     if "rerank" in t:

@@ -14,7 +14,7 @@ from rich.text import Text
 from ..paths import display_path
 from . import options
 from .progress import progress_bar
-from .render import note, out, print_json, warn
+from .render import note, out, print_json, print_table, warn
 
 
 def register(app: typer.Typer) -> None:
@@ -131,7 +131,7 @@ def _render_result(r: dict[str, Any]) -> None:
     ref = r["reference"]
     if ref is not None:
         table.add_row("[dim]published[/]", f"[dim]{_pct(ref['top1'])}[/]", "", "", "")
-    out.print(table)
+    print_table(table)
     if ref is not None:
         delta = 100 * ref["delta_top1"]
         colour = "green" if abs(delta) <= 0.3 else "yellow"
@@ -199,8 +199,10 @@ def classify(
         table.caption_justify = "left"
     for col in ("image", "rank", "label", "probability"):
         table.add_column(col, justify="right" if col in ("rank", "probability") else "left", overflow="fold")
+    tsv = []
     for item in result["results"]:
         for rank, p in enumerate(item["predictions"], start=1):
+            tsv.append([Text(display_path(item["image"])), str(rank), Text(p["label"]), f"{p['probability']:.3f}"])
             table.add_row(
                 Text(display_path(item["image"])) if rank == 1 else "",
                 str(rank),
@@ -208,5 +210,5 @@ def classify(
                 f"{p['probability']:.3f}",
             )
         table.add_section()
-    out.print(table)
+    print_table(table, rows=tsv)  # piped: the image on every row
     return 0
