@@ -97,9 +97,9 @@ class DatasetError(CocatkError):
 
 
 class MissingDependencyError(CocatkError):
-    """An optional dependency is not installed (FAISS comes with the ``cpu``, ``cuda12`` or ``cuda13`` extra)."""
+    """An optional dependency is not installed (FAISS comes with the ``cpu`` or ``cuda12`` extra)."""
 
-    default_hint = "pip install 'cocatk[cpu]' (CPU) or 'cocatk[cuda12]' / 'cocatk[cuda13]' (NVIDIA GPU)"
+    default_hint = "pip install 'cocatk[cpu]' (CPU) or 'cocatk[cuda12]' (NVIDIA GPU, CUDA 12)"
 
 
 __all__ = [

@@ -23,7 +23,7 @@ CUDA_NAME = re.compile(r"nvidia|cuda|cuvs|cupy|gpu|triton|tensorrt", re.IGNORECA
 
 @pytest.fixture
 def no_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`import faiss` raises ImportError, as in an install without the cpu/cuda12/cuda13 extra."""
+    """`import faiss` raises ImportError, as in an install without the cpu or cuda12 extra."""
     monkeypatch.setitem(sys.modules, "faiss", None)
 
 
@@ -34,7 +34,7 @@ def test_missing_faiss_is_a_typed_error_naming_the_extras(no_faiss: None) -> Non
     assert isinstance(err, CocatkError) and err.exit_code == 1
     line = err.one_line()
     assert "\n" not in line and "FAISS is not installed" in line
-    assert "cocatk[cpu]" in line and "cocatk[cuda12]" in line and "cocatk[cuda13]" in line
+    assert "cocatk[cpu]" in line and "cocatk[cuda12]" in line
 
 
 def test_index_built_before_faiss_went_missing_fails_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,5 +72,5 @@ def test_no_cpu_install_names_a_cuda_package() -> None:
         assert not bad, f"{group} names CUDA/GPU packages: {bad}"
     assert not any(n.startswith("faiss") for n in _names(project["dependencies"])), "faiss belongs in the extras"
     assert _names(extras["cpu"]) == ["faiss-cpu"]
-    # the GPU extras name Meta's GPU builds (each falls back to faiss-cpu where no GPU wheel exists)
-    assert "faiss-gpu" in _names(extras["cuda12"]) and "faiss-gpu-cuvs" in _names(extras["cuda13"])
+    # the GPU extra names Meta's GPU build (it falls back to faiss-cpu where no GPU wheel exists)
+    assert "faiss-gpu" in _names(extras["cuda12"])

@@ -33,8 +33,7 @@ def _faiss() -> Any:
     except ImportError as e:
         raise MissingDependencyError(
             f"FAISS is not installed ({e})",
-            hint="pip install 'cocatk[cpu]' (CPU) or 'cocatk[cuda12]' / 'cocatk[cuda13]' (NVIDIA GPU; pick the CUDA "
-            "major version of your torch build, torch.version.cuda)",
+            hint="pip install 'cocatk[cpu]' (CPU) or 'cocatk[cuda12]' (NVIDIA GPU, CUDA 12)",
         ) from e
     return faiss
 
