@@ -96,6 +96,12 @@ class DatasetError(CocatkError):
     """A benchmark or evaluation dataset is missing or malformed."""
 
 
+class MissingDependencyError(CocatkError):
+    """An optional dependency is not installed (FAISS comes with the ``cpu`` or ``cuda12`` extra)."""
+
+    default_hint = "pip install 'cocatk[cpu]' (CPU) or 'cocatk[cuda12]' (NVIDIA GPU, CUDA 12)"
+
+
 __all__ = [
     "CocatkError",
     "DatasetError",
@@ -107,6 +113,7 @@ __all__ = [
     "IndexError_",
     "IndexMismatchError",
     "IndexNotFoundError",
+    "MissingDependencyError",
     "ModelConfigError",
     "ModelError",
     "UnknownModelError",

@@ -19,11 +19,23 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EmptyIndexError, IndexCorruptError, UsageError
+from ..errors import EmptyIndexError, IndexCorruptError, MissingDependencyError, UsageError
 
 DEFAULT_FACTORY = "Flat"
 #: At most this many vectors train a quantizer (FAISS itself subsamples IVF training to 256 points per list).
 MAX_TRAIN = 200_000
+
+
+def _faiss() -> Any:
+    """The faiss module; MissingDependencyError when no FAISS build is installed (faiss is an extra of cocatk)."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"FAISS is not installed ({e})",
+            hint="pip install 'cocatk[cpu]' (CPU) or 'cocatk[cuda12]' (NVIDIA GPU, CUDA 12)",
+        ) from e
+    return faiss
 
 
 def min_training_points(factory: str) -> int:
@@ -66,7 +78,7 @@ class VectorIndex:
     # ---- construction ------------------------------------------------------------------------------------------
     @staticmethod
     def _make(dim: int, factory: str) -> Any:
-        import faiss
+        faiss = _faiss()
 
         try:
             return faiss.index_factory(int(dim), f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
@@ -113,7 +125,7 @@ class VectorIndex:
         return vi
 
     def _train(self, sample: np.ndarray) -> None:
-        import faiss
+        faiss = _faiss()
 
         inner = faiss.downcast_index(self.index.index)
         if faiss.get_num_gpus() > 0 and isinstance(inner, faiss.IndexIVF):
@@ -124,7 +136,7 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: Path, factory: str) -> VectorIndex:
-        import faiss
+        faiss = _faiss()
 
         try:
             index = faiss.read_index(str(path))
@@ -136,7 +148,7 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """Write atomically: temp file, fsync, ``os.replace``, fsync of the folder."""
-        import faiss
+        faiss = _faiss()
 
         tmp = path.with_name(path.name + ".tmp")
         faiss.write_index(self.index, str(tmp))
@@ -163,7 +175,7 @@ class VectorIndex:
 
     def ids(self) -> np.ndarray:
         """The ids held, in insertion order (int64)."""
-        import faiss
+        faiss = _faiss()
 
         return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
 
@@ -180,7 +192,7 @@ class VectorIndex:
 
     def remove(self, ids: np.ndarray) -> bool:
         """Remove ids; False when the index type cannot remove (HNSW): the caller rebuilds it."""
-        import faiss
+        faiss = _faiss()
 
         if len(ids) == 0:
             return True
@@ -194,7 +206,7 @@ class VectorIndex:
 
     # ---- search ------------------------------------------------------------------------------------------------
     def _searcher(self) -> Any:
-        import faiss
+        faiss = _faiss()
 
         if self._gpu_failed or faiss.get_num_gpus() == 0:
             return self.index
@@ -221,7 +233,7 @@ class VectorIndex:
         Raises:
             EmptyIndexError: no vectors. UsageError: bad shapes or k < 1.
         """
-        import faiss
+        faiss = _faiss()
 
         if k < 1:
             raise UsageError(f"k must be >= 1, got {k}", hint="ask for at least one result")
