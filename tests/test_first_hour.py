@@ -293,3 +293,44 @@ def test_migration_2_turns_text_paths_into_bytes_and_keeps_everything(tmp_path: 
 def test_shell_completion_is_offered(capsys) -> None:
     assert main(["--help"]) == 0
     assert "--install-completion" in capsys.readouterr().out
+
+
+def test_progress_display_survives_every_stage_sequence() -> None:
+    """The terminal bar (not used when stderr is a pipe, so drive it on a forced terminal)."""
+    import io
+
+    from rich.console import Console
+
+    from cocatk.cli.progress import _Bar
+
+    buf = io.StringIO()
+    bar = _Bar(console=Console(file=buf, force_terminal=True, width=120))
+    with bar.progress:
+        for call in [
+            ("start", 0, None),
+            ("model", 0, None),
+            ("model", 1, 1),
+            ("scan", 0, None),
+            ("scan", 1000, None),
+            ("scan", 1500, 1500),
+            ("index", 0, 1500),
+            ("index", 16, 1500),
+            ("index", 1500, 1500),
+            ("index", 0, 3),  # a second pass starts over
+            ("index", 3, 3),
+        ]:
+            bar(*call)
+            bar.progress.refresh()
+    text = buf.getvalue()
+    assert "loading model" in text and "scanning" in text and "1000" in text and "1500/1500" in text
+    assert "indexing" in text and "3/3" in text and "0/?" not in text
+
+
+def test_an_internal_error_is_one_line(monkeypatch, capsys) -> None:
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("cocatk.models.list_presets", boom)
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error (RuntimeError: boom)" in err and "COCATK_DEBUG=1" in err

@@ -50,6 +50,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print(_INTERRUPTED, style="red")
         code = 130
+    except Exception as e:  # a bug, not a user error: one line, the traceback only on request
+        if debug_enabled():
+            raise
+        err.print(
+            Text.assemble(
+                ("error: ", "bold red"),
+                f"internal error ({type(e).__name__}: {str(e)[:200]}). Fix: this is a cocatk bug; run again with "
+                "COCATK_DEBUG=1 and report the traceback (work committed so far is kept)",
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+        code = 1
     if argv is None:
         sys.exit(code)
     return code

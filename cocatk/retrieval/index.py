@@ -160,6 +160,8 @@ class Index:
         new_spec = None
         if not exists:
             # Load the model before anything touches the disk: missing weights must not leave an index stub.
+            if progress is not None:
+                progress("model", 0, None)  # resolving imports open_clip: seconds, part of loading the model
             new_spec = resolve_model(model, pretrained)
             _load_with_progress(new_spec, device, precision, progress)
             path.mkdir(parents=True, exist_ok=True)
