@@ -45,13 +45,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DatasetError, UsageError
+from ..errors import DatasetError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
 
-    from .models import CocaModel
+    from ..models import CocaModel
 
 #: Recall cut-offs reported (the published tables use these).
 RECALL_KS = (1, 5, 10)
@@ -109,7 +109,7 @@ class CaptionedDataset:
         """Decode image ``i`` to RGB (EXIF orientation applied)."""
         if self._loader is not None:
             return self._loader(self.images[i])
-        from .images import load_image
+        from ..images import load_image
 
         return load_image(self.images[i], max_megapixels=None)
 
@@ -235,7 +235,7 @@ def _hf(spec: str, split: str | None, image_column: str | None, caption_column: 
     )
 
     def load(i: int) -> Image.Image:
-        from .images import load_image
+        from ..images import load_image
 
         cell = raw[int(i)][image_column]
         if isinstance(cell, dict):
@@ -492,7 +492,7 @@ def evaluate_retrieval(
 
         # image -> text: group the (image, caption) pairs by caption so each caption is decoded once.
         t = time.perf_counter()
-        from .zeroshot.evaluate import null_images
+        from .zeroshot import null_images
 
         null_tokens = model.image_tokens(null_images(model.image_size)).cpu()
         flat = i2t_cands.ravel()
@@ -548,7 +548,7 @@ def write_captioned_folder(folder: str | Path, n: int = 24, seed: int = 0, size:
     Returns:
         The path of ``captions.json``.
     """
-    from .demo.scenes import distinct_meanings, iter_scenes, render_scene
+    from ..demo.scenes import distinct_meanings, iter_scenes, render_scene
 
     if not 1 <= n <= distinct_meanings(2):
         raise UsageError(

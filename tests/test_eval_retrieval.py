@@ -11,14 +11,13 @@ import pytest
 from conftest import TINY_CONFIG
 
 from cocatk.errors import DatasetError, UsageError
-from cocatk.evaluation import (
+from cocatk.evaluation import open_captioned_dataset, write_captioned_folder
+from cocatk.evaluation.retrieval import (
     image_to_text_ranks,
-    open_captioned_dataset,
     recall_from_ranks,
     reference_for,
     rerank_ranks,
     text_to_image_ranks,
-    write_captioned_folder,
 )
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DatasetError, UsageError
-from ._data import CIFAR10_CLASSNAMES, CIFAR100_CLASSNAMES, IMAGENET_SYNSETS
+from ..zeroshot._data import CIFAR10_CLASSNAMES, CIFAR100_CLASSNAMES, IMAGENET_SYNSETS
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image

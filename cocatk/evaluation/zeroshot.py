@@ -33,10 +33,10 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import DatasetError, ImageError, UsageError
-from .classifier import ProgressFn, ZeroShotClassifier
-from .datasets import ZeroShotDataset, open_dataset
-from .references import reference_for
-from .templates import TEMPLATE_SETS, fill, likelihood_prompt, load_templates
+from ..zeroshot.classifier import ProgressFn, ZeroShotClassifier
+from ..zeroshot.references import reference_for
+from ..zeroshot.templates import TEMPLATE_SETS, fill, likelihood_prompt, load_templates
+from .labelled import ZeroShotDataset, open_dataset
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -217,10 +217,10 @@ def evaluate_zeroshot(
 
     Args:
         dataset: ``imagenet``, ``cifar10``, ``cifar100``, an ImageFolder path, ``hf:NAME`` / ``hf:PATH``, or a
-            :class:`~cocatk.zeroshot.datasets.ZeroShotDataset`.
+            :class:`~cocatk.evaluation.labelled.ZeroShotDataset`.
         model: a loaded :class:`~cocatk.models.CocaModel` or a model name (loaded with ``pretrained``, ``device``,
             ``precision``).
-        data_dir, split, image_column, label_column: see :func:`~cocatk.zeroshot.datasets.open_dataset`.
+        data_dir, split, image_column, label_column: see :func:`~cocatk.evaluation.labelled.open_dataset`.
         templates: ``openai``, ``simple``, ``cifar``, a file path, or a list of templates; default the dataset's.
         batch_size: images per forward pass (default the model's).
         workers: decode threads (0 decodes in the calling thread; default min(8, cores)).

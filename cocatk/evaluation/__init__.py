@@ -1,0 +1,33 @@
+"""How quality is measured: text <-> image retrieval recall and zero-shot classification accuracy.
+
+- :mod:`.retrieval`: :func:`evaluate_retrieval` (R@1/5/10, contrastive and caption-likelihood rerank).
+- :mod:`.zeroshot`: :func:`evaluate_zeroshot` (top-1/top-5 on a labelled set) and :func:`classify_images`.
+- :mod:`.captioned` / :mod:`.labelled`: the evaluation sets (captioned images for retrieval, labelled images for
+  zero-shot); :mod:`.data` holds what both share (Hugging Face opening, image-cell decoding, the decode loop).
+
+The model side of zero-shot (templates, classifier build and cache, published numbers) lives in
+:mod:`cocatk.zeroshot`. Names below load on first access, so ``import cocatk.evaluation`` imports neither numpy
+nor torch.
+"""
+
+from __future__ import annotations
+
+from .._lazy import lazy_exports
+
+# name -> submodule that defines it; resolved lazily by __getattr__.
+_LAZY = {
+    "CaptionedDataset": ".retrieval",
+    "open_captioned_dataset": ".retrieval",
+    "RetrievalResult": ".retrieval",
+    "evaluate_retrieval": ".retrieval",
+    "ZeroShotDataset": ".labelled",
+    "open_dataset": ".labelled",
+    "ZeroShotResult": ".zeroshot",
+    "classify_images": ".zeroshot",
+    "evaluate_zeroshot": ".zeroshot",
+    "write_captioned_folder": ".retrieval",
+}
+
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
+
+__all__ = list(_LAZY)
