@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -33,3 +33,8 @@ def lazy_exports(
         return sorted([*namespace, *table])
 
     return __getattr__, __dir__
+
+
+def lazy_table(modules: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """``{module: names}`` -> ``{name: module}``, the table :func:`lazy_exports` serves."""
+    return {name: module for module, names in modules.items() for name in names}

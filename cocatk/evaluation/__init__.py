@@ -12,22 +12,17 @@ nor torch.
 
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from .._lazy import lazy_exports, lazy_table
 
-# name -> submodule that defines it; resolved lazily by __getattr__.
-_LAZY = {
-    "CaptionedDataset": ".retrieval",
-    "open_captioned_dataset": ".retrieval",
-    "RetrievalResult": ".retrieval",
-    "evaluate_retrieval": ".retrieval",
-    "ZeroShotDataset": ".labelled",
-    "open_dataset": ".labelled",
-    "ZeroShotResult": ".zeroshot",
-    "classify_images": ".zeroshot",
-    "evaluate_zeroshot": ".zeroshot",
-    "write_captioned_folder": ".retrieval",
-}
-
+# submodule -> the public names it defines; each loads on first access (see cocatk._lazy).
+_LAZY = lazy_table(
+    {
+        ".captioned": ("CaptionedDataset", "open_captioned_dataset"),
+        ".retrieval": ("RetrievalResult", "evaluate_retrieval", "write_captioned_folder"),
+        ".labelled": ("ZeroShotDataset", "open_dataset"),
+        ".zeroshot": ("ZeroShotResult", "classify_images", "evaluate_zeroshot"),
+    }
+)
 __getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 __all__ = list(_LAZY)

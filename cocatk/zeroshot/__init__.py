@@ -7,18 +7,17 @@ Submodules import torch, open_clip and datasets only inside the functions that n
 
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from .._lazy import lazy_exports, lazy_table
 from .classifier import ZeroShotClassifier, build_class_weights
 from .templates import load_templates, parse_templates
 
-# Re-exported evaluation names -> the cocatk.evaluation submodule that defines them.
-_EVALUATION = {
-    "ZeroShotDataset": "cocatk.evaluation.labelled",
-    "open_dataset": "cocatk.evaluation.labelled",
-    "ZeroShotResult": "cocatk.evaluation.zeroshot",
-    "classify_images": "cocatk.evaluation.zeroshot",
-    "evaluate_zeroshot": "cocatk.evaluation.zeroshot",
-}
+# The evaluation names this package has always exported, re-exported from where they live now.
+_EVALUATION = lazy_table(
+    {
+        "cocatk.evaluation.labelled": ("ZeroShotDataset", "open_dataset"),
+        "cocatk.evaluation.zeroshot": ("ZeroShotResult", "classify_images", "evaluate_zeroshot"),
+    }
+)
 
 __getattr__, __dir__ = lazy_exports(globals(), _EVALUATION)
 
