@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import TINY_CONFIG
 
+from cocatk.demo.scenes import write_captioned_folder
 from cocatk.errors import DatasetError, UsageError
-from cocatk.evaluation import open_captioned_dataset, write_captioned_folder
+from cocatk.evaluation import open_captioned_dataset
 from cocatk.evaluation.retrieval import (
     image_to_text_ranks,
     recall_from_ranks,

@@ -7,10 +7,14 @@
 
 The model side of zero-shot (templates, classifier build and cache, published numbers) lives in
 :mod:`cocatk.zeroshot`. Names below load on first access, so ``import cocatk.evaluation`` imports neither numpy
-nor torch.
+nor torch. ``write_captioned_folder`` moved to :mod:`cocatk.demo.scenes` (still reachable here, with a
+DeprecationWarning).
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 from .._lazy import lazy_exports, lazy_table
 
@@ -18,11 +22,25 @@ from .._lazy import lazy_exports, lazy_table
 _LAZY = lazy_table(
     {
         ".captioned": ("CaptionedDataset", "open_captioned_dataset"),
-        ".retrieval": ("RetrievalResult", "evaluate_retrieval", "write_captioned_folder"),
+        ".retrieval": ("RetrievalResult", "evaluate_retrieval"),
         ".labelled": ("ZeroShotDataset", "open_dataset"),
         ".zeroshot": ("ZeroShotResult", "classify_images", "evaluate_zeroshot"),
     }
 )
-__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
+_lazy_getattr, __dir__ = lazy_exports(globals(), _LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "write_captioned_folder":  # moved to the scene generator; evaluation never imports the demo eagerly
+        warnings.warn(
+            "cocatk.evaluation.write_captioned_folder moved to cocatk.demo.scenes.write_captioned_folder",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from ..demo.scenes import write_captioned_folder
+
+        return write_captioned_folder
+    return _lazy_getattr(name)
+
 
 __all__ = list(_LAZY)

@@ -21,7 +21,8 @@ the demo's ``captions.jsonl``, ``hf:PATH``).
 
 Example:
     >>> from cocatk import load_model
-    >>> from cocatk.evaluation import evaluate_retrieval, open_captioned_dataset, write_captioned_folder
+    >>> from cocatk.demo.scenes import write_captioned_folder
+    >>> from cocatk.evaluation import evaluate_retrieval, open_captioned_dataset
     >>> folder = write_captioned_folder("/tmp/shapes", n=24)                   # doctest: +SKIP
     >>> data = open_captioned_dataset(folder)                                  # doctest: +SKIP
     >>> result = evaluate_retrieval(load_model("coca-b32"), data)             # doctest: +SKIP
@@ -30,12 +31,10 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -318,32 +317,3 @@ def evaluate_retrieval(
         reference=reference_for(model.spec.arch, model.spec.pretrained, data.benchmark),
         seconds=seconds,
     )
-
-
-# ---- a generated captioned set (tests, offline demos) ---------------------------------------------------------
-def write_captioned_folder(folder: str | Path, n: int = 24, seed: int = 0, size: int = 64) -> Path:
-    """Write ``n`` two-object scenes (:mod:`cocatk.demo.scenes`) and a ``captions.json`` with their 2 true captions.
-
-    Scenes have distinct meanings, so each caption matches exactly one image. Deterministic for a seed; needs
-    neither torch nor the network.
-
-    Returns:
-        The path of ``captions.json``.
-    """
-    from ..demo.scenes import distinct_meanings, iter_scenes, render_scene
-
-    if not 1 <= n <= distinct_meanings(2):
-        raise UsageError(
-            f"n must be between 1 and {distinct_meanings(2)} (two-object scenes with distinct meanings), got {n}",
-            hint=f"ask for at most {distinct_meanings(2)} images",
-        )
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    captions: dict[str, list[str]] = {}
-    for i, spec in enumerate(iter_scenes(seed, n, n_objects=2, unique=True, namespace="captioned")):
-        name = f"scene_{i:03d}.png"
-        render_scene(spec, size).save(out / name)
-        captions[name] = spec.captions()
-    path = out / "captions.json"
-    path.write_text(json.dumps(captions, indent=1))
-    return path
