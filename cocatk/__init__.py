@@ -12,40 +12,25 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from . import errors
+from ._lazy import lazy_exports
 from ._version import __version__
 from .errors import CocatkError
 
 # name -> module that defines it; resolved lazily by __getattr__.
 _LAZY = {
-    "load_model": "models",
-    "resolve_model": "models",
-    "CocaModel": "models",
-    "ModelSpec": "models",
-    "PRESETS": "models",
-    "Index": "retrieval.index",
-    "IndexReport": "retrieval.index",
-    "ZeroShotClassifier": "zeroshot",
-    "ZeroShotResult": "zeroshot",
-    "evaluate_zeroshot": "zeroshot",
-    "evaluate_retrieval": "evaluation",
+    "load_model": ".models",
+    "resolve_model": ".models",
+    "CocaModel": ".models",
+    "ModelSpec": ".models",
+    "PRESETS": ".models",
+    "Index": ".retrieval.index",
+    "IndexReport": ".retrieval.index",
+    "ZeroShotClassifier": ".zeroshot",
+    "ZeroShotResult": ".evaluation.zeroshot",
+    "evaluate_zeroshot": ".evaluation.zeroshot",
+    "evaluate_retrieval": ".evaluation.retrieval",
 }
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cocatk' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 __all__ = ["CocatkError", "__version__", "errors", *_LAZY]

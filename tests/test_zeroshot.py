@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 
 from cocatk.errors import DatasetError, UsageError
-from cocatk.zeroshot import ZeroShotClassifier, evaluate_zeroshot, open_dataset, parse_templates
-from cocatk.zeroshot.datasets import ZeroShotDataset
-from cocatk.zeroshot.evaluate import (
+from cocatk.evaluation.labelled import ZeroShotDataset
+from cocatk.evaluation.zeroshot import (
     likelihood_scores,
     null_images,
     rank_classes,
@@ -21,6 +20,7 @@ from cocatk.zeroshot.evaluate import (
     rerank_scores,
     text_priors,
 )
+from cocatk.zeroshot import ZeroShotClassifier, evaluate_zeroshot, open_dataset, parse_templates
 from cocatk.zeroshot.templates import load_templates, named_templates
 
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "{} in the wild"]

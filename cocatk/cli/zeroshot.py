@@ -81,7 +81,7 @@ def zeroshot(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write the JSON result here.")] = None,
 ) -> None:
     """Zero-shot classification accuracy (top-1, top-5, mean per-class recall) against published numbers."""
-    from ..zeroshot import evaluate_zeroshot
+    from ..evaluation import evaluate_zeroshot
 
     with progress_bar() as progress:
         result = evaluate_zeroshot(
@@ -174,7 +174,7 @@ def classify(
     json_: options.Json = False,
 ) -> int:
     """Zero-shot labels for images: the top-n labels with probabilities (softmax of logit_scale x cosine)."""
-    from ..zeroshot import classify_images
+    from ..evaluation import classify_images
 
     result = classify_images(
         images,

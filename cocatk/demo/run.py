@@ -133,10 +133,10 @@ def run_demo(
         UsageError: ``n_photos`` is not between 1 and :func:`~cocatk.demo.scenes.distinct_meanings` (630).
     """
     from ..errors import UsageError
+    from ..evaluation import evaluate_zeroshot
     from ..retrieval import Index
     from ..retrieval.gallery import GallerySection, write_gallery
     from ..retrieval.search import search_index
-    from ..zeroshot import evaluate_zeroshot
     from .scenes import distinct_meanings, generate_folder
 
     if not 1 <= n_photos <= distinct_meanings():

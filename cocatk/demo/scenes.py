@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import UsageError
+
 #: Named object colours (sRGB). Captions use the names; the drawn colour is jittered a little around these.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -510,3 +512,35 @@ def generate_folder(
             for r in records:
                 f.write(json.dumps(r) + "\n")
     return records
+
+
+# ---- a captioned set (retrieval evaluation, tests) -------------------------------------------------------------
+def write_captioned_folder(folder: str | Path, n: int = 24, seed: int = 0, size: int = 64) -> Path:
+    """Write ``n`` two-object scenes and a ``captions.json`` with their 2 true captions.
+
+    Scenes have distinct meanings, so each caption matches exactly one image. Deterministic for a seed; needs
+    neither torch nor the network.
+
+    The folder is what :func:`cocatk.evaluation.open_captioned_dataset` and ``cocatk eval-retrieval`` read.
+
+    Returns:
+        The path of ``captions.json``.
+
+    Raises:
+        UsageError: ``n`` is not between 1 and ``distinct_meanings(2)`` (612).
+    """
+    if not 1 <= n <= distinct_meanings(2):
+        raise UsageError(
+            f"n must be between 1 and {distinct_meanings(2)} (two-object scenes with distinct meanings), got {n}",
+            hint=f"ask for at most {distinct_meanings(2)} images",
+        )
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    captions: dict[str, list[str]] = {}
+    for i, spec in enumerate(iter_scenes(seed, n, n_objects=2, unique=True, namespace="captioned")):
+        name = f"scene_{i:03d}.png"
+        render_scene(spec, size).save(out / name)
+        captions[name] = spec.captions()
+    path = out / "captions.json"
+    path.write_text(json.dumps(captions, indent=1))
+    return path

@@ -3,23 +3,16 @@ truth) and a FAISS index (ids == SQLite row ids) in step. See :mod:`cocatk.retri
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 _LAZY = {
-    "Index": "index",
-    "IndexReport": "index",
-    "CheckReport": "index",
-    "Store": "store",
-    "VectorIndex": "vectors",
+    "Index": ".index",
+    "IndexReport": ".index",
+    "CheckReport": ".index",
+    "Store": ".store",
+    "VectorIndex": ".vectors",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cocatk.retrieval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
-
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 __all__ = list(_LAZY)

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from conftest import TINY_CONFIG
 
+from cocatk.demo.scenes import write_captioned_folder
 from cocatk.errors import DatasetError, UsageError
-from cocatk.evaluation import (
+from cocatk.evaluation import open_captioned_dataset
+from cocatk.evaluation.retrieval import (
     image_to_text_ranks,
-    open_captioned_dataset,
     recall_from_ranks,
     reference_for,
     rerank_ranks,
     text_to_image_ranks,
-    write_captioned_folder,
 )
 
 

@@ -18,10 +18,8 @@ orientation left as stored.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DatasetError, UsageError
-from ._data import CIFAR10_CLASSNAMES, CIFAR100_CLASSNAMES, IMAGENET_SYNSETS
+from ..zeroshot._data import CIFAR10_CLASSNAMES, CIFAR100_CLASSNAMES, IMAGENET_SYNSETS
+from .data import decode_cell, load_cached, load_saved, undecoded
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -88,17 +87,8 @@ def decode_path(path: Any) -> Image.Image:
 
 
 def _decode_hf(raw: Any) -> Image.Image:
-    """A Hugging Face ``Image(decode=False)`` cell ({"bytes", "path"}) or an already decoded PIL image."""
-    from PIL import Image
-
-    if isinstance(raw, Image.Image):
-        return raw.convert("RGB")
-    if isinstance(raw, dict):
-        if raw.get("bytes"):
-            return decode_path(io.BytesIO(raw["bytes"]))
-        if raw.get("path"):
-            return decode_path(raw["path"])
-    raise ValueError(f"unsupported image cell {type(raw).__name__}")
+    """A Hugging Face image cell (see :func:`~cocatk.evaluation.data.decode_cell`), decoded like a file."""
+    return decode_cell(raw, decode_path)
 
 
 # ---- folders -----------------------------------------------------------------------------------------------
@@ -257,45 +247,6 @@ def _devkit_synsets(meta: Path) -> dict[int, str]:
 
 
 # ---- Hugging Face ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """Force datasets and huggingface_hub offline for one call: cocatk never downloads data silently."""
-    import datasets.config as dconfig
-    import huggingface_hub.constants as hconst
-
-    saved = (dconfig.HF_HUB_OFFLINE, hconst.HF_HUB_OFFLINE)
-    dconfig.HF_HUB_OFFLINE = hconst.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        dconfig.HF_HUB_OFFLINE, hconst.HF_HUB_OFFLINE = saved
-
-
-def _pick_split(ds: Any, split: str | None, what: str) -> tuple[Any, str | None]:
-    import datasets
-
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds.keys())
-        if split is not None:
-            if split not in ds:
-                raise UsageError(f"{what} has no split '{split}'", hint=f"use --split with one of: {', '.join(names)}")
-            return ds[split], split
-        for name in (*_SPLIT_PREFERENCE, *names):
-            if name in ds:
-                return ds[name], name
-        raise DatasetError(f"{what} has no splits", hint="save a dataset with at least one split")
-    return ds, split
-
-
-def _load_hub_cached(name: str, split: str | None) -> tuple[Any, str | None]:
-    """A Hugging Face dataset from the local cache only; None-safe split choice."""
-    import datasets
-
-    with _offline():
-        ds = datasets.load_dataset(name, split=split, download_config=datasets.DownloadConfig(local_files_only=True))
-    return _pick_split(ds, split, name)
-
-
 def _pick_column(features: Any, wanted: str | None, kind: str, preferred: tuple[str, ...], what: str) -> str:
     import datasets
 
@@ -346,10 +297,7 @@ def hf_dataset(
             f"labels of {source} fall outside 0..{len(classnames) - 1}",
             hint="drop unlabelled rows (label -1) before evaluating",
         )
-    if isinstance(ds.features[image_col], datasets.Image):
-        # Undecoded cells ({bytes, path}): decoding then happens in the worker threads, not in Arrow's getter.
-        ds = ds.cast_column(image_col, datasets.Image(decode=False))
-    raw = ds.select_columns([image_col])
+    raw = undecoded(ds, image_col).select_columns([image_col])
     return ZeroShotDataset(
         name=name,
         source=source,
@@ -360,19 +308,6 @@ def hf_dataset(
         fetch=lambda idx: raw[list(idx)][image_col],
         decode=_decode_hf,
     )
-
-
-def _load_from_disk(path: Path, split: str | None) -> tuple[Any, str | None]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise DatasetError(
-            f"{path} is not a folder written by Dataset.save_to_disk: {e}",
-            hint="save it with ds.save_to_disk(PATH) (a Dataset or a DatasetDict)",
-        ) from e
-    return _pick_split(ds, split, str(path))
 
 
 _CIFAR = {
@@ -411,7 +346,7 @@ def open_dataset(
         errors = []
         for name in _IMAGENET_HF:
             try:
-                ds, used = _load_hub_cached(name, split or "validation")
+                ds, used = load_cached(name, split or "validation", _SPLIT_PREFERENCE)
             except UsageError:
                 raise
             except Exception as e:  # not cached shows up as ConnectionError, FileNotFoundError, DatasetNotFoundError
@@ -435,11 +370,11 @@ def open_dataset(
     if key.lower() in _CIFAR:
         hub_name, names, label = _CIFAR[key.lower()]
         if data is not None:
-            ds, used = _load_from_disk(data, split or "test")
+            ds, used = load_saved(data, split or "test", _SPLIT_PREFERENCE)
             src = f"{data}[{used}]"
         else:
             try:
-                ds, used = _load_hub_cached(hub_name, split or "test")
+                ds, used = load_cached(hub_name, split or "test", _SPLIT_PREFERENCE)
             except UsageError:
                 raise
             except Exception as e:
@@ -458,10 +393,10 @@ def open_dataset(
             raise UsageError("empty Hugging Face dataset name", hint="use hf:NAME or hf:/path/to/saved_dataset")
         path = Path(name).expanduser()
         if path.exists():
-            ds, used = _load_from_disk(path, split)
+            ds, used = load_saved(path, split, _SPLIT_PREFERENCE)
             return hf_dataset(ds, f"{path}" + (f"[{used}]" if used else ""), image_column, label_column)
         try:
-            ds, used = _load_hub_cached(name, split)
+            ds, used = load_cached(name, split, _SPLIT_PREFERENCE)
         except UsageError:
             raise
         except Exception as e:

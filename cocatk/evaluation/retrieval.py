@@ -16,14 +16,13 @@ log-likelihood, everything below k is left alone (so R@k itself cannot change fo
   same estimate the zero-shot likelihood scorer uses. ``alpha = 1`` is full PMI, ``0`` no correction; the result
   also holds the no-prior figures so the effect is visible.
 
-Data (see :func:`open_captioned_dataset`): a Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``:
-``images[].filename / filepath / split / sentences[].raw``) with its image folder, a plain ``{"image.jpg":
-["caption", ...]}`` JSON, a folder holding one of those (or the ``captions.jsonl`` that ``cocatk.demo`` writes),
-or ``hf:PATH``, a Hugging Face dataset saved with ``save_to_disk`` with an image and a caption column.
+Data: :func:`~cocatk.evaluation.captioned.open_captioned_dataset` (COCO / Flickr30k Karpathy JSON, plain JSON,
+the demo's ``captions.jsonl``, ``hf:PATH``).
 
 Example:
     >>> from cocatk import load_model
-    >>> from cocatk.evaluation import evaluate_retrieval, open_captioned_dataset, write_captioned_folder
+    >>> from cocatk.demo.scenes import write_captioned_folder
+    >>> from cocatk.evaluation import evaluate_retrieval, open_captioned_dataset
     >>> folder = write_captioned_folder("/tmp/shapes", n=24)                   # doctest: +SKIP
     >>> data = open_captioned_dataset(folder)                                  # doctest: +SKIP
     >>> result = evaluate_retrieval(load_model("coca-b32"), data)             # doctest: +SKIP
@@ -32,26 +31,22 @@ Example:
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DatasetError, UsageError
+from ..errors import UsageError
+from .captioned import CaptionedDataset
+from .data import default_workers, iter_batches
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from PIL import Image
 
-    from .models import CocaModel
+    from ..models import CocaModel
 
 #: Recall cut-offs reported (the published tables use these).
 RECALL_KS = (1, 5, 10)
@@ -71,222 +66,7 @@ REFERENCES: dict[tuple[str, str], dict[str, tuple[float, float, float]]] = {
     ("coca_ViT-B-32", "laion2b_s13b_b90k"): {"coco5k": (36.18, 61.36, 71.76), "flickr1k": (63.36, 85.66, 91.44)},
 }
 
-_DATA_HINT = (
-    "pass a Karpathy split JSON (dataset_coco.json / dataset_flickr30k.json) with --images DIR, a folder holding "
-    'captions.json ({"image.jpg": ["caption", ...]}), or hf:PATH (a dataset saved with save_to_disk); '
-    "README 'cocatk eval-retrieval' says where to get COCO and Flickr30k"
-)
-
 ProgressFn = Callable[[str, int, int], None]
-
-
-# ---- data ----------------------------------------------------------------------------------------------------
-@dataclass
-class CaptionedDataset:
-    """Images, their captions, and which image each caption belongs to.
-
-    Attributes:
-        name: what was opened (a path or ``hf:PATH``).
-        images: one entry per image: a file path, or a row index for Hugging Face data.
-        captions: all captions, flat.
-        caption_image: int64 (C,): the image index of each caption.
-        benchmark: ``coco5k`` / ``flickr1k`` when the data is that published test set, else None.
-        split: the split used, when the source has splits.
-    """
-
-    name: str
-    images: list[Any]
-    captions: list[str]
-    caption_image: np.ndarray
-    benchmark: str | None = None
-    split: str | None = None
-    _loader: Callable[[Any], Image.Image] | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, i: int) -> Image.Image:
-        """Decode image ``i`` to RGB (EXIF orientation applied)."""
-        if self._loader is not None:
-            return self._loader(self.images[i])
-        from .images import load_image
-
-        return load_image(self.images[i], max_megapixels=None)
-
-    def subset(self, limit: int) -> CaptionedDataset:
-        """The first ``limit`` images and their captions (a published reference no longer applies)."""
-        if limit >= len(self.images):
-            return self
-        keep = self.caption_image < limit
-        return CaptionedDataset(
-            name=self.name,
-            images=self.images[:limit],
-            captions=[c for c, k in zip(self.captions, keep, strict=False) if k],
-            caption_image=self.caption_image[keep],
-            benchmark=None,
-            split=self.split,
-            _loader=self._loader,
-        )
-
-
-def _from_pairs(name: str, items: Sequence[tuple[Any, Sequence[str]]], **kw: Any) -> CaptionedDataset:
-    images, captions, owner = [], [], []
-    for img, caps in items:
-        caps = [caps] if isinstance(caps, str) else [str(c) for c in caps if str(c).strip()]
-        if not caps:
-            continue
-        for c in caps:
-            captions.append(c.strip())
-            owner.append(len(images))
-        images.append(img)
-    if not images:
-        raise DatasetError(f"{name} holds no captioned images", hint=_DATA_HINT)
-    return CaptionedDataset(name, images, captions, np.asarray(owner, dtype=np.int64), **kw)
-
-
-def _resolve_files(name: str, root: Path, rels: Sequence[Sequence[str]]) -> list[Path]:
-    """For each image, the first candidate path that exists; a clear error naming the first missing file."""
-    out = []
-    for cands in rels:
-        found = next((root / c for c in cands if (root / c).is_file()), None)
-        if found is None:
-            raise DatasetError(
-                f"image {cands[0]} listed in {name} is not under {root}",
-                hint="pass --images DIR, the folder that holds the images (for COCO the one containing val2014/)",
-            )
-        out.append(found)
-    return out
-
-
-def _karpathy(path: Path, data: dict[str, Any], split: str | None, root: Path) -> CaptionedDataset:
-    entries = data["images"]
-    if split:
-        splits = sorted({str(e.get("split")) for e in entries})
-        entries = [e for e in entries if e.get("split") == split]
-        if not entries:
-            raise UsageError(f"{path.name} has no images in split '{split}'", hint=f"use --split {'/'.join(splits)}")
-    rels = [
-        [str(Path(e.get("filepath", "")) / e["filename"]), e["filename"]] if e.get("filepath") else [e["filename"]]
-        for e in entries
-    ]
-    files = _resolve_files(path.name, root, rels)
-    caps = [[s["raw"] if "raw" in s else " ".join(s.get("tokens", [])) for s in e["sentences"]] for e in entries]
-    kind = str(data.get("dataset", "")).lower()
-    benchmark = None
-    if split == "test" and kind == "coco" and len(entries) == 5000:
-        benchmark = "coco5k"
-    elif split == "test" and kind.startswith("flickr30k") and len(entries) == 1000:
-        benchmark = "flickr1k"
-    return _from_pairs(str(path), list(zip(files, caps, strict=False)), benchmark=benchmark, split=split)
-
-
-def _caption_json(path: Path, split: str | None, images_dir: Path | None) -> CaptionedDataset:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DatasetError(f"cannot read {path}: {e}", hint=_DATA_HINT) from e
-    root = images_dir or path.parent
-    if isinstance(data, dict) and isinstance(data.get("images"), list):
-        return _karpathy(path, data, split, root)
-    if isinstance(data, dict) and all(isinstance(v, (str, list)) for v in data.values()):
-        files = _resolve_files(path.name, root, [[k] for k in data])
-        return _from_pairs(str(path), list(zip(files, data.values(), strict=False)))
-    raise DatasetError(f"{path} is neither a Karpathy split JSON nor an image -> captions mapping", hint=_DATA_HINT)
-
-
-def _jsonl(path: Path, images_dir: Path | None) -> CaptionedDataset:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if not r.get("broken") and (r.get("captions") or r.get("caption"))]
-    files = _resolve_files(path.name, images_dir or path.parent, [[r["file"]] for r in rows])
-    return _from_pairs(str(path), [(f, r.get("captions") or [r["caption"]]) for f, r in zip(files, rows, strict=False)])
-
-
-def _hf(spec: str, split: str | None, image_column: str | None, caption_column: str | None) -> CaptionedDataset:
-    import datasets
-
-    path = Path(spec[3:]).expanduser()
-    if not path.exists():
-        raise DatasetError(f"{path} does not exist", hint="save the dataset with ds.save_to_disk(PATH), pass hf:PATH")
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise DatasetError(f"{path} is not a folder written by save_to_disk: {e}", hint=_DATA_HINT) from e
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds)
-        pick = split if split in ds else next((s for s in ("test", "validation", *names) if s in ds), None)
-        if split and split not in ds:
-            raise UsageError(f"{spec} has no split '{split}'", hint=f"use --split with one of: {', '.join(names)}")
-        ds, split = ds[pick], pick
-    features = ds.features
-    if image_column is None:
-        image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
-    if caption_column is None:
-        caption_column = next((c for c in ("caption", "captions", "sentences", "text", "raw") if c in features), None)
-    for col, what in ((image_column, "image"), (caption_column, "caption")):
-        if col is None or col not in features:
-            raise UsageError(
-                f"{spec}: no {what} column{f' {col!r}' if col else ''} (columns: {', '.join(features)})",
-                hint=f"pass --{what}-column NAME",
-            )
-    raw = (
-        ds.cast_column(image_column, datasets.Image(decode=False))
-        if isinstance(features[image_column], datasets.Image)
-        else ds
-    )
-
-    def load(i: int) -> Image.Image:
-        from .images import load_image
-
-        cell = raw[int(i)][image_column]
-        if isinstance(cell, dict):
-            src = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell.get("path")
-            return load_image(src, max_megapixels=None)
-        if isinstance(cell, (str, bytes)):  # a path column, or raw encoded bytes
-            return load_image(io.BytesIO(cell) if isinstance(cell, bytes) else cell, max_megapixels=None)
-        return cell.convert("RGB")
-
-    caps = ds[caption_column]
-    return _from_pairs(spec, list(zip(range(len(ds)), caps, strict=False)), split=split, _loader=load)
-
-
-def open_captioned_dataset(
-    data: str | Path,
-    split: str | None = "test",
-    images_dir: str | Path | None = None,
-    image_column: str | None = None,
-    caption_column: str | None = None,
-) -> CaptionedDataset:
-    """Open a captioned image set without decoding any image.
-
-    Args:
-        data: a Karpathy split JSON, an ``{"image": [captions]}`` JSON, a folder holding ``captions.json``,
-            ``dataset_coco.json``, ``dataset_flickr30k.json`` or ``captions.jsonl``, or ``hf:PATH``.
-        split: the Karpathy / Hugging Face split (``test`` by default; None for every image of a Karpathy JSON).
-        images_dir: where the image files are (default: the JSON's folder).
-        image_column, caption_column: Hugging Face columns (default: the Image column and ``caption``/``captions``).
-
-    Raises:
-        DatasetError: missing or malformed data (the hint says what to pass). UsageError: bad split or column.
-    """
-    spec = str(data)
-    if spec.startswith("hf:"):
-        return _hf(spec, split, image_column, caption_column)
-    path = Path(spec).expanduser()
-    root = Path(images_dir).expanduser() if images_dir else None
-    if root is not None and not root.is_dir():
-        raise DatasetError(f"image folder {root} does not exist", hint="pass --images DIR, the folder of the images")
-    if path.is_dir():
-        for fname in ("captions.json", "dataset_coco.json", "dataset_flickr30k.json", "captions.jsonl"):
-            if (path / fname).is_file():
-                path = path / fname
-                break
-        else:
-            raise DatasetError(f"{path} holds no captions.json, Karpathy JSON or captions.jsonl", hint=_DATA_HINT)
-    if not path.is_file():
-        raise DatasetError(f"captioned data {spec} not found", hint=_DATA_HINT)
-    if path.suffix == ".jsonl":
-        return _jsonl(path, root)
-    return _caption_json(path, split, root)
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------
@@ -402,18 +182,19 @@ def _encode_dataset(
     n = len(data)
     embs: list[np.ndarray] = []
     toks: torch.Tensor | None = None
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i in range(0, n, batch_size):
-            images = list(pool.map(data.load, range(i, min(n, i + batch_size))))
-            e, t = model.encode_images_and_tokens(images, batch_size=batch_size, tokens=tokens)
-            embs.append(e)
-            if t is not None:
-                if toks is None:
-                    per_image = t.shape[1] * t.shape[2] * 4
-                    dtype = torch.float32 if n * per_image <= TOKENS_FP32_LIMIT else torch.float16
-                    toks = torch.empty((n, *t.shape[1:]), dtype=dtype)
-                toks[i : i + len(t)] = t.to("cpu", toks.dtype)
-            progress("images", min(n, i + batch_size), n)
+    # Every image is needed (captions point at them), so a decode error propagates instead of being skipped.
+    batches = iter_batches(np.arange(n), list, data.load, batch_size, max(1, workers), skip_failures=False)
+    for idx, images, _ in batches:
+        i = int(idx[0])
+        e, t = model.encode_images_and_tokens(images, batch_size=batch_size, tokens=tokens)
+        embs.append(e)
+        if t is not None:
+            if toks is None:
+                per_image = t.shape[1] * t.shape[2] * 4
+                dtype = torch.float32 if n * per_image <= TOKENS_FP32_LIMIT else torch.float16
+                toks = torch.empty((n, *t.shape[1:]), dtype=dtype)
+            toks[i : i + len(t)] = t.to("cpu", toks.dtype)
+        progress("images", i + len(idx), n)
     return np.concatenate(embs), toks
 
 
@@ -461,7 +242,7 @@ def evaluate_retrieval(
         data = data.subset(limit)
     progress = progress or (lambda stage, done, total: None)
     bs = batch_size or model.image_batch_size
-    workers = workers if workers is not None else max(1, min(8, os.cpu_count() or 1))
+    workers = workers if workers is not None else default_workers()
     seconds: dict[str, float] = {}
     kmax = max(ks, default=0)
 
@@ -492,7 +273,7 @@ def evaluate_retrieval(
 
         # image -> text: group the (image, caption) pairs by caption so each caption is decoded once.
         t = time.perf_counter()
-        from .zeroshot.evaluate import null_images
+        from .zeroshot import null_images
 
         null_tokens = model.image_tokens(null_images(model.image_size)).cpu()
         flat = i2t_cands.ravel()
@@ -536,32 +317,3 @@ def evaluate_retrieval(
         reference=reference_for(model.spec.arch, model.spec.pretrained, data.benchmark),
         seconds=seconds,
     )
-
-
-# ---- a generated captioned set (tests, offline demos) ---------------------------------------------------------
-def write_captioned_folder(folder: str | Path, n: int = 24, seed: int = 0, size: int = 64) -> Path:
-    """Write ``n`` two-object scenes (:mod:`cocatk.demo.scenes`) and a ``captions.json`` with their 2 true captions.
-
-    Scenes have distinct meanings, so each caption matches exactly one image. Deterministic for a seed; needs
-    neither torch nor the network.
-
-    Returns:
-        The path of ``captions.json``.
-    """
-    from .demo.scenes import distinct_meanings, iter_scenes, render_scene
-
-    if not 1 <= n <= distinct_meanings(2):
-        raise UsageError(
-            f"n must be between 1 and {distinct_meanings(2)} (two-object scenes with distinct meanings), got {n}",
-            hint=f"ask for at most {distinct_meanings(2)} images",
-        )
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    captions: dict[str, list[str]] = {}
-    for i, spec in enumerate(iter_scenes(seed, n, n_objects=2, unique=True, namespace="captioned")):
-        name = f"scene_{i:03d}.png"
-        render_scene(spec, size).save(out / name)
-        captions[name] = spec.captions()
-    path = out / "captions.json"
-    path.write_text(json.dumps(captions, indent=1))
-    return path

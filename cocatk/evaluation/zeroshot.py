@@ -22,9 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,10 +31,11 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import DatasetError, ImageError, UsageError
-from .classifier import ProgressFn, ZeroShotClassifier
-from .datasets import ZeroShotDataset, open_dataset
-from .references import reference_for
-from .templates import TEMPLATE_SETS, fill, likelihood_prompt, load_templates
+from ..zeroshot.classifier import ProgressFn, ZeroShotClassifier
+from ..zeroshot.references import reference_for
+from ..zeroshot.templates import TEMPLATE_SETS, fill, likelihood_prompt, load_templates
+from .data import default_workers, iter_batches
+from .labelled import ZeroShotDataset, open_dataset
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -139,53 +138,6 @@ def rerank_scores(model: CocaModel, prompts: Sequence[str], tokens: torch.Tensor
     return out
 
 
-# ---- the image loop ----------------------------------------------------------------------------------------
-def _default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def _iter_batches(
-    dataset: ZeroShotDataset, indices: np.ndarray, batch_size: int, workers: int, preprocess: Any
-) -> Iterator[tuple[np.ndarray, list[Any], list[str]]]:
-    """Yield (indices, preprocessed tensors, failures) per batch; decoding runs ahead in a thread pool.
-
-    Two batches are in flight so the pool decodes batch i+1 while the model encodes batch i.
-    """
-
-    def load(raw: Any) -> Any:
-        try:
-            return preprocess(dataset.decode(raw))
-        except Exception as e:  # a bad file is skipped and counted, never fatal
-            return f"{raw if isinstance(raw, (str, Path)) else 'image'}: {type(e).__name__}: {e}"
-
-    starts = iter(range(0, len(indices), batch_size))
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
-
-    def submit(start: int) -> tuple[np.ndarray, list[Future[Any] | Any]]:
-        idx = indices[start : start + batch_size]
-        raws = dataset.fetch(idx.tolist())
-        return idx, [pool.submit(load, r) if pool else r for r in raws]
-
-    try:
-        pending: deque[tuple[np.ndarray, list[Any]]] = deque()
-        for _ in range(2):
-            s = next(starts, None)
-            if s is not None:
-                pending.append(submit(s))
-        while pending:
-            idx, items = pending.popleft()
-            s = next(starts, None)
-            if s is not None:
-                pending.append(submit(s))
-            results = [f.result() if pool else load(f) for f in items]
-            keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
-            failures = [r for r in results if isinstance(r, str)]
-            yield idx[keep], [results[i] for i in keep], failures
-    finally:
-        if pool:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _select(n: int, limit: int | None) -> np.ndarray:
     """All indices, or ``limit`` evenly spaced ones (deterministic, and spread over every class of a sorted set)."""
     if limit is None or limit >= n:
@@ -217,10 +169,10 @@ def evaluate_zeroshot(
 
     Args:
         dataset: ``imagenet``, ``cifar10``, ``cifar100``, an ImageFolder path, ``hf:NAME`` / ``hf:PATH``, or a
-            :class:`~cocatk.zeroshot.datasets.ZeroShotDataset`.
+            :class:`~cocatk.evaluation.labelled.ZeroShotDataset`.
         model: a loaded :class:`~cocatk.models.CocaModel` or a model name (loaded with ``pretrained``, ``device``,
             ``precision``).
-        data_dir, split, image_column, label_column: see :func:`~cocatk.zeroshot.datasets.open_dataset`.
+        data_dir, split, image_column, label_column: see :func:`~cocatk.evaluation.labelled.open_dataset`.
         templates: ``openai``, ``simple``, ``cifar``, a file path, or a list of templates; default the dataset's.
         batch_size: images per forward pass (default the model's).
         workers: decode threads (0 decodes in the calling thread; default min(8, cores)).
@@ -289,7 +241,7 @@ def evaluate_zeroshot(
 
     indices = _select(len(ds), limit)
     bs = batch_size or model.image_batch_size
-    n_workers = _default_workers() if workers is None else workers
+    n_workers = default_workers() if workers is None else workers
     kept: list[np.ndarray] = []
     ranked_c: list[np.ndarray] = []
     ranked_g: list[np.ndarray] = []
@@ -299,7 +251,10 @@ def evaluate_zeroshot(
     t_images = time.perf_counter()
     import torch
 
-    for idx, tensors, failed in _iter_batches(ds, indices, bs, n_workers, model.preprocess):
+    def load(raw: Any) -> Any:
+        return model.preprocess(ds.decode(raw))
+
+    for idx, tensors, failed in iter_batches(indices, ds.fetch, load, bs, n_workers):
         n_failed += len(failed)
         failures += failed[: max(0, MAX_LISTED_FAILURES - len(failures))]
         done += len(idx) + len(failed)
