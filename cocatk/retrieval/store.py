@@ -14,6 +14,8 @@ Tables (schema version :data:`SCHEMA_VERSION`, numbered migrations in :data:`MIG
   ``embedding`` is D float32 values (little-endian, L2-normalised).
 - ``tokens(id, data)``: with ``--cache-tokens``, the decoder tokens of file ``id``, (T, D) float16.
 - ``failures(path, reason, detail, size, mtime_ns, at)``: files that could not be decoded in the last run.
+- ``captions(cid, id, config, hash, text, logprob, at)`` with ``caption_configs(key, settings)`` and the FTS5 index
+  ``captions_fts``: generated captions per file and generation settings (``cocatk caption``).
 """
 
 from __future__ import annotations
@@ -92,6 +94,35 @@ MIGRATIONS: list[str] = [
     INSERT INTO failures_v2 SELECT CAST(path AS BLOB), reason, detail, size, mtime_ns, at FROM failures;
     DROP TABLE failures;
     ALTER TABLE failures_v2 RENAME TO failures;
+    """,
+    # 3: generated captions. One row per (file, caption settings); a caption describes the content it was made from
+    # (`hash`): a changed file loses it, a removed file's go with it (ON DELETE CASCADE). `caption_configs` records the
+    # model identity and generation settings behind each key. `captions_fts` is an FTS5 index over the texts, kept
+    # in step by triggers (external content: the text is stored once).
+    """
+    CREATE TABLE caption_configs (key TEXT PRIMARY KEY, settings TEXT NOT NULL, created_at REAL NOT NULL);
+    CREATE TABLE captions (
+        cid INTEGER PRIMARY KEY,
+        id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+        config TEXT NOT NULL REFERENCES caption_configs (key),
+        hash TEXT NOT NULL,
+        text TEXT NOT NULL,
+        logprob REAL,
+        at REAL NOT NULL,
+        UNIQUE (id, config)
+    );
+    CREATE INDEX captions_config ON captions (config);
+    CREATE VIRTUAL TABLE captions_fts USING fts5(text, content='captions', content_rowid='cid');
+    CREATE TRIGGER captions_ai AFTER INSERT ON captions BEGIN
+        INSERT INTO captions_fts (rowid, text) VALUES (new.cid, new.text);
+    END;
+    CREATE TRIGGER captions_ad AFTER DELETE ON captions BEGIN
+        INSERT INTO captions_fts (captions_fts, rowid, text) VALUES ('delete', old.cid, old.text);
+    END;
+    CREATE TRIGGER captions_au AFTER UPDATE ON captions BEGIN
+        INSERT INTO captions_fts (captions_fts, rowid, text) VALUES ('delete', old.cid, old.text);
+        INSERT INTO captions_fts (rowid, text) VALUES (new.cid, new.text);
+    END;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -269,10 +300,12 @@ class Store:
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
     def update_content(self, file_id: int, size: int, mtime_ns: int, content_hash: str, embedding: np.ndarray) -> None:
+        """New content for a known row; its captions described the old content and go."""
         self.conn.execute(
             "UPDATE files SET size = ?, mtime_ns = ?, hash = ?, embedding = ?, indexed_at = ? WHERE id = ?",
             (size, mtime_ns, content_hash, _blob(embedding), time.time(), file_id),
         )
+        self.conn.execute("DELETE FROM captions WHERE id = ? AND hash != ?", (file_id, content_hash))
 
     def update_stat(self, file_id: int, size: int, mtime_ns: int, path: str | None = None) -> None:
         """New size/mtime (content unchanged), and a new path for a moved file."""
@@ -350,6 +383,78 @@ class Store:
             "INSERT OR REPLACE INTO tokens (id, data) SELECT ?, data FROM tokens WHERE id = ?", (dst, src)
         )
         return cur.rowcount > 0
+
+    # ---- captions ----------------------------------------------------------------------------------------------
+    def ensure_caption_config(self, key: str, settings: dict[str, Any]) -> None:
+        """Record what a caption key stands for (model identity and generation settings)."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO caption_configs (key, settings, created_at) VALUES (?, ?, ?)",
+            (key, json.dumps(settings, sort_keys=True), time.time()),
+        )
+
+    def caption_configs(self) -> dict[str, dict[str, Any]]:
+        """key -> settings, plus ``count`` (captions stored with that key), oldest first."""
+        rows = self.conn.execute(
+            "SELECT k.key, k.settings, COUNT(c.cid) FROM caption_configs k LEFT JOIN captions c ON c.config = k.key "
+            "GROUP BY k.key ORDER BY k.created_at"
+        )
+        return {key: {**json.loads(settings), "count": int(n)} for key, settings, n in rows}
+
+    def put_caption(self, file_id: int, key: str, content_hash: str, text: str, logprob: float | None) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO captions (id, config, hash, text, logprob, at) VALUES (?, ?, ?, ?, ?, ?)",
+            (file_id, key, content_hash, text, logprob, time.time()),
+        )
+
+    def copy_captions(self, src: int, dst: int) -> int:
+        """Give row ``dst`` (same content as ``src``) the captions of ``src``; returns how many."""
+        cur = self.conn.execute(
+            "INSERT OR REPLACE INTO captions (id, config, hash, text, logprob, at) "
+            "SELECT ?, config, hash, text, logprob, at FROM captions WHERE id = ?",
+            (dst, src),
+        )
+        return cur.rowcount
+
+    def uncaptioned(self, key: str) -> list[FileRow]:
+        """Files without a caption for ``key``, by id."""
+        rows = self.conn.execute(
+            "SELECT f.id, f.path, f.size, f.mtime_ns, f.hash FROM files f "
+            "LEFT JOIN captions c ON c.id = f.id AND c.config = ? WHERE c.cid IS NULL ORDER BY f.id",
+            (key,),
+        )
+        return [FileRow(int(i), from_bytes(p), int(sz), int(m), h) for i, p, sz, m, h in rows]
+
+    def captions_for_ids(self, ids: Sequence[int], key: str | None = None) -> dict[int, str]:
+        """The caption of each id that has one: for ``key``, else the most recent of any settings."""
+        wanted = sorted({int(i) for i in ids if int(i) >= 0})
+        found: dict[int, tuple[float, str]] = {}
+        for chunk in _chunks(wanted):
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT id, text, at FROM captions WHERE id IN ({marks})"
+            params: list[Any] = list(chunk)
+            if key is not None:
+                sql += " AND config = ?"
+                params.append(key)
+            for i, text, at in self.conn.execute(sql, params):
+                if int(i) not in found or at > found[int(i)][0]:
+                    found[int(i)] = (at, text)
+        return {i: t for i, (_, t) in found.items()}
+
+    def caption_match(self, query: str) -> np.ndarray:
+        """Ids whose captions match an FTS5 query (words are ANDed; "quoted phrases", OR, NOT, prefix*), sorted.
+
+        Raises:
+            sqlite3.OperationalError: the query is not valid FTS5 syntax (the caller turns it into a UsageError).
+        """
+        rows = self.conn.execute(
+            "SELECT DISTINCT c.id FROM captions_fts JOIN captions c ON c.cid = captions_fts.rowid "
+            "WHERE captions_fts MATCH ? ORDER BY c.id",
+            (query,),
+        )
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def caption_count(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0])
 
     def token_ids(self) -> set[int]:
         return {int(r[0]) for r in self.conn.execute("SELECT id FROM tokens")}

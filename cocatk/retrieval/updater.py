@@ -460,6 +460,7 @@ class Updater:
         self.report.duplicates += 1
         if self.store.copy_tokens(src, fid):
             self.report.tokens_cached += 1
+        self.store.copy_captions(src, fid)  # the same content: its captions describe this file too
         self._add_vector(fid, emb)
 
     def _fail(self, res: Encoded) -> None:
