@@ -24,7 +24,7 @@ def duplicates(
             "--threshold",
             "-t",
             help="Cosine similarity in (0, 1] at or above which two images are near-duplicates (lower groups more).",
-            show_default="per model: 0.97 demo, 0.995 random weights, 0.95 others",
+            show_default="per model: 0.99 demo, 0.999 random weights, 0.95 others",
         ),
     ] = None,
     under: Annotated[Path | None, typer.Option("--under", help="Only images below this folder.")] = None,

@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Default threshold per kind of weights, measured on the generated near-duplicate set of
 #: ``benchmarks/bench_duplicates.py`` (README, "cocatk duplicates"): the lowest threshold whose pair precision is 1.0
-#: there, rounded up. ``random`` is any ``--pretrained none`` model, ``demo`` the ``demo`` preset.
-DEFAULT_THRESHOLDS: dict[str, float] = {"demo": 0.97, "random": 0.995}
+#: there. ``random`` is any ``--pretrained none`` model, ``demo`` the ``demo`` preset.
+DEFAULT_THRESHOLDS: dict[str, float] = {"demo": 0.99, "random": 0.999}
 #: Real CoCa weights (coca-b32, coca-l14, ...): not measured offline (no weights here); a strict value, because a
 #: loose one groups thousands of distinct photos (immich users' reports). Pass --threshold to loosen it.
 FALLBACK_THRESHOLD = 0.95

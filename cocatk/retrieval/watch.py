@@ -163,8 +163,8 @@ class _Watcher:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:  # runs on watchdog's thread: only enqueue
-                if event.event_type in _QUIET:
-                    return
+                if event.event_type in _QUIET or (event.is_directory and event.event_type == "modified"):
+                    return  # a folder's "modified" accompanies every file event below it
                 src = os.fsdecode(event.src_path)
                 dest = os.fsdecode(event.dest_path) if getattr(event, "dest_path", "") else None
                 events.put((src, dest, bool(event.is_directory)))
