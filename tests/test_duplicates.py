@@ -64,7 +64,7 @@ def test_groups_match_brute_force_on_synthetic_vectors(t: float) -> None:
     i, j = similar_pairs(x[:200], t, block=7)
     sims = x[:200] @ x[:200].T
     ri, rj = np.nonzero(np.triu(sims >= t, 1))
-    assert sorted(zip(i.tolist(), j.tolist())) == sorted(zip(ri.tolist(), rj.tolist()))
+    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == sorted(zip(ri.tolist(), rj.tolist(), strict=True))
 
 
 def test_connected_components_of_a_long_chain() -> None:
