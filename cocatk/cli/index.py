@@ -58,6 +58,14 @@ def index(
         int, typer.Option("--checkpoint-every", min=1, help="Files per durable checkpoint.")
     ] = 256,
     json_: options.Json = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Then keep watching: new, changed, moved and deleted files are indexed in batches (one line each) "
+            "until Ctrl-C or SIGTERM.",
+        ),
+    ] = False,
 ) -> None:
     """Index images: new and changed files are encoded, moved files keep their vectors, deleted files are removed.
 
@@ -100,8 +108,69 @@ def index(
         err.print(f"[dim]... and {len(report.failures) - 20} more (`cocatk info` lists them)[/]")
     if json_:
         print_json(data)
-        return
-    _print_summary(data)
+    else:
+        _print_summary(data)
+    if watch:
+        _watch(
+            report.index_dir,
+            paths,
+            device,
+            json_,
+            workers=workers,
+            batch_size=batch_size,
+            follow_symlinks=follow_symlinks,
+            max_megapixels=max_megapixels,
+            checkpoint_every=checkpoint_every,
+        )
+
+
+def _watch(index_dir: str, paths: list[Path] | None, device: str | None, json_: bool, **update: Any) -> None:
+    """Watch the roots until Ctrl-C or SIGTERM, one line per batch (a JSON line with --json)."""
+    import json
+    import signal
+    import threading
+    import time
+
+    from ..retrieval.index import Index
+    from ..retrieval.watch import WatchBatch, watch_index
+
+    stop = threading.Event()
+
+    def line(b: WatchBatch) -> None:
+        if json_:
+            out.print(json.dumps(_json_safe_batch(b)), markup=False, highlight=False, soft_wrap=True)
+            return
+        stamp = time.strftime("%H:%M:%S", time.localtime(b.time))
+        roots = ", ".join(display_path(r) for r in b.roots)
+        if b.kind == "missing":
+            warn(f"{stamp} root {roots} is missing (deleted or unmounted?): its files are kept; waiting for it")
+        elif b.kind == "back":
+            note(f"{stamp} root {roots} is back: watching it again")
+        elif b.kind == "error":
+            warn(f"{stamp} batch {b.number} failed: {b.error}")
+        elif b.kind == "batch" or b.added + b.changed + b.moved + b.removed + b.failed:
+            out.print(
+                f"{stamp} {b.kind} {b.number}: {b.added} added, {b.changed} changed, {b.moved} moved, "
+                f"{b.removed} removed, {b.failed} failed in {b.seconds:.2f} s ({b.events} events; "
+                f"{b.total} images indexed)",
+                markup=False,
+                highlight=False,
+            )
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    note(f"watching {', '.join(display_path(str(p)) for p in paths or []) or 'the index roots'} (Ctrl-C to stop)")
+    try:
+        with Index.open(index_dir, device=device, lock=True) as ix:
+            batches = watch_index(ix, [str(p) for p in paths or []], on_batch=line, stop=stop, **update)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    note(f"stopped watching after {batches} batches; everything committed is kept")
+
+
+def _json_safe_batch(b: Any) -> dict[str, Any]:
+    d = b.to_dict()
+    d.pop("report", None)
+    return d
 
 
 def _print_failures(failures: list[dict[str, str]], verb: str, console: Any = None) -> None:

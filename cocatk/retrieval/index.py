@@ -67,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..models import CocaModel, ModelSpec
+    from .duplicates import DuplicateReport
     from .encoder import Encoder
 
 
@@ -497,6 +498,20 @@ class Index:
             >>> [h.path for h in Index.open().search("a red bicycle", n=3)]   # doctest: +SKIP
         """
         return search_index(self, text, image, negative, n=n, rerank=rerank, rerank_k=rerank_k, under=under).hits
+
+    def duplicates(
+        self, threshold: float | None = None, under: str | os.PathLike[str] | None = None
+    ) -> DuplicateReport:
+        """Groups of exact and near-duplicate images, each with a suggested keeper; nothing is deleted.
+
+        See :func:`cocatk.retrieval.duplicates.find_duplicates` (threshold: cosine in (0, 1], default per model).
+
+        Example:
+            >>> [len(g.files) for g in Index.open().duplicates(threshold=0.95).groups]   # doctest: +SKIP
+        """
+        from .duplicates import find_duplicates
+
+        return find_duplicates(self, threshold=threshold, under=under)
 
     # ---- maintenance -------------------------------------------------------------------------------------------
     def forget(self, roots: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
