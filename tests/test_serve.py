@@ -455,3 +455,15 @@ def test_cli_no_auth_warns_then_starts(built, monkeypatch, capsys):
     assert main(["serve", "--host", "0.0.0.0", "--no-auth", "--index", str(built[0]), "--port", "9999"]) == 0
     assert seen["host"] == "0.0.0.0" and seen["port"] == 9999
     assert "without authentication" in capsys.readouterr().err
+
+
+def test_serve_help_imports_no_web_stack():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom cocatk.cli import main\nmain(['serve', '--help'])\n"
+        "print('HEAVY', [m for m in ('fastapi', 'uvicorn', 'starlette', 'torch', 'faiss') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out and "--no-auth" in out
