@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,14 +113,16 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"cocatk serve exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/api/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
+                with urllib.request.urlopen(f"{self.url}/api/health", timeout=2):
+                    break
+            except urllib.error.HTTPError:  # answering (401 with --token): up
+                break
             except OSError:
                 pass
             if time.monotonic() > deadline:
+                log = self.log()
                 self.stop()
-                raise RuntimeError(f"cocatk serve did not answer /api/health in 120 s:\n{self.log()}")
+                raise RuntimeError(f"cocatk serve did not answer /api/health in 120 s:\n{log}")
             time.sleep(0.2)
 
     def log(self) -> str:
