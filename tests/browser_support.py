@@ -102,11 +102,24 @@ class Server:
     def __init__(self, index: Path, home: Path, extra: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "cocatk", "serve", "--index", str(index), "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(self.port), *(extra or [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cocatk",
+            "serve",
+            "--index",
+            str(index),
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *(extra or []),
+        ]
         home.mkdir(parents=True, exist_ok=True)
         self.log_path = home / f"serve-{self.port}.log"
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed by stop())
         self.proc = subprocess.Popen(cmd, env=_env(home), stdout=self._log, stderr=subprocess.STDOUT, cwd=home)
         deadline = time.monotonic() + 120
         while True:
@@ -170,8 +183,12 @@ def clip_front_build() -> Path | None:
     wheels = sorted(CLIP_CACHE.glob("clip_retrieval-2.45.0-*.whl"))
     if not wheels:
         try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", CLIP_RETRIEVAL, "-d",
-                            str(CLIP_CACHE)], check=True, timeout=180, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", CLIP_RETRIEVAL, "-d", str(CLIP_CACHE)],
+                check=True,
+                timeout=180,
+                capture_output=True,
+            )
         except (subprocess.SubprocessError, OSError):
             return None
         wheels = sorted(CLIP_CACHE.glob("clip_retrieval-2.45.0-*.whl"))

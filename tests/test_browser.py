@@ -12,15 +12,21 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-
-from browser_support import DOCS_IMG, CHROMIUM_ARGS, Server, build_demo_index, clip_front_build, find_chromium
-from browser_support import static_server
+from browser_support import (
+    CHROMIUM_ARGS,
+    DOCS_IMG,
+    Server,
+    build_demo_index,
+    clip_front_build,
+    find_chromium,
+    static_server,
+)
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 CHROMIUM = find_chromium()
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary (apt-get install chromium, or set COCATK_CHROMIUM)"),
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium, or set COCATK_CHROMIUM)"),
 ]
 
 DESKTOP = {"width": 1280, "height": 800}
@@ -68,7 +74,9 @@ def page(browser, server):
 def results(pg) -> list:
     """Wait until the grid holds real cards (no skeletons) and return them."""
     pg.wait_for_selector("#grid .card:not(.skeleton)")
-    pg.wait_for_function("!document.querySelector('#grid .card.skeleton') && !document.body.classList.contains('loading')")
+    pg.wait_for_function(
+        "!document.querySelector('#grid .card.skeleton') && !document.body.classList.contains('loading')"
+    )
     return pg.locator("#grid .card").all()
 
 
@@ -264,8 +272,9 @@ def test_error_state_shows_the_servers_hint(page):
 
 
 def test_phone_layout_and_screenshot(browser, server):
-    context = browser.new_context(viewport=PHONE, base_url=server.url, is_mobile=True, has_touch=True,
-                                  device_scale_factor=2)
+    context = browser.new_context(
+        viewport=PHONE, base_url=server.url, is_mobile=True, has_touch=True, device_scale_factor=2
+    )
     pg = context.new_page()
     pg.set_default_timeout(TIMEOUT)
     try:
@@ -338,17 +347,23 @@ def test_clip_retrieval_front_end(browser, demo, clip_front):
             indices = pg.request.get(f"{srv.url}/indices-list").json()
             assert isinstance(indices, list) and indices
             # clip front's fetch() posts JSON as a plain string: Content-Type text/plain (a CORS "simple" request).
-            probe = pg.request.post(f"{srv.url}/knn-service", headers={"Content-Type": "text/plain;charset=UTF-8"},
-                                    data='{"text": "a red circle", "modality": "image", "num_images": 3}')
+            probe = pg.request.post(
+                f"{srv.url}/knn-service",
+                headers={"Content-Type": "text/plain;charset=UTF-8"},
+                data='{"text": "a red circle", "modality": "image", "num_images": 3}',
+            )
             if probe.status == 422:
-                pytest.xfail(f"server gap: POST /knn-service with a text/plain JSON body (as clip front sends it) "
-                             f"answers 422: {probe.text()[:200]}")
+                pytest.xfail(
+                    f"server gap: POST /knn-service with a text/plain JSON body (as clip front sends it) "
+                    f"answers 422: {probe.text()[:200]}"
+                )
             pg.goto(f"{front_url}/?back={srv.url}&index={indices[0]}&query=a+red+circle")
             try:
                 pg.wait_for_function(
                     "() => { const f = document.querySelector('clip-front');"
                     " const imgs = f && f.shadowRoot ? [...f.shadowRoot.querySelectorAll('img')] : [];"
-                    " return imgs.filter(i => (i.src || '').includes('/api/') && i.complete && i.naturalWidth > 0).length >= 5; }"
+                    " return imgs.filter(i => (i.src || '').includes('/api/') && i.complete && i.naturalWidth > 0)"
+                    ".length >= 5; }"
                 )
             except Exception as e:  # the log says which request failed
                 raise AssertionError(f"clip front showed no results: {e}\n" + "\n".join(log[-40:])) from None
