@@ -22,6 +22,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS_IMG = REPO / "docs" / "img"
+
+
+def screenshot_dir(tmp: Path) -> Path:
+    """docs/img when COCATK_UPDATE_SCREENSHOTS=1 (refreshes the README's pictures), else ``tmp``: a test run leaves
+    the work tree clean."""
+    return DOCS_IMG if os.environ.get("COCATK_UPDATE_SCREENSHOTS") == "1" else tmp
+
+
 #: clip-retrieval's wheel (its built front end is inside); .ci/run pre-downloads it, the tests download it if missing.
 CLIP_RETRIEVAL = "clip-retrieval==2.45.0"
 CLIP_CACHE = REPO / ".cache" / "clip-retrieval"

@@ -2,6 +2,8 @@
 
 Skips, with the reason, when playwright or a Chromium binary is missing; `.ci/run` installs both so CI runs these.
 One server over a 40-photo demo index serves the whole module; each test gets a fresh browser context.
+Screenshots go to a tmp folder; `COCATK_UPDATE_SCREENSHOTS=1 .venv/bin/python -m pytest tests/test_browser.py`
+rewrites docs/img/serve-desktop.png, serve-phone.png and clip-front.png (the README shows the desktop one).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from browser_support import (
     CHROMIUM_ARGS,
-    DOCS_IMG,
     Server,
     build_demo_index,
     clip_front_build,
     find_chromium,
+    screenshot_dir,
     static_server,
 )
 
@@ -102,7 +104,15 @@ def wait_images_loaded(pg, first: int = 10) -> None:
     )
 
 
-def test_text_search_fills_grid_with_both_scores_and_desktop_screenshot(page, server):
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots go: docs/img with COCATK_UPDATE_SCREENSHOTS=1, else a tmp folder."""
+    folder = screenshot_dir(tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_text_search_fills_grid_with_both_scores_and_desktop_screenshot(page, shots):
     cards = search(page, QUERY)
     assert len(cards) == 20  # the page asks for 20 by default
     assert _params(page.url)["q"] == [QUERY]
@@ -122,8 +132,7 @@ def test_text_search_fills_grid_with_both_scores_and_desktop_screenshot(page, se
     options = page.locator("#under option").all_inner_texts()
     assert options[0] == "All folders" and any("garden" in o for o in options) and any("holiday" in o for o in options)
     wait_images_loaded(page)
-    DOCS_IMG.mkdir(parents=True, exist_ok=True)
-    shot = DOCS_IMG / "serve-desktop.png"
+    shot = shots / "serve-desktop.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 20_000
 
@@ -271,7 +280,7 @@ def test_error_state_shows_the_servers_hint(page):
     assert page.locator("#error-hint").inner_text().strip()
 
 
-def test_phone_layout_and_screenshot(browser, server):
+def test_phone_layout_and_screenshot(browser, server, shots):
     context = browser.new_context(
         viewport=PHONE, base_url=server.url, is_mobile=True, has_touch=True, device_scale_factor=2
     )
@@ -286,7 +295,7 @@ def test_phone_layout_and_screenshot(browser, server):
         assert pg.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
         boxes = [c.bounding_box() for c in cards[:2]]
         assert boxes[0]["y"] == boxes[1]["y"] and boxes[1]["x"] > boxes[0]["x"]
-        shot = DOCS_IMG / "serve-phone.png"
+        shot = shots / "serve-phone.png"
         pg.screenshot(path=str(shot))
         assert shot.stat().st_size > 20_000
     finally:
@@ -340,7 +349,7 @@ CLIP_IMAGES_JS = """n => {
 }"""
 
 
-def test_clip_retrieval_front_end(browser, demo, clip_front):
+def test_clip_retrieval_front_end(browser, demo, clip_front, shots):
     """clip-retrieval 2.45's own front end, unchanged, on `cocatk serve --cors`: text, upload and click-to-search."""
     photo = _a_photo(demo)
     with static_server(clip_front) as front_url:
@@ -380,7 +389,7 @@ def test_clip_retrieval_front_end(browser, demo, clip_front):
             except Exception as e:  # the log says which request failed
                 raise AssertionError(f"clip front showed no results: {e}\n" + "\n".join(log[-40:])) from None
             pg.wait_for_timeout(300)
-            shot = DOCS_IMG / "clip-front.png"
+            shot = shots / "clip-front.png"
             pg.screenshot(path=str(shot))
             assert shot.stat().st_size > 20_000
             # 2. Image search: the front's upload (a hidden file chooser), base64 in "image".
