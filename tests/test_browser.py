@@ -265,19 +265,30 @@ def test_paste_and_pick_an_image_with_text(page, demo):
     assert results(page)
 
 
-def test_error_state_shows_the_servers_hint(page):
+def test_empty_query_and_error_states(page, demo):
     page.goto("/")
     page.wait_for_function("window.cocatkReady === true")
-    page.locator("#search-btn").click()  # an empty query: the server answers 4xx with error + hint
+    # An empty query asks nothing of the server: the start page says what to do.
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url) if "/api/search" in r.url else None)
+    page.locator("#search-btn").click()
+    sync_api.expect(page.locator("#empty")).to_be_visible()
+    assert page.evaluate("document.activeElement.id") == "q" and not requests
+    # A folder that is not indexed: the server's 400 shows its error and hint.
     error = page.locator("#error")
+    page.goto("/?q=red&under=" + str(demo / "nowhere"))
     sync_api.expect(error).to_be_visible()
-    assert page.locator("#error-title").inner_text().strip()
-    assert page.locator("#error-hint").inner_text().strip()
+    assert "nowhere" in page.locator("#error-title").inner_text()
+    assert "/api/folders" in page.locator("#error-hint").inner_text()
     assert page.locator("#grid .card").count() == 0
     # An id that is not in the index.
     page.goto("/?similar=987654")
     sync_api.expect(error).to_be_visible()
-    assert page.locator("#error-hint").inner_text().strip()
+    assert page.locator("#error-title").inner_text().strip() and page.locator("#error-hint").inner_text().strip()
+    # The next good search clears the error.
+    page.locator("#q").fill(QUERY)
+    page.keyboard.press("Enter")
+    assert results(page) and error.is_hidden()
 
 
 def test_phone_layout_and_screenshot(browser, server, shots):

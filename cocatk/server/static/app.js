@@ -261,12 +261,20 @@ function runState(s) {
     for (const [k, v] of searchParams(s)) fd.append(k, v);
     return run(() => api("/api/search/image", { method: "POST", body: fd }));
   }
-  // An empty query goes to the server too: it answers with an error and a hint, which the page shows.
   return run(() => api(`/api/search?${searchParams(s)}`));
 }
 
 function submit() {
   const s = formState();
+  if (!s.q && !state.image) {
+    // Nothing to search for: say how, without a round trip.
+    pushUrl(s);
+    state.seq++;
+    state.lastLoaded = null;
+    showWelcome();
+    ui.q.focus();
+    return;
+  }
   if (!state.image) pushUrl(s);
   runState(s);
 }
