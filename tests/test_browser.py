@@ -192,8 +192,9 @@ def test_lightbox_arrows_and_escape(page):
     dialog = page.locator("#lightbox")
     sync_api.expect(dialog).to_be_visible()
     assert page.locator("#lb-path").inner_text() == paths[0]
-    page.wait_for_function("document.querySelector('#lb-img').naturalWidth > 0")  # the original loaded
-    assert "/api/image/" in page.locator("#lb-img").get_attribute("src")
+    page.wait_for_function(  # the thumbnail first, then the original
+        "(i => i.src.includes('/api/image/') && i.complete && i.naturalWidth > 0)(document.querySelector('#lb-img'))"
+    )
     page.keyboard.press("ArrowRight")
     assert page.locator("#lb-path").inner_text() == paths[1]
     page.keyboard.press("ArrowLeft")

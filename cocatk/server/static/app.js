@@ -332,7 +332,11 @@ function openLightbox(i) {
   if (!state.hits.length) return;
   state.lbIndex = (i + state.hits.length) % state.hits.length;
   const hit = state.hits[state.lbIndex];
-  ui.lbImg.src = hit.image_url;
+  // The thumbnail (already cached) at once, the original when it has loaded: big photos take a while.
+  ui.lbImg.src = hit.thumb_url;
+  const original = new Image();
+  original.onload = () => { if (state.hits[state.lbIndex] === hit) ui.lbImg.src = hit.image_url; };
+  original.src = hit.image_url;
   ui.lbImg.alt = basename(hit.path);
   renderPath(hit.path);
   ui.lbScores.textContent = `#${hit.rank ?? state.lbIndex + 1} of ${state.hits.length} · similarity ${fmt(hit.similarity, 3)} · caption log-likelihood ${fmt(hit.loglik, 2)}`;
