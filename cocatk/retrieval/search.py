@@ -77,16 +77,30 @@ class SearchResult:
         }
 
 
+#: What an image query may be: a path, or the file's bytes (an upload; decoded by :func:`cocatk.images.load_image`).
+ImageQuery = str | os.PathLike[str] | bytes
+
+
+def describe_image_query(image: ImageQuery) -> str:
+    """How a query image is named in results and messages: its path as text, or ``(uploaded image, N bytes)``."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"(uploaded image, {len(image)} bytes)"
+    return text_path(os.fspath(image))
+
+
 def build_query_vector(
     model: Any,
     text: str | None = None,
-    image: str | os.PathLike[str] | None = None,
+    image: ImageQuery | None = None,
     negative: Sequence[str] = (),
     max_megapixels: float | None = None,
+    embedding: np.ndarray | None = None,
 ) -> np.ndarray:
     """The stage-1 query: text embedding, image embedding, or the normalised mean of both, minus negatives.
 
-    Each ``negative`` text's embedding is subtracted before the final L2 normalisation.
+    Each ``negative`` text's embedding is subtracted before the final L2 normalisation. ``image`` is a path or the
+    image file's bytes (an upload). ``embedding`` (a stored or given vector, shape (D,) or (1, D)) takes the place
+    of an image embedding ("more like this").
 
     Returns:
         float32 (1, D), L2-normalised.
@@ -99,24 +113,33 @@ def build_query_vector(
 
     if text is not None and not text.strip():
         raise UsageError("empty query", hint='pass a text such as "a red bicycle", or --image PATH')
-    if text is None and image is None:
+    if text is None and image is None and embedding is None:
         raise UsageError("no query", hint='pass a text such as "a red bicycle", or --image PATH')
     parts: list[np.ndarray] = []
     if text is not None:
         parts.append(model.encode_texts([text])[0])
     if image is not None:
         kwargs = {} if max_megapixels is None else {"max_megapixels": max_megapixels}
-        shown = display_path(os.fspath(image))
-        if not os.path.exists(image):
+        upload = isinstance(image, (bytes, bytearray, memoryview))
+        shown = describe_image_query(image) if upload else display_path(os.fspath(image))
+        if not upload and not os.path.exists(image):
             raise UsageError(f"--image {shown} does not exist", hint="pass the path of an image file to search with")
         try:
-            im = load_image(image, draft_size=model.image_size, **kwargs)
+            im = load_image(bytes(image) if upload else image, draft_size=model.image_size, **kwargs)
         except ImageError as e:
             reason = getattr(e, "reason", "") or e.message
             raise ImageError(
                 f"cannot search with {shown}: {reason}", hint="pass a readable JPEG, PNG, WebP, ... image to --image"
             ) from e
         parts.append(model.encode_images([im])[0])
+    if embedding is not None:
+        vec = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if vec.shape[0] != int(model.embed_dim) or not np.all(np.isfinite(vec)):
+            raise UsageError(
+                f"the query embedding has {vec.shape[0]} values, the model's embeddings {model.embed_dim}",
+                hint=f"pass {model.embed_dim} finite floats",
+            )
+        parts.append(vec / max(float(np.linalg.norm(vec)), 1e-12))
     q = np.mean(parts, axis=0)
     q = q / max(np.linalg.norm(q), 1e-12)
     negs = [t for t in negative if t and t.strip()]
@@ -179,22 +202,38 @@ def candidate_tokens(
 def search_index(
     index: Index,
     text: str | None = None,
-    image: str | os.PathLike[str] | None = None,
+    image: ImageQuery | None = None,
     negative: Sequence[str] = (),
     n: int = 10,
     rerank: bool = True,
     rerank_k: int = 50,
     under: str | os.PathLike[str] | None = None,
     use_token_cache: bool = True,
+    like_id: int | None = None,
+    embedding: np.ndarray | Sequence[float] | None = None,
 ) -> SearchResult:
-    """Search ``index``; see the module docstring. Image-only queries are never reranked (there is no text).
+    """Search ``index``; see the module docstring. Queries without text are never reranked (there is no text).
 
-    ``use_token_cache=False`` re-decodes candidate files even when the index stores their decoder tokens.
+    Args:
+        image: a path, or the image file's bytes (an HTTP upload).
+        like_id: "more like this": the stored embedding of indexed file ``like_id`` is the query, and that file
+            itself is left out of the hits (it would always come first with similarity 1). Excludes text/image.
+        embedding: a raw query vector of the index's dimension (normalised here), e.g. clip-retrieval's
+            ``embedding_input``. Excludes text/image/like_id.
+        use_token_cache: False re-decodes candidate files even when the index stores their decoder tokens.
 
     Raises:
-        UsageError: n < 1, rerank_k < 1, empty query, missing --under folder.
+        UsageError: n < 1, rerank_k < 1, empty query, missing --under folder, an id that is not in the index,
+            like_id or embedding mixed with other queries.
         EmptyIndexError: the index holds no images.
     """
+    if (like_id is not None or embedding is not None) and (
+        text is not None or image is not None or (like_id is not None and embedding is not None)
+    ):
+        raise UsageError(
+            "a similar-image or embedding query cannot be combined with other queries",
+            hint="pass like_id, embedding, or text and/or image",
+        )
     if n < 1:
         raise UsageError(f"-n must be >= 1, got {n}", hint="ask for at least one result, e.g. -n 10")
     if rerank_k < 1:
@@ -215,15 +254,20 @@ def search_index(
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    query = build_query_vector(model, text, image, negative, max_megapixels)
+    if like_id is not None:
+        embedding = index.embeddings([like_id])[0]  # UsageError for an id that is not in the index
+    query = build_query_vector(
+        model, text, image, negative, max_megapixels, None if embedding is None else np.asarray(embedding)
+    )
     timings["embed"] = time.perf_counter() - t0
 
     do_rerank = bool(rerank and text is not None)
     t0 = time.perf_counter()
     total = len(selector) if selector is not None else vectors.ntotal
-    candidates, dropped = _existing_candidates(
-        index, vectors, query, max(n, rerank_k) if do_rerank else n, total, selector
-    )
+    want = max(n, rerank_k) if do_rerank else n
+    candidates, dropped = _existing_candidates(index, vectors, query, want + (like_id is not None), total, selector)
+    if like_id is not None:
+        candidates = [c for c in candidates if c[0] != like_id][:want]
     timings["search"] = time.perf_counter() - t0
 
     hits: list[Hit]
@@ -250,11 +294,13 @@ def search_index(
         hits=hits,
         query={
             "text": text,
-            "image": text_path(str(image)) if image is not None else None,
+            "image": describe_image_query(image) if image is not None else None,
             "not": list(negative),
             "n": n,
             "rerank_k": rerank_k if do_rerank else None,
             "under": text_path(str(under)) if under else None,
+            **({"like_id": int(like_id)} if like_id is not None else {}),
+            **({"embedding": True} if embedding is not None and like_id is None else {}),
         },
         model=model.info(),
         timings=timings,
@@ -292,3 +338,26 @@ def _existing_candidates(
         if len(found) >= want or k >= total or len(ids) < k:
             return found[:want], gone
         k = min(total, 2 * k)
+
+
+def indexed_folders(index: Index) -> list[tuple[str, int, bool]]:
+    """The folders that hold indexed images, from the stored paths (the disk is not walked).
+
+    Every root, and every folder between a root and an indexed file, with the number of indexed files at or below
+    it. A search edge offers these as the ``under`` filter and accepts nothing else.
+
+    Returns:
+        (folder, files at or below it, is a root), sorted by folder.
+    """
+    roots = index.store.roots()
+    counts: dict[str, int] = {r: 0 for r in roots}
+    for path in index.store.file_rows():
+        root = next((r for r in roots if path == r or path.startswith(r.rstrip("/") + "/")), None)
+        folder = os.path.dirname(path)
+        while True:
+            counts[folder] = counts.get(folder, 0) + 1
+            if root is None or folder == root or len(folder) <= len(root) or folder == os.path.dirname(folder):
+                break
+            folder = os.path.dirname(folder)
+    root_set = set(roots)
+    return [(f, c, f in root_set) for f, c in sorted(counts.items()) if c]  # a root that is a file has no count

@@ -1,0 +1,658 @@
+"""The FastAPI application of `cocatk serve`: JSON API, clip-retrieval compatible endpoints, thumbnails, the page.
+
+A thin edge (STYLE rule 11): every endpoint parses, calls a library function (``search_index``, ``Index.info``,
+``indexed_folders``, ``load_image``) in a worker thread, and renders JSON. Errors are one shape,
+``{"error": ..., "hint": ...}`` with a 4xx; a 500 (same shape) means a bug.
+
+Concurrency. One :class:`~cocatk.retrieval.index.Index` (one SQLite connection, one FAISS index, one model) serves
+every request, and every call into it holds one lock. Why not one ``Index`` per worker thread: each would hold its
+own copy of the FAISS vectors (N x D float32 per thread, 40 threads by default) and rebuild it on every new
+generation; and the model, the expensive part, is one object shared by all of them anyway (``load_model`` caches
+it), whose forward passes already use every core (CPU) or serialise on the GPU. So parallel searches would not
+finish sooner, and the lock makes the shared ``Store`` (not thread-safe) and the ``vectors`` reload on a new
+generation safe. Work that needs no index (decoding and resizing thumbnails, sending files) runs outside the lock.
+
+New generations. Nothing here caches vectors or paths: each search reads ``index.vectors``, which reloads when a
+``cocatk index`` run beside the server has committed a new generation; the folder list is cached per generation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import mimetypes
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import config
+from ..errors import CocatkError, EmptyIndexError, ImageError, IndexBusyError, IndexNotFoundError, UsageError
+from ..paths import json_path, text_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..retrieval.index import Index
+    from ..retrieval.search import SearchResult
+
+T = TypeVar("T")
+
+STATIC_DIR = Path(__file__).parent / "static"
+#: Name of the one index in the clip-retrieval endpoints (``/indices-list``, ``indice_name``).
+COMPAT_INDEX_NAME = "cocatk"
+TOKEN_COOKIE = "cocatk_token"
+#: Thumbnail sizes the API accepts (pixels, longest side); bounded so a client cannot fill the cache disk.
+THUMB_MIN, THUMB_MAX = 32, 1024
+#: Hits per request: large enough for any page, small enough that one request cannot pin a worker for minutes.
+MAX_N = 1000
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+@dataclass
+class ServeSettings:
+    """What `cocatk serve` passes to :func:`create_app`. ``token`` None: no authentication (local bind only)."""
+
+    index_dir: str | os.PathLike[str] | None = None
+    model: str | None = None
+    pretrained: str | None = None
+    device: str | None = None
+    token: str | None = None
+    cors_origin: str | None = None
+    max_upload_mb: float = 20.0
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class ApiError(Exception):
+    """An HTTP error in the API's one shape: ``{"error": message, "hint": what to do}``."""
+
+    def __init__(self, status: int, message: str, hint: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.hint, self.headers = status, message, hint, headers
+
+
+def error_response(status: int, message: str, hint: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "hint": hint}, status_code=status, headers=headers)
+
+
+def _status_of(e: CocatkError) -> int:
+    if isinstance(e, EmptyIndexError):
+        return 409  # the request is fine; the index (or the chosen folder) holds nothing yet
+    if isinstance(e, (UsageError, ImageError)):
+        return 400
+    if isinstance(e, IndexNotFoundError):
+        return 404
+    if isinstance(e, IndexBusyError):
+        return 503
+    return 500
+
+
+# ---- the backend: one index, one lock ----------------------------------------------------------------------------
+class Backend:
+    """The open index and everything requests share. Every use of ``index`` goes through :meth:`call`."""
+
+    def __init__(self, index: Index, settings: ServeSettings) -> None:
+        self.index = index
+        self.settings = settings
+        self.lock = threading.Lock()
+        self._folders: tuple[int, list[tuple[str, int, bool]]] | None = None
+        key = hashlib.sha256(os.fsencode(str(index.dir))).hexdigest()[:16]
+        self.thumb_dir = config.cache_dir() / "thumbs" / key
+
+    @classmethod
+    def open(cls, settings: ServeSettings) -> Backend:
+        """Open the index and load its model and vectors (start-up: before the first request, not during it)."""
+        from ..retrieval.index import Index
+
+        index = Index.open(settings.index_dir, model=settings.model, pretrained=settings.pretrained,
+                           device=settings.device)  # fmt: skip
+        try:
+            if index.is_empty:
+                raise EmptyIndexError(
+                    f"the index at {index.dir} holds no images", hint=f"run `cocatk index PATH --index {index.dir}`"
+                )
+            index.model  # noqa: B018 - load the model now
+            index.vectors  # noqa: B018 - and the FAISS index
+        except BaseException:
+            index.close()
+            raise
+        return cls(index, settings)
+
+    def close(self) -> None:
+        with self.lock:
+            self.index.close()
+
+    def call(self, fn: Callable[[Index], T]) -> T:
+        """Run ``fn(index)`` holding the index lock (in a worker thread: the caller uses run_in_threadpool)."""
+        with self.lock:
+            return fn(self.index)
+
+    async def run(self, fn: Callable[[Index], T]) -> T:
+        return await run_in_threadpool(self.call, fn)
+
+    # ---- lookups ---------------------------------------------------------------------------------------------
+    def folders(self, index: Index) -> list[tuple[str, int, bool]]:
+        """:func:`indexed_folders`, cached per generation (call with the lock held)."""
+        from ..retrieval.search import indexed_folders
+
+        gen = index.store.generation
+        if self._folders is None or self._folders[0] != gen:
+            self._folders = (gen, indexed_folders(index))
+        return self._folders[1]
+
+    def resolve_under(self, index: Index, under: str | None) -> str | None:
+        """The stored folder named by the client's ``under`` text; only a root or a folder of indexed files."""
+        if under is None or under == "":
+            return None
+        want = under.rstrip("/") or "/"
+        for folder, _, _ in self.folders(index):
+            if text_path(folder) == want:
+                return folder
+        raise ApiError(
+            400,
+            f"under={under!r} is not a folder of the index",
+            "pass one of the folders that /api/folders lists (a root or a folder holding indexed images)",
+        )
+
+    def file_of(self, index: Index, file_id: int) -> tuple[str, str]:
+        """(path, content hash) of indexed file ``file_id``; 404 for an id that is not in the index."""
+        path = index.store.paths_for_ids([file_id])[0]
+        if path is None:
+            raise ApiError(404, f"id {file_id} is not in the index", "use ids returned by a search")
+        return path, index.store.hashes_for_ids([file_id])[0] or ""
+
+    def max_megapixels(self, index: Index) -> float | None:
+        from ..images import DEFAULT_MAX_MEGAPIXELS
+
+        return index.manifest.get("max_megapixels", DEFAULT_MAX_MEGAPIXELS)
+
+
+def _gone(path: str) -> ApiError:
+    return ApiError(
+        404,
+        f"the indexed file {text_path(path)} is gone from disk",
+        "run `cocatk index` to refresh the index (it drops deleted files)",
+    )
+
+
+def make_thumbnail(source: str, target: Path, size: int, max_megapixels: float | None) -> None:
+    """Write a JPEG thumbnail (longest side ``size``, EXIF orientation applied) atomically: temp file, rename."""
+    from PIL import Image
+
+    from ..images import load_image
+
+    im = load_image(source, draft_size=size, max_megapixels=max_megapixels)
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        im.save(tmp, "JPEG", quality=85, optimize=True)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+# ---- request limits and authentication ---------------------------------------------------------------------------
+class BodyLimit:
+    """ASGI middleware: refuse a request body above ``limit`` bytes with 413, counted while it arrives.
+
+    ``Content-Length`` above the limit is refused before reading; a chunked body is counted chunk by chunk and the
+    request is cut off at the limit (the multipart parser would otherwise spool any size to disk first).
+    """
+
+    def __init__(self, app: Any, limit: int, shown_mb: float) -> None:
+        self.app, self.limit, self.shown_mb = app, limit, shown_mb
+
+    def _response(self) -> JSONResponse:
+        return error_response(
+            413,
+            f"the request is larger than the upload limit ({self.shown_mb:g} MB)",
+            "send a smaller image, or restart the server with a larger --max-upload-mb",
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._response()(scope, receive, send)
+            return
+        seen = 0
+        over = False
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    raise _TooLarge()
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if over:  # whatever the app made of the cut-off body, the answer is 413
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _TooLarge:
+            pass
+        except Exception:
+            if not over:
+                raise
+        if over:
+            await self._response()(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _supplied_token(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)
+
+
+def require_token(request: Request) -> None:
+    """With ``--token``: the request must carry it (Authorization: Bearer, ?token=, or the cocatk_token cookie)."""
+    token = request.app.state.settings.token
+    if token is None:
+        return
+    supplied = _supplied_token(request)
+    if supplied is None or not hmac.compare_digest(supplied.encode(), token.encode()):
+        raise ApiError(
+            401,
+            "missing or wrong token" if supplied else "this server needs a token",
+            "send `Authorization: Bearer TOKEN`, a `token` query parameter or a `cocatk_token` cookie "
+            "(the token `cocatk serve --token` was started with)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+# ---- rendering ---------------------------------------------------------------------------------------------------
+def render_search(result: SearchResult) -> dict[str, Any]:
+    """``cocatk search --json``'s document, plus each hit's ``thumb_url`` and ``image_url``."""
+    doc = result.to_dict()
+    for hit in doc["hits"]:
+        hit["thumb_url"] = f"/api/thumb/{hit['id']}"
+        hit["image_url"] = f"/api/image/{hit['id']}"
+    return doc
+
+
+def _json_info(info: dict[str, Any]) -> dict[str, Any]:
+    """``Index.info()`` with every path as JSON-safe text (failures already carry path_b64 when needed)."""
+    out = dict(info)
+    out["index_dir"] = text_path(info["index_dir"])
+    out["roots"] = [json_path(r) for r in info["roots"]]
+    return out
+
+
+# ---- the clip-retrieval request ----------------------------------------------------------------------------------
+class KnnRequest(BaseModel):
+    """clip-retrieval's ``/knn-service`` body (clip_back.py 2.45), plus cocatk's optional ``rerank``/``rerank_k``.
+
+    Accepted and ignored (no such model here): ``use_mclip``, ``deduplicate``, ``use_safety_model``,
+    ``use_violence_detector``, ``aesthetic_score``, ``aesthetic_weight``.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str | None = None
+    image: str | None = Field(None, description="the image file, base64")
+    image_url: str | None = Field(None, description="refused: the server fetches nothing from the network")
+    embedding_input: list[float] | None = None
+    modality: Literal["image", "text"] = "image"
+    num_images: int = Field(40, ge=1, le=MAX_N)
+    num_result_ids: int | None = Field(None, ge=1, le=100_000)
+    indice_name: str | None = None
+    use_mclip: bool = False
+    deduplicate: bool = False
+    use_safety_model: bool = False
+    use_violence_detector: bool = False
+    aesthetic_score: int | str | None = ""
+    aesthetic_weight: float | str | None = ""
+    rerank: bool = Field(True, description="cocatk: rerank text queries by caption likelihood (as `cocatk search`)")
+    rerank_k: int = Field(50, ge=1, le=MAX_N, description="cocatk: candidates for the rerank")
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ids: list[int] = Field(default_factory=list, max_length=100_000)
+    indice_name: str | None = None
+
+
+def _check_indice(name: str | None) -> None:
+    if name is not None and name != COMPAT_INDEX_NAME:
+        raise ApiError(400, f"unknown indice_name {name!r}", f'use "{COMPAT_INDEX_NAME}" (GET /indices-list)')
+
+
+# ---- the application ---------------------------------------------------------------------------------------------
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The `cocatk serve` application. The index and its model open in the lifespan (start-up), once.
+
+    Raises (at start-up): IndexNotFoundError, EmptyIndexError, model errors.
+    """
+    from starlette.staticfiles import StaticFiles
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        backend = await run_in_threadpool(Backend.open, settings)
+        app.state.backend = backend
+        try:
+            yield
+        finally:
+            backend.close()
+
+    app = FastAPI(
+        title="cocatk",
+        summary="CoCa image search over a cocatk index",
+        lifespan=lifespan,
+        # The page and the docs hold no data: they load without the token; every data endpoint requires it.
+    )
+    app.state.settings = settings
+    _install_error_handlers(app)
+
+    api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
+    compat = APIRouter(dependencies=[Depends(require_token)], tags=["clip-retrieval"])
+
+    def backend_of(request: Request) -> Backend:
+        return request.app.state.backend
+
+    # ---- JSON API -----------------------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        """Liveness, image count, index generation and model."""
+        b = backend_of(request)
+
+        def facts(index: Index) -> dict[str, Any]:
+            return {
+                "status": "ok",
+                "images": index.ntotal,
+                "generation": index.store.generation,
+                "model": index.model.info(),
+            }
+
+        return await b.run(facts)
+
+    @api.get("/info")
+    async def info(request: Request) -> dict[str, Any]:
+        """``cocatk info --json``: manifest, counts, roots, size on disk, failures."""
+        return _json_info(await backend_of(request).run(lambda index: index.info()))
+
+    @api.get("/folders")
+    async def folders(request: Request) -> dict[str, Any]:
+        """The roots and every folder that holds indexed images (from stored paths): the values ``under`` takes."""
+        b = backend_of(request)
+        rows = await b.run(b.folders)
+        return {
+            "roots": [json_path(f) for f, _, root in rows if root],
+            "folders": [{**json_path(f), "files": count, "root": root} for f, count, root in rows],
+        }
+
+    @api.get("/search")
+    async def search(
+        request: Request,
+        q: str = Query(..., min_length=1, max_length=2000, description="What to look for"),
+        n: int = Query(10, ge=1, le=MAX_N),
+        rerank: bool = True,
+        rerank_k: int = Query(50, ge=1, le=MAX_N),
+        not_: list[str] = Query([], alias="not", max_length=20, description="Subtract these texts (repeatable)"),
+        under: str | None = Query(None, description="Only hits below this folder (one of /api/folders)"),
+    ) -> dict[str, Any]:
+        """Text search: ``cocatk search --json``'s document plus ``thumb_url``/``image_url`` per hit."""
+        from ..retrieval.search import search_index
+
+        b = backend_of(request)
+
+        def go(index: Index) -> SearchResult:
+            folder = b.resolve_under(index, under)
+            return search_index(index, text=q, negative=tuple(not_), n=n, rerank=rerank, rerank_k=rerank_k,
+                                under=folder)  # fmt: skip
+
+        return render_search(await b.run(go))
+
+    @api.post("/search/image")
+    async def search_image(
+        request: Request,
+        file: UploadFile = File(..., description="The query image (JPEG, PNG, WebP, ...)"),
+        q: str | None = Form(None, max_length=2000, description="Optional text, combined with the image"),
+        n: int = Form(10, ge=1, le=MAX_N),
+        rerank: bool = Form(True),
+        rerank_k: int = Form(50, ge=1, le=MAX_N),
+        not_: list[str] = Form([], alias="not"),
+        under: str | None = Form(None),
+    ) -> dict[str, Any]:
+        """Search by an uploaded image (and optional text ``q``: the mean of both, reranked by the text)."""
+        from ..retrieval.search import search_index
+
+        b = backend_of(request)
+        data = await _read_upload(file, settings.max_upload_bytes, settings.max_upload_mb)
+        text = q if q and q.strip() else None
+
+        def go(index: Index) -> SearchResult:
+            folder = b.resolve_under(index, under)
+            return search_index(index, text=text, image=data, negative=tuple(not_), n=n, rerank=rerank,
+                                rerank_k=rerank_k, under=folder)  # fmt: skip
+
+        return render_search(await b.run(go))
+
+    @api.get("/similar/{file_id}")
+    async def similar(
+        request: Request,
+        file_id: int,
+        n: int = Query(10, ge=1, le=MAX_N),
+        under: str | None = Query(None),
+    ) -> dict[str, Any]:
+        """ "More like this": the file's stored embedding as the query; the file itself is not among the hits."""
+        from ..retrieval.search import search_index
+
+        b = backend_of(request)
+
+        def go(index: Index) -> SearchResult:
+            b.file_of(index, file_id)  # 404 for an id that is not in the index
+            return search_index(index, like_id=file_id, n=n, under=b.resolve_under(index, under))
+
+        return render_search(await b.run(go))
+
+    @api.get("/thumb/{file_id}", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    async def thumb(request: Request, file_id: int, size: int = Query(256, ge=THUMB_MIN, le=THUMB_MAX)) -> Response:
+        """A JPEG thumbnail (longest side ``size``, EXIF orientation applied), cached on disk by content hash."""
+        b = backend_of(request)
+        path, content_hash, max_mp = await b.run(lambda ix: (*b.file_of(ix, file_id), b.max_megapixels(ix)))
+        target = b.thumb_dir / f"{file_id}-{content_hash[:16]}-{size}.jpg"
+        if not target.is_file():
+            if not os.path.exists(path):
+                raise _gone(path)
+            try:  # outside the index lock: decoding and resizing need no index
+                await run_in_threadpool(make_thumbnail, path, target, size, max_mp)
+            except ImageError as e:
+                reason = getattr(e, "reason", None) or e.message
+                raise ApiError(
+                    404, f"the indexed file {text_path(path)} cannot be read: {reason}", "run `cocatk index`"
+                ) from e
+        return FileResponse(target, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.get("/image/{file_id}", response_class=Response, responses={200: {"content": {"image/*": {}}}})
+    async def image(request: Request, file_id: int) -> Response:
+        """The original file of an indexed image, with its media type."""
+        b = backend_of(request)
+        path, _ = await b.run(lambda ix: b.file_of(ix, file_id))
+        if not os.path.isfile(path):
+            raise _gone(path)
+        media = mimetypes.guess_type(os.fsencode(path).decode("latin-1"))[0] or "application/octet-stream"
+        if not media.startswith("image/") or media == "image/svg+xml":
+            media = "application/octet-stream"  # never let a browser run an indexed file as a document
+        return FileResponse(
+            path,
+            media_type=media,
+            headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
+        )
+
+    # ---- clip-retrieval compatible endpoints (clip_back.py) -----------------------------------------------------
+    @compat.get("/indices-list")
+    async def indices_list() -> list[str]:
+        """clip-retrieval: the index names (one: ``cocatk``)."""
+        return [COMPAT_INDEX_NAME]
+
+    @compat.post("/knn-service")
+    async def knn_service(request: Request, body: KnnRequest) -> list[dict[str, Any]]:
+        """clip-retrieval's knn query: ``[{"id", "similarity", "url", "caption", "image_path", ...}]``.
+
+        ``text`` wins over ``image`` (base64) over ``embedding_input``, as in clip_back. Text queries are reranked
+        by caption likelihood unless ``"rerank": false``. ``image_url`` is refused (no network access).
+        """
+        from ..retrieval.search import search_index
+
+        b = backend_of(request)
+        _check_indice(body.indice_name)
+        if body.modality != "image":
+            raise ApiError(400, "this index holds image embeddings only", 'use "modality": "image"')
+        text = body.text if body.text else None
+        data: bytes | None = None
+        if text is None and body.image is None and body.image_url:
+            raise ApiError(
+                400,
+                "image_url is not supported: the server fetches nothing from the network",
+                'send the image file itself, base64-encoded, as "image"',
+            )
+        if text is None and body.image is not None:
+            data = _b64_image(body.image, settings.max_upload_bytes, settings.max_upload_mb)
+        embedding = body.embedding_input if text is None and data is None else None
+        if text is None and data is None and embedding is None:
+            raise ApiError(400, "no query", 'send "text", "image" (base64) or "embedding_input"')
+        n = min(body.num_images, body.num_result_ids or body.num_images)
+
+        def go(index: Index) -> SearchResult:
+            return search_index(index, text=text, image=data, embedding=embedding, n=n, rerank=body.rerank,
+                                rerank_k=body.rerank_k)  # fmt: skip
+
+        result = await b.run(go)
+        base = str(request.base_url).rstrip("/")
+        out = []
+        for hit in result.hits:
+            row = _compat_metadata(base, hit.id, hit.path)
+            row.update({"id": hit.id, "similarity": hit.similarity, "loglik": hit.loglik})
+            out.append(row)
+        return out
+
+    @compat.post("/metadata")
+    async def metadata(request: Request, body: MetadataRequest) -> list[dict[str, Any]]:
+        """clip-retrieval: ``[{"id", "metadata": {"url", "caption", "image_path"}}]``; {} for an unknown id."""
+        b = backend_of(request)
+        _check_indice(body.indice_name)
+        if not body.ids:
+            return []
+        paths = await b.run(lambda ix: ix.store.paths_for_ids(body.ids))
+        base = str(request.base_url).rstrip("/")
+        return [
+            {"id": i, "metadata": _compat_metadata(base, i, p) if p is not None else {}}
+            for i, p in zip(body.ids, paths, strict=True)
+        ]
+
+    app.include_router(api)
+    app.include_router(compat)
+
+    # ---- the page (no data in it: loads without the token) -----------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page() -> Response:
+        index_html = STATIC_DIR / "index.html"
+        if index_html.is_file():
+            return FileResponse(index_html, media_type="text/html", headers=_NO_STORE)
+        return JSONResponse({"cocatk": "serve", "docs": "/docs"})
+
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    if settings.cors_origin:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[settings.cors_origin],
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    # Multipart framing and base64 (4/3) around an image of max_upload_mb, plus 1 MiB of form fields.
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes * 4 // 3 + 2**20, shown_mb=settings.max_upload_mb)
+    return app
+
+
+def _compat_metadata(base: str, file_id: int, path: str) -> dict[str, Any]:
+    shown = text_path(path)
+    return {"url": f"{base}/api/image/{file_id}", "caption": shown, "image_path": shown}
+
+
+async def _read_upload(file: UploadFile, limit: int, shown_mb: float) -> bytes:
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, f"the image is larger than the upload limit ({shown_mb:g} MB)",
+                       "send a smaller image, or restart the server with a larger --max-upload-mb")  # fmt: skip
+    if not data:
+        raise ApiError(400, "the uploaded file is empty", "send the bytes of an image file as `file`")
+    return data
+
+
+def _b64_image(text: str, limit: int, shown_mb: float) -> bytes:
+    if len(text) > (limit + 2) // 3 * 4 + 4:
+        raise ApiError(413, f"the image is larger than the upload limit ({shown_mb:g} MB)",
+                       "send a smaller image, or restart the server with a larger --max-upload-mb")  # fmt: skip
+    try:
+        data = base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, "image is not valid base64", 'send the image file base64-encoded as "image"') from e
+    if not data:
+        raise ApiError(400, "the image is empty", 'send the image file base64-encoded as "image"')
+    return data
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.message, e.hint, e.headers)
+
+    @app.exception_handler(CocatkError)
+    async def _cocatk(request: Request, e: CocatkError) -> JSONResponse:
+        return error_response(_status_of(e), e.message, e.hint)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors()[:5]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body", "path", "form"))
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return error_response(422, "; ".join(parts) or "invalid request", "see /docs for the accepted parameters")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        hint = {404: "see /docs for the endpoints", 405: "see /docs for the methods each endpoint takes"}
+        return error_response(e.status_code, str(e.detail), hint.get(e.status_code, "see /docs"), e.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> JSONResponse:  # pragma: no cover - a bug, not bad input
+        return error_response(
+            500, f"internal error ({type(e).__name__})", "this is a bug in cocatk; the server log has the traceback"
+        )
+
+
+__all__ = ["ApiError", "Backend", "ServeSettings", "create_app", "render_search"]
