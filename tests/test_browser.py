@@ -388,11 +388,7 @@ def test_clip_retrieval_front_end(browser, demo, clip_front, shots):
                 headers={"Content-Type": "text/plain;charset=UTF-8"},
                 data='{"text": "a red circle", "modality": "image", "num_images": 3}',
             )
-            if probe.status == 422:
-                pytest.xfail(
-                    "server gap: POST /knn-service with a text/plain JSON body (as clip front sends it) "
-                    f"answers 422: {probe.text()[:200]}"
-                )
+            assert probe.status == 200, f"POST /knn-service with a text/plain JSON body: {probe.text()[:200]}"
             # 1. Text search from the URL.
             resp = knn_response(lambda: pg.goto(f"{front_url}/?back={srv.url}&index={indices[0]}&query=a+red+circle"))
             assert resp.status == 200, resp.text()
@@ -414,11 +410,6 @@ def test_clip_retrieval_front_end(browser, demo, clip_front, shots):
             icons = pg.locator("clip-front img[src*='image-search.png']")
             assert icons.count() > 2
             resp = knn_response(lambda: icons.nth(2).dispatch_event("click"))
-            if resp.status == 400 and "image_url" in resp.text():
-                pytest.xfail(
-                    "server gap: click-to-search sends image_url = the hit's own url (this server's /api/image/ID) "
-                    f"and the server refuses it: {resp.text()[:200]}"
-                )
             assert resp.status == 200, resp.text()
             assert resp.json(), "click-to-search returned no results"
             pg.wait_for_function(CLIP_IMAGES_JS, arg=5)

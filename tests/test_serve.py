@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import threading
 import zlib
@@ -217,7 +218,7 @@ def _check_knn_rows(rows, base="http://testserver"):
     for row in rows:
         assert isinstance(row["id"], int) and isinstance(row["similarity"], float)
         assert row["url"] == f"{base}/api/image/{row['id']}"
-        assert isinstance(row["caption"], str) and row["image_path"] == row["caption"]
+        assert isinstance(row["caption"], str) and row["caption"] == Path(row["image_path"]).name
 
 
 def test_compat_indices_knn_metadata(client, lib, built):
@@ -248,6 +249,27 @@ def test_compat_indices_knn_metadata(client, lib, built):
     assert [m["id"] for m in meta] == [*ids, 99999] and meta[-1]["metadata"] == {}
     assert meta[0]["metadata"] == {k: rows[0][k] for k in ("url", "caption", "image_path")}
     assert client.post("/metadata", json={"ids": [], "indice_name": "cocatk"}).json() == []
+
+
+def test_compat_bodies_as_clip_front_sends_them(client, lib, built):
+    """clip front posts JSON.stringify(...) without a Content-Type (browsers send text/plain), and its
+    click-to-search sends a hit's own url back as image_url: "more like this" for that id, nothing fetched."""
+    body = json.dumps({"text": "a red bicycle", "modality": "image", "num_images": 4, "indice_name": "cocatk"})
+    r = client.post("/knn-service", content=body, headers={"content-type": "text/plain;charset=UTF-8"})
+    assert r.status_code == 200
+    assert [row["id"] for row in r.json()] == [h.id for h in search_index(lib, text="a red bicycle", n=4).hits]
+    target = _id_of(lib, built[2][3])
+    click = {"image_url": f"http://testserver/api/image/{target}", "modality": "image", "num_images": 3}
+    r = client.post("/knn-service", content=json.dumps(click), headers={"content-type": "text/plain"})
+    assert [row["id"] for row in r.json()] == [h.id for h in search_index(lib, like_id=target, n=3).hits]
+    relative = client.post("/knn-service", json={**click, "image_url": f"/api/image/{target}"}).json()
+    assert [row["id"] for row in relative] == [row["id"] for row in r.json()]
+    for other in (f"http://elsewhere:1/api/image/{target}", "http://testserver/api/thumb/1", "file:///etc/passwd"):
+        assert "network" in _error(client.post("/knn-service", json={**click, "image_url": other}), 400)["error"]
+    meta = client.post("/metadata", content=json.dumps({"ids": [target]}), headers={"content-type": "text/plain"})
+    assert meta.json()[0]["id"] == target
+    _error(client.post("/knn-service", content=b"{not json", headers={"content-type": "text/plain"}), 422)
+    _error(client.post("/knn-service", content=json.dumps({"num_images": "many"})), 422)
 
 
 def test_compat_refusals(client):

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..retrieval.search import SearchResult
 
 T = TypeVar("T")
+BM = TypeVar("BM", bound=BaseModel)
 
 STATIC_DIR = Path(__file__).parent / "static"
 #: Name of the one index in the clip-retrieval endpoints (``/indices-list``, ``indice_name``).
@@ -515,8 +516,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         """clip-retrieval: the index names (one: ``cocatk``)."""
         return [COMPAT_INDEX_NAME]
 
-    @compat.post("/knn-service")
-    async def knn_service(request: Request, body: KnnRequest) -> list[dict[str, Any]]:
+    @compat.post("/knn-service", openapi_extra=_json_body_schema(KnnRequest))
+    async def knn_service(request: Request) -> list[dict[str, Any]]:
         """clip-retrieval's knn query: ``[{"id", "similarity", "url", "caption", "image_path", ...}]``.
 
         ``text`` wins over ``image`` (base64) over ``embedding_input``, as in clip_back. Text queries are reranked
@@ -524,28 +525,34 @@ def create_app(settings: ServeSettings) -> FastAPI:
         """
         from ..retrieval.search import search_index
 
+        body = await _json_body(request, KnnRequest)
         b = backend_of(request)
         _check_indice(body.indice_name)
         if body.modality != "image":
             raise ApiError(400, "this index holds image embeddings only", 'use "modality": "image"')
         text = body.text if body.text else None
         data: bytes | None = None
+        like_id: int | None = None
         if text is None and body.image is None and body.image_url:
-            raise ApiError(
-                400,
-                "image_url is not supported: the server fetches nothing from the network",
-                'send the image file itself, base64-encoded, as "image"',
-            )
+            # clip front's click-to-search sends a hit's own url back: this server's /api/image/{id}, answered as
+            # "more like this" from the stored embedding. Any other url is refused: nothing is fetched.
+            like_id = _own_image_id(body.image_url, request)
+            if like_id is None:
+                raise ApiError(
+                    400,
+                    "image_url is not supported: the server fetches nothing from the network",
+                    'send the image file itself, base64-encoded, as "image"',
+                )
         if text is None and body.image is not None:
             data = _b64_image(body.image, settings.max_upload_bytes, settings.max_upload_mb)
-        embedding = body.embedding_input if text is None and data is None else None
-        if text is None and data is None and embedding is None:
+        embedding = body.embedding_input if text is None and data is None and like_id is None else None
+        if text is None and data is None and embedding is None and like_id is None:
             raise ApiError(400, "no query", 'send "text", "image" (base64) or "embedding_input"')
         n = min(body.num_images, body.num_result_ids or body.num_images)
 
         def go(index: Index) -> SearchResult:
-            return search_index(index, text=text, image=data, embedding=embedding, n=n, rerank=body.rerank,
-                                rerank_k=body.rerank_k)  # fmt: skip
+            return search_index(index, text=text, image=data, embedding=embedding, like_id=like_id, n=n,
+                                rerank=body.rerank, rerank_k=body.rerank_k)  # fmt: skip
 
         result = await b.run(go)
         base = str(request.base_url).rstrip("/")
@@ -556,9 +563,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
             out.append(row)
         return out
 
-    @compat.post("/metadata")
-    async def metadata(request: Request, body: MetadataRequest) -> list[dict[str, Any]]:
+    @compat.post("/metadata", openapi_extra=_json_body_schema(MetadataRequest))
+    async def metadata(request: Request) -> list[dict[str, Any]]:
         """clip-retrieval: ``[{"id", "metadata": {"url", "caption", "image_path"}}]``; {} for an unknown id."""
+        body = await _json_body(request, MetadataRequest)
         b = backend_of(request)
         _check_indice(body.indice_name)
         if not body.ids:
@@ -599,8 +607,42 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 
 def _compat_metadata(base: str, file_id: int, path: str) -> dict[str, Any]:
+    """clip front shows ``caption`` under each image (cut to ~50 characters): the file name reads there; the full
+    path is ``image_path``."""
     shown = text_path(path)
-    return {"url": f"{base}/api/image/{file_id}", "caption": shown, "image_path": shown}
+    return {"url": f"{base}/api/image/{file_id}", "caption": os.path.basename(shown) or shown, "image_path": shown}
+
+
+def _json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for an endpoint that parses its JSON body itself (see :func:`_json_body`)."""
+    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
+
+
+async def _json_body(request: Request, model: type[BM]) -> BM:
+    """The body as JSON whatever its Content-Type: clip front posts ``fetch(url, {body: JSON.stringify(...)})``,
+    which browsers send as text/plain (and so without a CORS preflight)."""
+    from pydantic import ValidationError
+
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as e:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())) or "body"
+        raise ApiError(422, f"{where}: {first.get('msg', 'invalid request')}", "see /docs for the request shape") from e
+
+
+def _own_image_id(url: str, request: Request) -> int | None:
+    """The id in a url of this server's own ``/api/image/{id}`` (absolute on this host, or relative), else None."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.netloc and parts.netloc != request.url.netloc:
+        return None
+    head, _, tail = parts.path.rpartition("/")
+    if head != "/api/image" or not tail.isdigit():
+        return None
+    return int(tail)
 
 
 async def _read_upload(file: UploadFile, limit: int, shown_mb: float) -> bytes:
