@@ -208,7 +208,7 @@ def test_cli_json_schema(built, capsys):
     assert set(doc["timings_ms"]) >= {"embed", "search", "rerank"}
     assert len(doc["hits"]) == 4
     for h in doc["hits"]:
-        assert set(h) == {"rank", "id", "path", "similarity", "loglik"}
+        assert set(h) == {"rank", "id", "path", "similarity", "loglik", "caption"}
         assert isinstance(h["loglik"], float)
     assert [h["loglik"] for h in doc["hits"]] == sorted((h["loglik"] for h in doc["hits"]), reverse=True)
 

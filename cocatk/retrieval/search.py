@@ -38,6 +38,8 @@ class Hit:
     path: str
     similarity: float
     loglik: float | None = None
+    #: The file's generated caption (`cocatk caption`), the most recent of any settings; None when it has none.
+    caption: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; ``path`` follows :func:`cocatk.paths.json_path` (``path_b64`` for names that are not UTF-8)."""
@@ -211,6 +213,7 @@ def search_index(
     use_token_cache: bool = True,
     like_id: int | None = None,
     embedding: np.ndarray | Sequence[float] | None = None,
+    match: str | None = None,
 ) -> SearchResult:
     """Search ``index``; see the module docstring. Queries without text are never reranked (there is no text).
 
@@ -221,6 +224,9 @@ def search_index(
         embedding: a raw query vector of the index's dimension (normalised here), e.g. clip-retrieval's
             ``embedding_input``. Excludes text/image/like_id.
         use_token_cache: False re-decodes candidate files even when the index stores their decoder tokens.
+        match: a full-text query over the generated captions (SQLite FTS5: words are ANDed, "a phrase", OR, NOT,
+            prefix*). Only images whose caption matches are candidates; the dense query (and the rerank) orders
+            them. Combines with ``under`` (both must hold).
 
     Raises:
         UsageError: n < 1, rerank_k < 1, empty query, missing --under folder, an id that is not in the index,
@@ -248,6 +254,8 @@ def search_index(
             f"no indexed images under {display_path(str(under))}",
             hint=f"check the folder (`cocatk info` lists the roots), or index it: `cocatk index {under}`",
         )
+    if match is not None:
+        selector = _match_ids(index, match, selector)
     model = index.model
     vectors = index.vectors  # reads (or rebuilds) the FAISS file: part of loading, not of the search
     max_megapixels = index.manifest.get("max_megapixels")
@@ -289,6 +297,9 @@ def search_index(
         timings["rerank"] = time.perf_counter() - t0
     else:
         hits = [Hit(rank + 1, c[0], c[1], c[2]) for rank, c in enumerate(candidates[:n])]
+    captions = index.store.captions_for_ids([h.id for h in hits]) if hits else {}
+    for h in hits:
+        h.caption = captions.get(h.id)
     timings["total"] = sum(timings.values())
     return SearchResult(
         hits=hits,
@@ -299,6 +310,7 @@ def search_index(
             "n": n,
             "rerank_k": rerank_k if do_rerank else None,
             "under": text_path(str(under)) if under else None,
+            "match": match,
             **({"like_id": int(like_id)} if like_id is not None else {}),
             **({"embedding": True} if embedding is not None and like_id is None else {}),
         },
@@ -310,6 +322,27 @@ def search_index(
         tokens_from=source,
         warnings=model.notices(),
     )
+
+
+def _match_ids(index: Index, match: str, selector: np.ndarray | None) -> np.ndarray:
+    """Ids whose captions match the full-text query ``match``, within ``selector`` when given."""
+    import sqlite3
+
+    if not match.strip():
+        raise UsageError("empty --match", hint="pass words to look for in the captions, e.g. --match 'red bicycle'")
+    try:
+        ids = index.store.caption_match(match)
+    except sqlite3.OperationalError as e:
+        raise UsageError(
+            f"--match {match!r} is not a valid full-text query ({e})",
+            hint='use words, "a phrase", OR, NOT or prefix*; quote a word that holds punctuation',
+        ) from e
+    if selector is not None:
+        ids = np.intersect1d(ids, selector)
+    if len(ids) == 0:
+        hint = "run `cocatk caption` first" if index.store.caption_count() == 0 else "try other words"
+        raise EmptyIndexError(f"no indexed image has a caption matching {match!r}", hint=hint)
+    return ids
 
 
 def _existing_candidates(
