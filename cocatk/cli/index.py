@@ -220,6 +220,7 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
         ("faiss", f"{m.get('factory')} ({data['faiss_file'] or 'rebuilt from SQLite on next open'})"),
         ("images", f"{data['files']} files, {data['unique_contents']} distinct contents" if data["files"] else "none"),
         ("tokens", f"{'cached' if m.get('cache_tokens') else 'not cached'} ({data['token_cache_bytes'] / 1e6:.1f} MB)"),
+        ("captions", _captions_line(data.get("captions") or {})),
         ("size on disk", f"{data['size_bytes'] / 1e6:.1f} MB"),
         ("schema", f"v{m.get('schema_version')}, built by cocatk {m.get('cocatk_version')}"),
         ("roots", "\n".join(display_path(r) for r in data["roots"]) or "-"),
@@ -234,6 +235,18 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
         out.print(f"  ... and {len(data['failures']) - 20} more (`cocatk info --json` lists all)", markup=False)
     if data["files"] == 0:
         out.print("this index is empty: add images with `cocatk index PATH`", style="dim", highlight=False)
+
+
+def _captions_line(configs: dict[str, Any]) -> str:
+    """One line per caption settings key: how many captions, and how they were made."""
+    if not configs:
+        return "none (`cocatk caption` adds them)"
+    lines = []
+    for key, c in configs.items():
+        g = c.get("generation", {})
+        how = g.get("strategy", "?") + (f" {g['num_beams']} beams" if g.get("strategy") == "beam" else "")
+        lines.append(f"{c['count']} ({how}, {c.get('model', {}).get('model', '?')}; key {key})")
+    return "\n".join(lines)
 
 
 def forget(

@@ -129,9 +129,13 @@ def _table(result) -> None:  # noqa: ANN001 - SearchResult
     table.add_column("path", overflow="fold")
     table.add_column("similarity", justify="right")
     table.add_column("log-likelihood", justify="right")
+    captions = any(hit.caption for hit in result.hits)
+    if captions:
+        table.add_column("caption", overflow="fold")
     for hit in result.hits:
         ll = "–" if hit.loglik is None else f"{hit.loglik:.2f}"
-        table.add_row(str(hit.rank), show_path(hit.path), f"{hit.similarity:.4f}", ll)
+        row = [str(hit.rank), show_path(hit.path), f"{hit.similarity:.4f}", ll]
+        table.add_row(*row, *([Text(hit.caption or "")] if captions else []))
     print_table(table)
     t = result.timings
     parts = [f"embed {t['embed'] * 1000:.0f} ms", f"search {t['search'] * 1000:.1f} ms"]

@@ -125,6 +125,7 @@ h2{font-size:16px;margin:28px 0 2px;overflow-wrap:anywhere}
 .rank{font-weight:600} .score{color:var(--muted);font-variant-numeric:tabular-nums}
 .badge{background:var(--ok);color:#fff;border-radius:10px;padding:1px 8px;font-weight:600;white-space:nowrap}
 .path{display:block;margin-top:4px;color:#0969da;text-decoration:none}
+.caption{margin-top:4px;color:#444;font-style:italic}
 .path:hover .name{text-decoration:underline}
 .dir{display:block;color:var(--muted);white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .name{display:-webkit-box;-webkit-box-orient:vertical;-webkit-line-clamp:5;overflow:hidden;overflow-wrap:anywhere}
@@ -161,11 +162,14 @@ def _hit(hit: Any, marked: bool) -> str:
     uri = thumbnail_data_uri(hit.path)
     img = f'<img src="{uri}" alt="{shown}" loading="lazy">' if uri else '<span class="missing">unreadable</span>'
     badge = f' <span class="badge">{MARK_BADGE}</span>' if marked else ""
+    text = getattr(hit, "caption", None)
+    caption = f'<div class="caption">{_text(text)}</div>' if text else ""
     return (
         f'<figure class="hit{" marked" if marked else ""}" data-id="{_text(hit.id)}" data-path="{shown}">'
         f'<a class="thumb" href="{href}" title="{shown}">{img}</a>'
         f'<div class="line"><span class="rank">#{_text(hit.rank)}</span>{badge}'
         f'<span class="score">sim {_fmt(hit.similarity, 3)} · loglik {_fmt(hit.loglik, 2)}</span></div>'
+        f"{caption}"
         f'<a class="path" href="{href}" title="{shown}">{_split(hit.path)}</a></figure>'
     )
 

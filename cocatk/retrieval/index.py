@@ -615,6 +615,7 @@ class Index:
             "faiss_file": self._vector_path(gen).name if self._vector_path(gen).is_file() else None,
             "size_bytes": size,
             "token_cache_bytes": self.store.token_bytes(),
+            "captions": self.store.caption_configs(),
             "failed": dict(Counter(f["reason"] for f in failures)),
             "failures": [json_failure(f) for f in failures],
         }

@@ -183,6 +183,7 @@ function renderHits(data) {
         img, el("span", { class: "rank", text: `#${hit.rank ?? i + 1}` })),
       el("figcaption", { class: "card-body" },
         el("div", { class: "name", title: hit.path, text: basename(hit.path) }),
+        hit.caption ? el("div", { class: "caption", title: "generated caption (cocatk caption)", text: hit.caption }) : null,
         el("div", { class: "card-row" },
           scoreBadges(hit),
           el("button", { type: "button", class: "card-btn similar", title: "Find images similar to this one", onclick: () => searchSimilar(hit.id) },
@@ -339,7 +340,7 @@ function openLightbox(i) {
   original.src = hit.image_url;
   ui.lbImg.alt = basename(hit.path);
   renderPath(hit.path);
-  ui.lbScores.textContent = `#${hit.rank ?? state.lbIndex + 1} of ${state.hits.length} · similarity ${fmt(hit.similarity, 3)} · caption log-likelihood ${fmt(hit.loglik, 2)}`;
+  ui.lbScores.textContent = `#${hit.rank ?? state.lbIndex + 1} of ${state.hits.length} · similarity ${fmt(hit.similarity, 3)} · caption log-likelihood ${fmt(hit.loglik, 2)}` + (hit.caption ? ` · “${hit.caption}”` : "");
   ui.lbOpen.href = hit.image_url;
   ui.lbPrev.disabled = ui.lbNext.disabled = state.hits.length < 2;
   if (!ui.lb.open) ui.lb.showModal();
