@@ -1,0 +1,503 @@
+"""Caption images with CoCa's multimodal decoder: greedy, beam search and sampling.
+
+Decoding runs on open_clip's modules directly (not ``CoCa.generate``, which needs transformers < 5) and reproduces
+``CoCa.generate`` of open_clip 3.3 token for token with ``score_space="logits"`` (checked by the tests against the
+real ``generate`` under a pinned transformers 4.x):
+
+======================  ==============================================  =========================================
+open_clip ``generate``  cocatk :class:`GenerationConfig`                 note
+======================  ==============================================  =========================================
+``seq_len=30``          ``max_len=29`` (default ``None``: 29, capped at   ids after SOT (words and the EOT); the
+                        the model's context - 1)                        whole caption must fit the tokenizer
+``min_seq_len=5``       ``min_len=4``                                    EOT is banned before ``min_len`` words
+``top_k`` with k=1      ``strategy="greedy"``                            open_clip has no other greedy decoder
+``beam_search``         ``strategy="beam"``                              HF ``BeamSearchScorer`` rules, below
+``num_beams=6``,        ``num_beams=2`` decodes the same                 3 groups without a diversity penalty
+``num_beam_groups=3``                                                   decode as 3 copies of a 2-beam search
+``repetition_penalty``  ``repetition_penalty``                          HF ``RepetitionPenaltyLogitsProcessor``
+(scorer default 1.0)    ``length_penalty``                               open_clip cannot set it; the scorer's
+``top_k``/``top_p``     ``strategy="sample"``, ``top_k``, ``top_p``      then ``softmax(scores / temperature)``
+======================  ==============================================  =========================================
+
+Beam search (HF ``BeamSearchScorer``, ``early_stopping=False``): each step keeps the top ``2 K`` continuations of
+the ``K`` beams by summed score; an EOT among the first ``K`` closes a hypothesis scored ``sum / len ** length_penalty``
+(len counts SOT, words and EOT); an image is done when its ``K`` hypotheses are full and the worst beats the best
+running sum divided by the current length; at ``max_len`` the running beams join the hypotheses without an EOT.
+
+``score_space``: open_clip 3.3 feeds **raw logits** to the processors and sums them as beam scores (HF's own
+``generate`` takes the log-softmax first). ``"logprobs"`` (the default) decodes by log-probabilities, which is what
+beam search means; ``"logits"`` reproduces open_clip. Greedy decoding without a repetition penalty is the same in
+both. Whatever the space, :attr:`Caption.logprob` is the model's log-probability of the caption's tokens, without
+penalties, as :meth:`cocatk.models.CocaModel.caption_loglik` scores it.
+
+Example:
+    >>> from cocatk import load_model
+    >>> model = load_model("demo", device="cpu")                                       # doctest: +SKIP
+    >>> caps = generate_captions(model, images, GenerationConfig(strategy="greedy"))    # doctest: +SKIP
+    >>> caps[0].text                                                                    # doctest: +SKIP
+    'a red circle left of a blue square'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+    from .models import CocaModel
+
+SOT_ID = 49406
+EOT_ID = 49407
+PAD_ID = 0
+STRATEGIES = ("greedy", "beam", "sample")
+SCORE_SPACES = ("logprobs", "logits")
+#: open_clip's ``generate(seq_len=30)`` counts SOT: 29 ids after it.
+DEFAULT_MAX_LEN = 29
+#: Initial score of every beam but the first (as open_clip): the first step expands one beam only.
+_DEAD_BEAM = -1e9
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How captions are decoded. Validated on creation (:class:`~cocatk.errors.UsageError`).
+
+    Attributes:
+        strategy: ``"greedy"``, ``"beam"`` or ``"sample"``.
+        num_beams: beams per image (beam only), >= 1; 1 is greedy.
+        length_penalty: hypothesis score = sum / len ** length_penalty (beam only).
+        min_len: EOT is banned before this many tokens after SOT (open_clip's ``min_seq_len - 1``).
+        max_len: at most this many ids after SOT (words and EOT); None is 29 (open_clip's ``seq_len=30``) capped at
+            the model's context - 1, so that every caption fits the tokenizer again.
+        repetition_penalty: HF's: a score s of a token already in the prefix becomes s / p if s > 0 else s * p.
+        top_k: sample among the k best tokens (0: all).
+        top_p: sample among the smallest set of tokens with probability >= top_p (1: all).
+        temperature: sampling temperature (applied after top-k/top-p, as open_clip does).
+        seed: sampling seed; image i of a call draws from its own generator seeded (seed, i), so a caption does
+            not depend on the batch it was decoded in. None draws from torch's global generator.
+        score_space: ``"logprobs"`` or ``"logits"`` (open_clip 3.3's generate); see the module docs.
+    """
+
+    strategy: str = "beam"
+    num_beams: int = 3
+    length_penalty: float = 1.0
+    min_len: int = 4
+    max_len: int | None = None
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    seed: int | None = None
+    score_space: str = "logprobs"
+
+    def __post_init__(self) -> None:
+        def bad(what: str, hint: str) -> UsageError:
+            return UsageError(what, hint=hint)
+
+        if self.strategy not in STRATEGIES:
+            raise bad(f"unknown caption strategy '{self.strategy}'", f"use one of: {', '.join(STRATEGIES)}")
+        if self.score_space not in SCORE_SPACES:
+            raise bad(f"unknown score space '{self.score_space}'", f"use one of: {', '.join(SCORE_SPACES)}")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise bad(f"num_beams must be an integer >= 1, got {self.num_beams!r}", "pass --beams 1 or more")
+        if not isinstance(self.min_len, int) or self.min_len < 0:
+            raise bad(f"min_len must be an integer >= 0, got {self.min_len!r}", "pass --min-len 0 or more")
+        if self.max_len is not None:
+            if not isinstance(self.max_len, int) or self.max_len < 1:
+                raise bad(f"max_len must be an integer >= 1, got {self.max_len!r}", "pass --max-len 1 or more")
+            if self.max_len <= self.min_len:
+                raise bad(
+                    f"max_len ({self.max_len}) must be larger than min_len ({self.min_len})",
+                    "raise --max-len or lower --min-len",
+                )
+        if not self.repetition_penalty > 0:
+            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "1.0 means no penalty")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad(f"top_k must be an integer >= 0, got {self.top_k!r}", "0 keeps every token")
+        if not 0 < self.top_p <= 1:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}", "1.0 keeps every token")
+        if not self.temperature > 0:
+            raise bad(f"temperature must be > 0, got {self.temperature}", "1.0 samples from the model's distribution")
+
+    def resolved_max_len(self, context_length: int) -> int:
+        """``max_len`` for a model whose tokenizer holds ``context_length`` ids (SOT and EOT included).
+
+        Raises:
+            UsageError: ``max_len`` does not fit the model's context.
+        """
+        limit = context_length - 1
+        if self.max_len is None:
+            return max(min(DEFAULT_MAX_LEN, limit), self.min_len + 1)
+        if self.max_len > limit:
+            raise UsageError(
+                f"max_len {self.max_len} does not fit this model's context of {context_length} tokens",
+                hint=f"pass --max-len {limit} or less",
+            )
+        return self.max_len
+
+    def identity(self) -> dict[str, Any]:
+        """What an index records beside each caption: the settings that change the decoded text."""
+        keys = ["strategy", "min_len", "max_len", "repetition_penalty", "score_space"]
+        if self.strategy == "beam":
+            keys += ["num_beams", "length_penalty"]
+        elif self.strategy == "sample":
+            keys += ["top_k", "top_p", "temperature", "seed"]
+        full = asdict(self)
+        return {"decoder": "cocatk.captioning/1", **{k: full[k] for k in keys}}
+
+
+@dataclass(frozen=True)
+class Caption:
+    """One decoded caption.
+
+    Attributes:
+        text: the words, detokenised.
+        token_ids: the ids after SOT: the words, then EOT unless ``max_len`` cut the caption (``finished`` False).
+        logprob: sum over ``token_ids`` of log p(token | prefix, image) under the model (no penalties), in nats.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprob: float
+
+    @property
+    def finished(self) -> bool:
+        """True when the caption ends with EOT (the model chose to stop)."""
+        return bool(self.token_ids) and self.token_ids[-1] == EOT_ID
+
+    @property
+    def mean_logprob(self) -> float:
+        """``logprob`` per scored token."""
+        return self.logprob / max(1, len(self.token_ids))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "logprob": self.logprob,
+            "mean_logprob": self.mean_logprob,
+        }
+
+
+def generate_captions(
+    model: CocaModel,
+    images: Sequence[Image.Image] | torch.Tensor,
+    config: GenerationConfig | None = None,
+    batch_size: int | None = None,
+) -> list[Caption]:
+    """Caption images with the model's multimodal decoder.
+
+    Args:
+        model: a loaded :class:`~cocatk.models.CocaModel`.
+        images: PIL images, a preprocessed tensor (N, 3, S, S) from :meth:`CocaModel.preprocess_images`, or image
+            tokens (N, T, D) from :meth:`CocaModel.image_tokens` or an index's token cache (fp16 is fine).
+        config: decoding settings (default: beam search, 3 beams).
+        batch_size: images decoded together (each with its beams); default 16.
+
+    Returns:
+        One :class:`Caption` per image, in order.
+
+    Raises:
+        UsageError: a bad tensor shape, or ``max_len`` beyond the model's context.
+    """
+    import torch
+
+    cfg = config or GenerationConfig()
+    max_len = cfg.resolved_max_len(model.context_length)
+    bs = batch_size or 16
+    if bs < 1:
+        raise UsageError(f"batch_size must be >= 1, got {bs}", hint="pass a positive batch size")
+    out: list[Caption] = []
+    if isinstance(images, torch.Tensor) and images.ndim == 3:
+        n = images.shape[0]
+        for i in range(0, n, bs):
+            out.extend(_decode(model, images[i : i + bs], cfg, max_len, offset=i))
+        return out
+    if isinstance(images, torch.Tensor) and images.ndim != 4:
+        raise UsageError(
+            f"expected images (N, 3, S, S) or image tokens (N, T, D), got a tensor of shape {tuple(images.shape)}",
+            hint="pass PIL images, CocaModel.preprocess_images(...) or CocaModel.image_tokens(...)",
+        )
+    n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+    for i in range(0, n, bs):
+        chunk = images[i : i + bs]
+        out.extend(_decode(model, model.image_tokens(chunk), cfg, max_len, offset=i))
+    return out
+
+
+# ---- decoding -----------------------------------------------------------------------------------------------------
+
+
+class _Stepper:
+    """Next-token logits of prefixes against a batch of images, with each image's cross-attention keys and values
+    computed once and shared by its beams and every step.
+
+    open_clip's decoder projects the T image tokens to keys and values in every cross-attention layer on every call
+    (2 T D^2 per row, layer and step, most of a step's cost); here they are projected once per image, and the K
+    beams of an image attend as K L query rows of one attention call (no copy of the image per beam). Only the last
+    position goes through the vocabulary projection (V = 49408 columns).
+    """
+
+    def __init__(self, model: CocaModel, image_tokens: torch.Tensor, fast: bool = True) -> None:
+        import torch
+
+        self.m = model.model
+        self.dec = self.m.text_decoder
+        self.fast = fast and self.dec.batch_first
+        self.images = image_tokens
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.fast:
+            for cross in self.dec.cross_attn:
+                attn = cross.attn
+                d = attn.embed_dim
+                heads = attn.num_heads
+                _, w_k, w_v = attn.in_proj_weight.split(d)
+                _, b_k, b_v = attn.in_proj_bias.split(d)
+                x = cross.ln_1_kv(image_tokens)
+                n, t, _ = x.shape
+                k = torch.nn.functional.linear(x, w_k, b_k).view(n, t, heads, d // heads).transpose(1, 2)
+                v = torch.nn.functional.linear(x, w_v, b_v).view(n, t, heads, d // heads).transpose(1, 2)
+                self.kv.append((k, v))
+
+    def logits(self, ids: torch.Tensor, items: torch.Tensor, per_item: int) -> torch.Tensor:
+        """fp32 logits (R, V) of the token after each prefix ``ids`` (R, L); rows are ``per_item`` consecutive
+        prefixes for each image index in ``items`` (R = len(items) * per_item)."""
+        import torch.nn.functional as F
+
+        _, x = self.m._encode_text(ids)  # (R, L, D)
+        r, length, d = x.shape
+        a = items.shape[0]
+        mask = self.dec.attn_mask[:length, :length]
+        for i, (block, cross) in enumerate(zip(self.dec.resblocks, self.dec.cross_attn, strict=True)):
+            x = block(x, attn_mask=mask)
+            if self.fast:
+                k, v = self.kv[i]
+                k, v = k[items], v[items]  # (A, H, T, dh)
+                attn = cross.attn
+                heads = attn.num_heads
+                w_q = attn.in_proj_weight[:d]
+                b_q = attn.in_proj_bias[:d]
+                q = F.linear(cross.ln_1(x), w_q, b_q)  # (R, L, D)
+                q = q.reshape(a, per_item * length, heads, d // heads).transpose(1, 2)  # (A, H, K L, dh)
+                o = F.scaled_dot_product_attention(q, k, v)  # (A, H, K L, dh)
+                o = attn.out_proj(o.transpose(1, 2).reshape(r, length, d))
+                x = x + cross.ls_1(o)
+                x = x + cross.ls_2(cross.mlp(cross.ln_2(x)))
+            else:
+                # open_clip's own block; the beams of an image share one call as extra query rows
+                img = self.images[items]
+                y = cross(x.reshape(a, per_item * length, d), k_x=img, v_x=img)
+                x = y.reshape(r, length, d)
+        last = self.dec.ln_final(x[:, -1])
+        proj = self.dec.text_projection
+        out = last @ proj if proj is not None else last
+        return out.float()
+
+
+def _process(scores: torch.Tensor, prefix: torch.Tensor, cfg: GenerationConfig, eos_banned: bool) -> torch.Tensor:
+    """HF's MinLengthLogitsProcessor then RepetitionPenaltyLogitsProcessor, the order open_clip uses."""
+    import torch
+
+    if eos_banned:
+        scores = scores.clone()
+        scores[:, EOT_ID] = -float("inf")
+    if cfg.repetition_penalty != 1.0:
+        picked = torch.gather(scores, 1, prefix)
+        picked = torch.where(picked < 0, picked * cfg.repetition_penalty, picked / cfg.repetition_penalty)
+        scores = scores.scatter(1, prefix, picked)
+    return scores
+
+
+def _warp(scores: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """HF's TopKLogitsWarper and TopPLogitsWarper (keep at least one token)."""
+    import torch
+
+    if cfg.top_k > 0:
+        k = min(cfg.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - cfg.top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+    return scores
+
+
+def _decode(
+    model: CocaModel, image_tokens: torch.Tensor, cfg: GenerationConfig, max_len: int, offset: int
+) -> list[Caption]:
+    import torch
+
+    with model._inference():
+        tokens = image_tokens.to(model.device, torch.float32)  # fp16 caches too
+        stepper = _Stepper(model, tokens, fast=_FAST)
+        if cfg.strategy == "beam" and cfg.num_beams > 1:
+            seqs = _beam_search(stepper, tokens.shape[0], cfg, max_len, model.device)
+        else:
+            seqs = _sample_or_greedy(stepper, tokens.shape[0], cfg, max_len, model.device, offset)
+    out = []
+    for ids, lp in seqs:
+        words = [t for t in ids if t != EOT_ID]
+        text = model.tokenizer.decode(words).strip() if words else ""
+        out.append(Caption(text=" ".join(text.split()), token_ids=tuple(ids), logprob=float(lp)))
+    return out
+
+
+#: Use the shared-keys decoder step (False: open_clip's cross-attention blocks; for checks).
+_FAST = True
+
+
+def _sample_or_greedy(
+    stepper: _Stepper, n: int, cfg: GenerationConfig, max_len: int, device: str, offset: int
+) -> list[tuple[list[int], float]]:
+    """open_clip's sampling loop (``generate`` with top_k / top_p); greedy is its top_k=1 (the argmax)."""
+    import torch
+
+    prefix = torch.full((n, 1), SOT_ID, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    logprob = torch.zeros(n, dtype=torch.float64, device=device)
+    gens = None
+    if cfg.strategy == "sample" and cfg.seed is not None:
+        gens = [torch.Generator(device=device).manual_seed(_row_seed(cfg.seed, offset + i)) for i in range(n)]
+    greedy = cfg.strategy != "sample" or cfg.top_k == 1
+    for step in range(max_len):
+        alive = (~done).nonzero().squeeze(1)
+        if alive.numel() == 0:
+            break
+        ids = prefix[alive]
+        logits = stepper.logits(ids, alive, 1)
+        logp = logits.log_softmax(dim=-1)
+        scores = logp if cfg.score_space == "logprobs" else logits
+        scores = _process(scores, ids, cfg, eos_banned=step < cfg.min_len)
+        if step == max_len - 1:  # open_clip ends every caption at seq_len with an EOT
+            nxt = torch.full((alive.numel(),), EOT_ID, dtype=torch.long, device=device)
+        elif greedy:
+            nxt = scores.argmax(dim=-1)
+        else:
+            probs = (_warp(scores, cfg) / cfg.temperature).softmax(dim=-1)
+            if gens is None:
+                nxt = torch.multinomial(probs, 1).squeeze(1)
+            else:
+                nxt = torch.stack(
+                    [torch.multinomial(probs[j], 1, generator=gens[int(i)])[0] for j, i in enumerate(alive)]
+                )
+        col = torch.full((n,), PAD_ID, dtype=torch.long, device=device)
+        col[alive] = nxt
+        logprob[alive] += logp.gather(1, nxt[:, None]).squeeze(1).double()
+        prefix = torch.cat([prefix, col[:, None]], dim=1)
+        done[alive] |= nxt == EOT_ID
+    result = []
+    for i in range(n):
+        ids = prefix[i, 1:].tolist()
+        if EOT_ID in ids:
+            ids = ids[: ids.index(EOT_ID) + 1]
+        result.append((ids, float(logprob[i])))
+    return result
+
+
+def _row_seed(seed: int, index: int) -> int:
+    """The sampling seed of image ``index`` of a call: independent of the batch the image is decoded in."""
+    return (seed * 1_000_003 + index) % (1 << 63)
+
+
+class _Hypotheses:
+    """HF's BeamHypotheses (transformers 4.57, ``early_stopping=False``): the best ``num_beams`` finished beams."""
+
+    def __init__(self, num_beams: int, length_penalty: float) -> None:
+        self.num_beams = num_beams
+        self.length_penalty = length_penalty
+        self.beams: list[tuple[float, list[int], float]] = []  # (score, ids without SOT, model logprob)
+        self.worst_score = 1e9
+
+    def add(self, ids: list[int], sum_scores: float, generated_len: int, logprob: float) -> None:
+        score = sum_scores / (generated_len**self.length_penalty)
+        if len(self.beams) < self.num_beams or score > self.worst_score:
+            self.beams.append((score, ids, logprob))
+            if len(self.beams) > self.num_beams:
+                ranked = sorted([(s, idx) for idx, (s, _, _) in enumerate(self.beams)])
+                del self.beams[ranked[0][1]]
+                self.worst_score = ranked[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum: float, cur_len: int) -> bool:
+        if len(self.beams) < self.num_beams:
+            return False
+        return self.worst_score >= best_sum / cur_len**self.length_penalty
+
+
+def _beam_search(
+    stepper: _Stepper, n: int, cfg: GenerationConfig, max_len: int, device: str
+) -> list[tuple[list[int], float]]:
+    """open_clip's ``_generate_beamsearch`` with HF's BeamSearchScorer (one beam group); finished images drop out."""
+    import torch
+
+    k = cfg.num_beams
+    seq_len = max_len + 1
+    prefix = torch.full((n * k, 1), SOT_ID, dtype=torch.long, device=device)
+    beam_scores = torch.full((n, k), _DEAD_BEAM, dtype=torch.float32, device=device)
+    beam_scores[:, 0] = 0
+    beam_scores = beam_scores.view(-1)
+    beam_lp = torch.zeros(n * k, dtype=torch.float64, device=device)  # model log-probability of each running beam
+    hyps = [_Hypotheses(k, cfg.length_penalty) for _ in range(n)]
+    done = [False] * n
+    while True:
+        cur_len = prefix.shape[1] + 1  # HF's length of the sequence after this step (SOT counted)
+        items = [i for i in range(n) if not done[i]]
+        rows = torch.tensor([i * k + j for i in items for j in range(k)], dtype=torch.long, device=device)
+        ids = prefix[rows]
+        logits = stepper.logits(ids, torch.tensor(items, dtype=torch.long, device=device), k)
+        logp = logits.log_softmax(dim=-1)
+        scores = logp if cfg.score_space == "logprobs" else logits
+        scores = _process(scores, ids, cfg, eos_banned=prefix.shape[1] < cfg.min_len + 1)
+        vocab = scores.shape[-1]
+        total = (scores + beam_scores[rows].unsqueeze(-1)).view(len(items), k * vocab)
+        top_scores, top_tokens = torch.topk(total, 2 * k, dim=1, largest=True, sorted=True)
+        top_beams = torch.div(top_tokens, vocab, rounding_mode="floor")
+        top_tokens = top_tokens % vocab
+        top_scores_l, top_tokens_l, top_beams_l = top_scores.tolist(), top_tokens.tolist(), top_beams.tolist()
+        new_prefix = prefix.clone()
+        new_col = torch.full((n * k,), PAD_ID, dtype=torch.long, device=device)
+        new_scores = beam_scores.clone()
+        new_lp = beam_lp.clone()
+        for a, item in enumerate(items):
+            slot = 0
+            for rank in range(2 * k):
+                tok, sc, b = top_tokens_l[a][rank], top_scores_l[a][rank], top_beams_l[a][rank]
+                src = a * k + b  # row in this step's batch
+                token_lp = float(beam_lp[item * k + b]) + float(logp[src, tok])
+                if tok == EOT_ID:
+                    if rank >= k:
+                        continue
+                    words = prefix[item * k + b, 1:].tolist() + [EOT_ID]
+                    hyps[item].add(words, sc, cur_len, token_lp)
+                else:
+                    dst = item * k + slot
+                    new_prefix[dst] = prefix[item * k + b]
+                    new_col[dst] = tok
+                    new_scores[dst] = sc
+                    new_lp[dst] = token_lp
+                    slot += 1
+                if slot == k:
+                    break
+            done[item] = done[item] or hyps[item].is_done(top_scores_l[a][0], cur_len)
+        prefix = torch.cat([new_prefix, new_col[:, None]], dim=1)
+        beam_scores, beam_lp = new_scores, new_lp
+        if all(done) or prefix.shape[1] >= seq_len:
+            break
+    result = []
+    for i in range(n):
+        if not done[i]:  # HF's finalize: running beams join without an EOT
+            for j in range(k):
+                r = i * k + j
+                hyps[i].add(prefix[r, 1:].tolist(), float(beam_scores[r]), prefix.shape[1], float(beam_lp[r]))
+        best = sorted(hyps[i].beams, key=lambda h: h[0])[-1]
+        result.append((best[1], best[2]))
+    return result
