@@ -131,8 +131,13 @@ class GenerationConfig:
             UsageError: ``max_len`` does not fit the model's context.
         """
         limit = context_length - 1
+        if self.min_len >= limit:
+            raise UsageError(
+                f"min_len {self.min_len} leaves no room in this model's context of {context_length} tokens",
+                hint=f"pass --min-len {limit - 1} or less",
+            )
         if self.max_len is None:
-            return max(min(DEFAULT_MAX_LEN, limit), self.min_len + 1)
+            return min(DEFAULT_MAX_LEN, limit)
         if self.max_len > limit:
             raise UsageError(
                 f"max_len {self.max_len} does not fit this model's context of {context_length} tokens",
@@ -234,28 +239,32 @@ def generate_captions(
 
 
 class _Stepper:
-    """Next-token logits of prefixes against a batch of images, with each image's cross-attention keys and values
-    computed once and shared by its beams and every step.
+    """Next-token logits for a batch of growing prefixes against a batch of images.
 
-    open_clip's decoder projects the T image tokens to keys and values in every cross-attention layer on every call
-    (2 T D^2 per row, layer and step, most of a step's cost); here they are projected once per image, and the K
-    beams of an image attend as K L query rows of one attention call (no copy of the image per beam). Only the last
-    position goes through the vocabulary projection (V = 49408 columns).
+    open_clip's ``generate`` reruns the text tower and the decoder over the whole prefix at every step, and its
+    decoder projects the T image tokens to keys and values in every cross-attention layer on every call (2 T D^2 per
+    row, layer and step). Here (``cached``) each image's cross-attention keys and values are projected once and
+    shared by its beams (the K beams of an image attend as K query rows of one call: no copy per beam), the
+    self-attention keys and values of both towers are cached, so a step runs one new position per row, and only
+    that position goes through the vocabulary projection. Equal to open_clip's forward within float rounding; the
+    tests check that the decoded ids are identical. ``cached=False`` runs open_clip's own blocks on the full prefix
+    (the check path).
     """
 
-    def __init__(self, model: CocaModel, image_tokens: torch.Tensor, fast: bool = True) -> None:
+    def __init__(self, model: CocaModel, image_tokens: torch.Tensor, cached: bool = True) -> None:
         import torch
 
         self.m = model.model
         self.dec = self.m.text_decoder
-        self.fast = fast and self.dec.batch_first
         self.images = image_tokens
+        self.cached = cached and _cache_supported(self.m)
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if self.fast:
+        self.text_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.dec_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.cached:
             for cross in self.dec.cross_attn:
                 attn = cross.attn
-                d = attn.embed_dim
-                heads = attn.num_heads
+                d, heads = attn.embed_dim, attn.num_heads
                 _, w_k, w_v = attn.in_proj_weight.split(d)
                 _, b_k, b_v = attn.in_proj_bias.split(d)
                 x = cross.ln_1_kv(image_tokens)
@@ -264,47 +273,128 @@ class _Stepper:
                 v = torch.nn.functional.linear(x, w_v, b_v).view(n, t, heads, d // heads).transpose(1, 2)
                 self.kv.append((k, v))
 
-    def logits(self, ids: torch.Tensor, items: torch.Tensor, per_item: int) -> torch.Tensor:
-        """fp32 logits (R, V) of the token after each prefix ``ids`` (R, L); rows are ``per_item`` consecutive
-        prefixes for each image index in ``items`` (R = len(items) * per_item)."""
-        import torch.nn.functional as F
+    def logits(
+        self, ids: torch.Tensor, parents: torch.Tensor | None, items: torch.Tensor, per_item: int
+    ) -> torch.Tensor:
+        """fp32 logits (R, V) of the token after each prefix ``ids`` (R, L).
 
+        Rows are ``per_item`` consecutive prefixes for each image index in ``items`` (R = len(items) * per_item).
+        ``parents[r]``: the row of the previous call whose prefix row r extends by one token (None on the first
+        call, when every prefix is the SOT alone).
+        """
+        if not self.cached:
+            return self._logits_full(ids, items, per_item)
+        return self._logits_cached(ids, parents, items, per_item)
+
+    def _logits_full(self, ids: torch.Tensor, items: torch.Tensor, per_item: int) -> torch.Tensor:
         _, x = self.m._encode_text(ids)  # (R, L, D)
         r, length, d = x.shape
         a = items.shape[0]
         mask = self.dec.attn_mask[:length, :length]
-        for i, (block, cross) in enumerate(zip(self.dec.resblocks, self.dec.cross_attn, strict=True)):
+        img = self.images[items]
+        for block, cross in zip(self.dec.resblocks, self.dec.cross_attn, strict=True):
             x = block(x, attn_mask=mask)
-            if self.fast:
-                k, v = self.kv[i]
-                k, v = k[items], v[items]  # (A, H, T, dh)
-                attn = cross.attn
-                heads = attn.num_heads
-                w_q = attn.in_proj_weight[:d]
-                b_q = attn.in_proj_bias[:d]
-                q = F.linear(cross.ln_1(x), w_q, b_q)  # (R, L, D)
-                q = q.reshape(a, per_item * length, heads, d // heads).transpose(1, 2)  # (A, H, K L, dh)
-                o = F.scaled_dot_product_attention(q, k, v)  # (A, H, K L, dh)
-                o = attn.out_proj(o.transpose(1, 2).reshape(r, length, d))
-                x = x + cross.ls_1(o)
-                x = x + cross.ls_2(cross.mlp(cross.ln_2(x)))
-            else:
-                # open_clip's own block; the beams of an image share one call as extra query rows
-                img = self.images[items]
-                y = cross(x.reshape(a, per_item * length, d), k_x=img, v_x=img)
-                x = y.reshape(r, length, d)
-        last = self.dec.ln_final(x[:, -1])
+            # open_clip's own block; the beams of an image share one call as extra query rows
+            x = cross(x.reshape(a, per_item * length, d), k_x=img, v_x=img).reshape(r, length, d)
+        return self._project(x[:, -1])
+
+    def _project(self, last: torch.Tensor) -> torch.Tensor:
+        out = self.dec.ln_final(last)
         proj = self.dec.text_projection
-        out = last @ proj if proj is not None else last
-        return out.float()
+        return (out @ proj if proj is not None else out).float()
+
+    def _logits_cached(
+        self, ids: torch.Tensor, parents: torch.Tensor | None, items: torch.Tensor, per_item: int
+    ) -> torch.Tensor:
+        text = self.m.text
+        pos = ids.shape[1] - 1
+        if parents is not None:
+            self.text_cache = [(k[parents], v[parents]) for k, v in self.text_cache]
+            self.dec_cache = [(k[parents], v[parents]) for k, v in self.dec_cache]
+        first = parents is None
+        x = text.token_embedding(ids[:, -1:]) + text.positional_embedding[pos]  # (R, 1, D)
+        new_text = []
+        for i, block in enumerate(text.transformer.resblocks):
+            x, kv = _cached_block(block, x, None if first else self.text_cache[i])
+            new_text.append(kv)
+        self.text_cache = new_text
+        r, _, d = x.shape
+        a = items.shape[0]
+        new_dec = []
+        for i, (block, cross) in enumerate(zip(self.dec.resblocks, self.dec.cross_attn, strict=True)):
+            x, kv = _cached_block(block, x, None if first else self.dec_cache[i])
+            new_dec.append(kv)
+            k, v = self.kv[i]
+            x = _cross_block(cross, x.view(a, per_item, d), k[items], v[items]).view(r, 1, d)
+        self.dec_cache = new_dec
+        return self._project(x[:, 0])
+
+
+def _cache_supported(m: Any) -> bool:
+    """The cached step reimplements open_clip's plain pre-LN blocks; anything else takes the full path."""
+    from torch import nn
+
+    blocks = [*m.text.transformer.resblocks, *m.text_decoder.resblocks, *m.text_decoder.cross_attn]
+    plain = all(
+        type(b).__name__ == "ResidualAttentionBlock"
+        and isinstance(b.attn, nn.MultiheadAttention)
+        and b.attn._qkv_same_embed_dim
+        and b.attn.in_proj_bias is not None
+        and b.attn.bias_k is None
+        and not b.attn.add_zero_attn
+        for b in blocks
+    )
+    return (
+        plain
+        and m.text.cls_emb is not None  # tokens do not go through the text tower's ln_final
+        and not getattr(m.text, "use_pad_mask", False)
+        and m.text.transformer.batch_first
+        and m.text_decoder.batch_first
+    )
+
+
+def _cached_block(block: Any, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None) -> Any:
+    """open_clip's causal ResidualAttentionBlock for one new position (R, 1, D), its keys/values appended to
+    ``cache`` ((R, H, L, dh) each); returns the output and the grown cache."""
+    import torch
+    import torch.nn.functional as F
+
+    attn = block.attn
+    r, _, d = x.shape
+    heads = attn.num_heads
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).split(d, dim=-1)
+    q, k, v = (t.view(r, 1, heads, d // heads).transpose(1, 2) for t in (q, k, v))  # (R, H, 1, dh)
+    if cache is not None:
+        k = torch.cat([cache[0], k], dim=2)
+        v = torch.cat([cache[1], v], dim=2)
+    o = F.scaled_dot_product_attention(q, k, v)  # the new position sees every earlier one: causal by construction
+    o = attn.out_proj(o.transpose(1, 2).reshape(r, 1, d))
+    x = x + block.ls_1(o)
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x, (k, v)
+
+
+def _cross_block(cross: Any, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """open_clip's cross-attention block for (A, Q, D) text rows against precomputed image keys/values
+    (A, H, T, dh)."""
+    import torch.nn.functional as F
+
+    attn = cross.attn
+    a, nq, d = x.shape
+    heads = attn.num_heads
+    q = F.linear(cross.ln_1(x), attn.in_proj_weight[:d], attn.in_proj_bias[:d])
+    q = q.view(a, nq, heads, d // heads).transpose(1, 2)  # (A, H, Q, dh)
+    o = F.scaled_dot_product_attention(q, k, v)
+    o = attn.out_proj(o.transpose(1, 2).reshape(a, nq, d))
+    x = x + cross.ls_1(o)
+    return x + cross.ls_2(cross.mlp(cross.ln_2(x)))
 
 
 def _process(scores: torch.Tensor, prefix: torch.Tensor, cfg: GenerationConfig, eos_banned: bool) -> torch.Tensor:
     """HF's MinLengthLogitsProcessor then RepetitionPenaltyLogitsProcessor, the order open_clip uses."""
     import torch
 
-    if eos_banned:
-        scores = scores.clone()
+    if eos_banned:  # in place: the caller's tensor is fresh, and EOT cannot be picked while banned
         scores[:, EOT_ID] = -float("inf")
     if cfg.repetition_penalty != 1.0:
         picked = torch.gather(scores, 1, prefix)
@@ -337,7 +427,7 @@ def _decode(
 
     with model._inference():
         tokens = image_tokens.to(model.device, torch.float32)  # fp16 caches too
-        stepper = _Stepper(model, tokens, fast=_FAST)
+        stepper = _Stepper(model, tokens, cached=_CACHED)
         if cfg.strategy == "beam" and cfg.num_beams > 1:
             seqs = _beam_search(stepper, tokens.shape[0], cfg, max_len, model.device)
         else:
@@ -350,8 +440,8 @@ def _decode(
     return out
 
 
-#: Use the shared-keys decoder step (False: open_clip's cross-attention blocks; for checks).
-_FAST = True
+#: Cached decoder steps (False: open_clip's own blocks on the full prefix at every step; for checks).
+_CACHED = True
 
 
 def _sample_or_greedy(
@@ -367,12 +457,15 @@ def _sample_or_greedy(
     if cfg.strategy == "sample" and cfg.seed is not None:
         gens = [torch.Generator(device=device).manual_seed(_row_seed(cfg.seed, offset + i)) for i in range(n)]
     greedy = cfg.strategy != "sample" or cfg.top_k == 1
+    prev_alive = None
     for step in range(max_len):
         alive = (~done).nonzero().squeeze(1)
         if alive.numel() == 0:
             break
         ids = prefix[alive]
-        logits = stepper.logits(ids, alive, 1)
+        parents = None if prev_alive is None else torch.searchsorted(prev_alive, alive)
+        logits = stepper.logits(ids, parents, alive, 1)
+        prev_alive = alive
         logp = logits.log_softmax(dim=-1)
         scores = logp if cfg.score_space == "logprobs" else logits
         scores = _process(scores, ids, cfg, eos_banned=step < cfg.min_len)
@@ -441,38 +534,45 @@ def _beam_search(
 
     k = cfg.num_beams
     seq_len = max_len + 1
+    # Running beams: ids as a tensor (the model's input), scores and model log-probabilities as Python floats
+    # (fp32 scores round-trip exactly; HF's scorer reads them with .item() as well).
     prefix = torch.full((n * k, 1), SOT_ID, dtype=torch.long, device=device)
-    beam_scores = torch.full((n, k), _DEAD_BEAM, dtype=torch.float32, device=device)
-    beam_scores[:, 0] = 0
-    beam_scores = beam_scores.view(-1)
-    beam_lp = torch.zeros(n * k, dtype=torch.float64, device=device)  # model log-probability of each running beam
+    beam_scores = [0.0 if j == 0 else _DEAD_BEAM for _ in range(n) for j in range(k)]
+    beam_lp = [0.0] * (n * k)
     hyps = [_Hypotheses(k, cfg.length_penalty) for _ in range(n)]
     done = [False] * n
+    order: list[int] | None = None
+    prev_rows: list[int] = []
     while True:
         cur_len = prefix.shape[1] + 1  # HF's length of the sequence after this step (SOT counted)
         items = [i for i in range(n) if not done[i]]
-        rows = torch.tensor([i * k + j for i in items for j in range(k)], dtype=torch.long, device=device)
+        row_list = [i * k + j for i in items for j in range(k)]
+        rows = torch.tensor(row_list, dtype=torch.long, device=device)
         ids = prefix[rows]
-        logits = stepper.logits(ids, torch.tensor(items, dtype=torch.long, device=device), k)
+        parents = None
+        if order is not None:  # where each row's prefix was in the previous step's batch
+            where = {row: i for i, row in enumerate(prev_rows)}
+            parents = torch.tensor([where[order[r]] for r in row_list], dtype=torch.long, device=device)
+        logits = stepper.logits(ids, parents, torch.tensor(items, dtype=torch.long, device=device), k)
+        prev_rows = row_list
         logp = logits.log_softmax(dim=-1)
         scores = logp if cfg.score_space == "logprobs" else logits
         scores = _process(scores, ids, cfg, eos_banned=prefix.shape[1] < cfg.min_len + 1)
         vocab = scores.shape[-1]
-        total = (scores + beam_scores[rows].unsqueeze(-1)).view(len(items), k * vocab)
-        top_scores, top_tokens = torch.topk(total, 2 * k, dim=1, largest=True, sorted=True)
-        top_beams = torch.div(top_tokens, vocab, rounding_mode="floor")
-        top_tokens = top_tokens % vocab
-        top_scores_l, top_tokens_l, top_beams_l = top_scores.tolist(), top_tokens.tolist(), top_beams.tolist()
-        new_prefix = prefix.clone()
-        new_col = torch.full((n * k,), PAD_ID, dtype=torch.long, device=device)
-        new_scores = beam_scores.clone()
-        new_lp = beam_lp.clone()
+        start = torch.tensor([beam_scores[r] for r in row_list], dtype=torch.float32, device=device)
+        total = (scores + start.unsqueeze(-1)).view(len(items), k * vocab)
+        top_scores, top_flat = torch.topk(total, 2 * k, dim=1, largest=True, sorted=True)
+        cand_lp = logp.view(len(items), k * vocab).gather(1, top_flat).tolist()
+        top_scores_l, top_flat_l = top_scores.tolist(), top_flat.tolist()
+        order = list(range(n * k))  # row of the previous prefix each new row continues (done items: itself)
+        col = [PAD_ID] * (n * k)
+        old_lp = list(beam_lp)  # beam_lp is rewritten below while its old values are still read
         for a, item in enumerate(items):
             slot = 0
             for rank in range(2 * k):
-                tok, sc, b = top_tokens_l[a][rank], top_scores_l[a][rank], top_beams_l[a][rank]
-                src = a * k + b  # row in this step's batch
-                token_lp = float(beam_lp[item * k + b]) + float(logp[src, tok])
+                b, tok = divmod(top_flat_l[a][rank], vocab)
+                sc = top_scores_l[a][rank]
+                token_lp = old_lp[item * k + b] + cand_lp[a][rank]
                 if tok == EOT_ID:
                     if rank >= k:
                         continue
@@ -480,16 +580,16 @@ def _beam_search(
                     hyps[item].add(words, sc, cur_len, token_lp)
                 else:
                     dst = item * k + slot
-                    new_prefix[dst] = prefix[item * k + b]
-                    new_col[dst] = tok
-                    new_scores[dst] = sc
-                    new_lp[dst] = token_lp
+                    order[dst] = item * k + b
+                    col[dst] = tok
+                    beam_scores[dst] = sc
+                    beam_lp[dst] = token_lp
                     slot += 1
                 if slot == k:
                     break
             done[item] = done[item] or hyps[item].is_done(top_scores_l[a][0], cur_len)
-        prefix = torch.cat([new_prefix, new_col[:, None]], dim=1)
-        beam_scores, beam_lp = new_scores, new_lp
+        new_col = torch.tensor(col, dtype=torch.long, device=device)[:, None]
+        prefix = torch.cat([prefix[torch.tensor(order, device=device)], new_col], dim=1)
         if all(done) or prefix.shape[1] >= seq_len:
             break
     result = []
@@ -497,7 +597,7 @@ def _beam_search(
         if not done[i]:  # HF's finalize: running beams join without an EOT
             for j in range(k):
                 r = i * k + j
-                hyps[i].add(prefix[r, 1:].tolist(), float(beam_scores[r]), prefix.shape[1], float(beam_lp[r]))
+                hyps[i].add(prefix[r, 1:].tolist(), beam_scores[r], prefix.shape[1], beam_lp[r])
         best = sorted(hyps[i].beams, key=lambda h: h[0])[-1]
         result.append((best[1], best[2]))
     return result

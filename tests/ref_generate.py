@@ -1,12 +1,13 @@
-"""Reference captions from open_clip's own ``CoCa.generate`` (needs transformers < 5), for tests/test_captioning.py.
+"""Reference captions from open_clip's own ``CoCa.generate`` (needs transformers < 4.56), for tests/test_captioning.py.
 
-Runs in a separate interpreter (``COCATK_REF_PYTHON``: a venv with torch, open_clip_torch 3.3 and transformers<5)
+Runs in a separate interpreter (``COCATK_REF_PYTHON``: a venv with torch, open_clip_torch 3.3 and transformers<4.56)
 and imports nothing from cocatk. It builds the model exactly as ``cocatk.models._build`` does (seed 0 on the CPU,
 decoder projection initialised for random weights, or a checkpoint loaded strictly), reads preprocessed images from a
 safetensors file, and prints the generated ids as JSON.
 
-Input (stdin, JSON): {"config": path, "weights": path or null, "images": safetensors path (key "images"),
-"runs": [{"name": str, "kwargs": {...generate kwargs...}, "length_penalty": float}], "time": bool}
+Input (stdin, JSON): {"config": config JSON path or open_clip architecture, "weights": path or null,
+"images": safetensors path (key "images"), "threads": int,
+"runs": [{"name": str, "kwargs": {...generate kwargs...}, "length_penalty": float, "batch_size": int}]}
 Output (stdout, JSON): {"transformers": version, "runs": {name: [[ids after SOT, up to the first EOT]...]},
 "seconds": {name: float}}
 """
@@ -26,8 +27,9 @@ def build(config: str, weights: str | None):
     import open_clip
     import torch
 
-    open_clip.add_model_config(config)
-    arch = Path(config).stem
+    if config.endswith(".json"):
+        open_clip.add_model_config(config)
+    arch = Path(config).stem if config.endswith(".json") else config
     logging.disable(logging.WARNING)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # cocatk.models.RANDOM_SEED
@@ -53,6 +55,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     req = json.load(sys.stdin)
+    torch.set_num_threads(int(req.get("threads") or torch.get_num_threads()))
     model = build(req["config"], req.get("weights"))
     images = load_file(req["images"])["images"]
     scorer = cm.BeamSearchScorer

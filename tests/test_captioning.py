@@ -128,13 +128,13 @@ def demo_reference(demo_model, demo_images, tmp_path_factory):
     return _run_reference(demo_model, demo_images, cfg, weights, tmp_path_factory.mktemp("ref-demo"))
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["shared-kv", "open_clip-blocks"])
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "open_clip-blocks"])
 @pytest.mark.parametrize("which", ["tiny", "demo"])
-def test_identical_tokens_to_open_clip_generate(which, fast, request, monkeypatch):
+def test_identical_tokens_to_open_clip_generate(which, cached, request, monkeypatch):
     model = request.getfixturevalue(f"{which}_model")
     images = request.getfixturevalue(f"{which}_images")
     ref = request.getfixturevalue(f"{which}_reference")
-    monkeypatch.setattr(C, "_FAST", fast)
+    monkeypatch.setattr(C, "_CACHED", cached)
     for name, _, _, cfg in _REF_CASES:
         config = GenerationConfig(score_space="logits", **cfg)
         mine = _ids(generate_captions(model, images, config))
@@ -164,12 +164,12 @@ def test_batch_invariance(tiny_model, tiny_images, name):
         )
 
 
-def test_shared_kv_equals_open_clip_blocks(tiny_model, tiny_images, monkeypatch):
-    fast = generate_captions(tiny_model, tiny_images, _CONFIGS["beam3"])
-    monkeypatch.setattr(C, "_FAST", False)
+def test_cached_steps_equal_open_clip_blocks(tiny_model, tiny_images, monkeypatch):
+    cached = generate_captions(tiny_model, tiny_images, _CONFIGS["beam3"])
+    monkeypatch.setattr(C, "_CACHED", False)
     plain = generate_captions(tiny_model, tiny_images, _CONFIGS["beam3"])
-    assert _ids(fast) == _ids(plain)
-    assert [c.logprob for c in fast] == pytest.approx([c.logprob for c in plain], abs=1e-4)
+    assert _ids(cached) == _ids(plain)
+    assert [c.logprob for c in cached] == pytest.approx([c.logprob for c in plain], abs=1e-4)
 
 
 @pytest.mark.parametrize("space", C.SCORE_SPACES)
