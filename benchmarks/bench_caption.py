@@ -83,7 +83,7 @@ def main() -> None:
             config, weights = str(ASSETS_DIR / "coca_demo_tiny.json"), str(ASSETS_DIR / "demo.safetensors")
         else:
             model = load_model(name, pretrained="none", device="cpu")
-            n = 8 if args.quick else 16
+            n = 4 if args.quick else 16
             x = torch.randn(n, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
             config, weights = name, None
         max_len = min(29, model.context_length - 1)

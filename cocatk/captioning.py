@@ -1,23 +1,21 @@
 """Caption images with CoCa's multimodal decoder: greedy, beam search and sampling.
 
-Decoding runs on open_clip's modules directly (not ``CoCa.generate``, which needs transformers < 5) and reproduces
-``CoCa.generate`` of open_clip 3.3 token for token with ``score_space="logits"`` (checked by the tests against the
-real ``generate`` under a pinned transformers 4.x):
+Decoding runs on open_clip's modules directly, not ``CoCa.generate`` (open_clip 3.3 imports transformers'
+``BeamSearchScorer`` from where only transformers < 4.56 exports it). With ``score_space="logits"`` it reproduces
+``CoCa.generate`` token for token (the tests compare with the real ``generate`` under transformers 4.55). How the
+settings map:
 
-======================  ==============================================  =========================================
-open_clip ``generate``  cocatk :class:`GenerationConfig`                 note
-======================  ==============================================  =========================================
-``seq_len=30``          ``max_len=29`` (default ``None``: 29, capped at   ids after SOT (words and the EOT); the
-                        the model's context - 1)                        whole caption must fit the tokenizer
-``min_seq_len=5``       ``min_len=4``                                    EOT is banned before ``min_len`` words
-``top_k`` with k=1      ``strategy="greedy"``                            open_clip has no other greedy decoder
-``beam_search``         ``strategy="beam"``                              HF ``BeamSearchScorer`` rules, below
-``num_beams=6``,        ``num_beams=2`` decodes the same                 3 groups without a diversity penalty
-``num_beam_groups=3``                                                   decode as 3 copies of a 2-beam search
-``repetition_penalty``  ``repetition_penalty``                          HF ``RepetitionPenaltyLogitsProcessor``
-(scorer default 1.0)    ``length_penalty``                               open_clip cannot set it; the scorer's
-``top_k``/``top_p``     ``strategy="sample"``, ``top_k``, ``top_p``      then ``softmax(scores / temperature)``
-======================  ==============================================  =========================================
+- ``generate(seq_len=30)`` counts the SOT: ``max_len=29`` ids after it (words and EOT). The default ``max_len=None``
+  is 29 capped at the model's context - 1 (15 for the ``demo`` model), so a caption always fits the tokenizer again.
+- ``min_seq_len=5``: ``min_len=4``, EOT banned before 4 tokens after SOT (HF ``MinLengthLogitsProcessor``). The
+  ``demo`` model's one-object captions have 3 words: caption it with ``min_len=0``.
+- greedy: open_clip's ``generation_type="top_k", top_k=1`` (it has no other); its last step forces an EOT.
+- ``generation_type="beam_search"``: ``strategy="beam"``. open_clip's default ``num_beams=6, num_beam_groups=3``
+  has no diversity penalty, so its 3 groups are 3 copies of one 2-beam search: ``num_beams=2`` decodes the same.
+- ``repetition_penalty``: HF ``RepetitionPenaltyLogitsProcessor`` (a score s of a token in the prefix becomes
+  s / p if s > 0 else s * p), after the min-length ban, as open_clip orders them.
+- ``length_penalty``: the ``BeamSearchScorer``'s; open_clip cannot set it (always 1.0).
+- ``top_k`` / ``top_p`` sampling: HF's warpers, then ``softmax(scores / temperature)`` as open_clip does.
 
 Beam search (HF ``BeamSearchScorer``, ``early_stopping=False``): each step keeps the top ``2 K`` continuations of
 the ``K`` beams by summed score; an EOT among the first ``K`` closes a hypothesis scored ``sum / len ** length_penalty``
@@ -214,11 +212,17 @@ def generate_captions(
 
     cfg = config or GenerationConfig()
     max_len = cfg.resolved_max_len(model.context_length)
-    bs = batch_size or 16
+    bs = 16 if batch_size is None else batch_size
     if bs < 1:
         raise UsageError(f"batch_size must be >= 1, got {bs}", hint="pass a positive batch size")
     out: list[Caption] = []
     if isinstance(images, torch.Tensor) and images.ndim == 3:
+        width = int(model.model.text_decoder.text_projection.shape[0])
+        if images.shape[2] != width:
+            raise UsageError(
+                f"image tokens of width {images.shape[2]} do not fit this model's decoder (width {width})",
+                hint="use the tokens of the model that captions (an index's token cache records its model)",
+            )
         n = images.shape[0]
         for i in range(0, n, bs):
             out.extend(_decode(model, images[i : i + bs], cfg, max_len, offset=i))

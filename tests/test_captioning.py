@@ -282,6 +282,12 @@ def test_max_len_beyond_context(demo_model, tiny_model, tiny_images):
     assert GenerationConfig().resolved_max_len(76) == 29
     with pytest.raises(UsageError, match="image tokens"):
         generate_captions(tiny_model, torch.zeros(2, 3))
+    with pytest.raises(UsageError, match="width 32"):
+        generate_captions(tiny_model, torch.zeros(2, 16, 32))
+    with pytest.raises(UsageError, match="batch_size"):
+        generate_captions(tiny_model, tiny_images, batch_size=0)
+    with pytest.raises(UsageError, match="min_len 15 leaves no room"):
+        generate_captions(demo_model, tiny_images, GenerationConfig(min_len=15))
 
 
 def test_identity_records_what_changes_the_text():
