@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--ref-python", default=os.environ.get("COCATK_REF_PYTHON"), help="python with transformers<4.56")
     ap.add_argument("--batch-size", type=int, default=16, help="images decoded together (each with its beams)")
     ap.add_argument("--models", default="coca_ViT-B-32,demo")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3, 1 with --quick)")
     add_threads_option(ap)
     args = ap.parse_args()
     if not args.ref_python:
@@ -69,7 +70,7 @@ def main() -> None:
     from cocatk.models import ASSETS_DIR
 
     torch.set_num_threads(args.threads)
-    rounds = 1 if args.quick else 3
+    rounds = args.rounds or (1 if args.quick else 3)
     record: dict[str, Any] = {"machine": machine_info(), "device": "cpu", "threads": args.threads, "results": []}
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-caption-"))

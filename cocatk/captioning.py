@@ -160,7 +160,7 @@ class Caption:
 
     Attributes:
         text: the words, detokenised.
-        token_ids: the ids after SOT: the words, then EOT unless ``max_len`` cut the caption (``finished`` False).
+        token_ids: the ids after SOT: the words, then EOT (absent when beam search reached ``max_len``).
         logprob: sum over ``token_ids`` of log p(token | prefix, image) under the model (no penalties), in nats.
     """
 
@@ -170,7 +170,8 @@ class Caption:
 
     @property
     def finished(self) -> bool:
-        """True when the caption ends with EOT (the model chose to stop)."""
+        """True when the caption ends with EOT. Greedy and sampling end a caption cut at ``max_len`` with a forced
+        EOT, as open_clip does; beam search leaves it without one."""
         return bool(self.token_ids) and self.token_ids[-1] == EOT_ID
 
     @property
