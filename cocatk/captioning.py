@@ -38,7 +38,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -186,6 +186,22 @@ class Caption:
             "logprob": self.logprob,
             "mean_logprob": self.mean_logprob,
         }
+
+
+#: Presets whose captions are shorter than open_clip's minimum of 4 tokens (the demo's one-object scenes are three
+#: words: "a red circle"); they caption with no minimum length unless one is asked for.
+_SHORT_CAPTION_PRESETS = frozenset({"demo"})
+
+
+def make_config(model: CocaModel, config: GenerationConfig | Mapping[str, Any] | None = None) -> GenerationConfig:
+    """The settings to caption with: ``config`` as given, or built from a mapping of the fields the user set, the
+    rest taking their defaults for this model (``min_len`` 0 for the ``demo`` preset, open_clip's 4 otherwise)."""
+    if isinstance(config, GenerationConfig):
+        return config
+    fields = {k: v for k, v in dict(config or {}).items() if v is not None}
+    if "min_len" not in fields and model.spec.preset in _SHORT_CAPTION_PRESETS:
+        fields["min_len"] = 0
+    return GenerationConfig(**fields)
 
 
 def generate_captions(

@@ -18,7 +18,7 @@ import csv
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,7 +216,7 @@ def recaption(
     sources: Sequence[str],
     output: str | os.PathLike[str],
     model: CocaModel,
-    config: GenerationConfig | None = None,
+    config: GenerationConfig | Mapping[str, Any] | None = None,
     *,
     batch_size: int = 16,
     workers: int | None = None,
@@ -230,7 +230,7 @@ def recaption(
     Raises:
         UsageError: an unknown output format, a source that does not exist, a model without a decoder.
     """
-    from .captioning import GenerationConfig, generate_captions
+    from .captioning import generate_captions, make_config
     from .retrieval.captions import caption_settings, require_decoder
 
     out = Path(output).expanduser()
@@ -242,8 +242,8 @@ def recaption(
         raise UsageError(f"--output {output} is a folder", hint=f"pass a file name such as {out / 'captions.jsonl'}")
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}", hint="pass --batch-size 1 or more")
-    cfg = config or GenerationConfig()
     require_decoder(model)
+    cfg = make_config(model, config)
     cfg.resolved_max_len(model.context_length)
     key, _ = caption_settings(model, cfg)
     t0 = time.monotonic()

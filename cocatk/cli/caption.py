@@ -14,22 +14,32 @@ from . import options
 from .progress import progress_bar
 from .render import err, note, out, print_json, print_table, warn
 
-Strategy = Annotated[str, typer.Option("--strategy", help="greedy, beam or sample.")]
-Beams = Annotated[int, typer.Option("--beams", help="Beams per image (beam search).")]
+Strategy = Annotated[str | None, typer.Option("--strategy", help="greedy, beam or sample.", show_default="beam")]
+Beams = Annotated[int | None, typer.Option("--beams", help="Beams per image (beam search).", show_default="3")]
 LengthPenalty = Annotated[
-    float, typer.Option("--length-penalty", help="Beam score = sum log p / length ** this (beam search).")
+    float | None,
+    typer.Option("--length-penalty", help="Beam score = sum log p / length ** this (beam search).", show_default="1.0"),
 ]
-MinLen = Annotated[int, typer.Option("--min-len", help="No end of text before this many tokens.")]
+MinLen = Annotated[
+    int | None,
+    typer.Option("--min-len", help="No end of text before this many tokens.", show_default="4 (demo model: 0)"),
+]
 MaxLen = Annotated[
     int | None,
     typer.Option("--max-len", help="At most this many tokens.", show_default="29, within the model's context"),
 ]
 RepetitionPenalty = Annotated[
-    float, typer.Option("--repetition-penalty", help="> 1 discourages repeating a token (HF's rule).")
+    float | None,
+    typer.Option("--repetition-penalty", help="> 1 discourages repeating a token (HF's rule).", show_default="1.0"),
 ]
-TopK = Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).")]
-TopP = Annotated[float, typer.Option("--top-p", help="Sample among the tokens holding this probability mass.")]
-Temperature = Annotated[float, typer.Option("--temperature", help="Sampling temperature.")]
+TopK = Annotated[
+    int | None, typer.Option("--top-k", help="Sample among the k most likely tokens (0: all).", show_default="0")
+]
+TopP = Annotated[
+    float | None,
+    typer.Option("--top-p", help="Sample among the tokens holding this probability mass.", show_default="1.0"),
+]
+Temperature = Annotated[float | None, typer.Option("--temperature", help="Sampling temperature.", show_default="1.0")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Sampling seed (reproducible captions).")]
 
 
@@ -38,10 +48,13 @@ def register(app: typer.Typer) -> None:
     app.command("eval-captions")(eval_captions)
 
 
-def _config(**kw: Any) -> Any:
+def _config(**kw: Any) -> dict[str, Any]:
+    """The generation settings the user set (None: the model's default); validated here, before any model loads."""
     from ..captioning import GenerationConfig
 
-    return GenerationConfig(**kw)
+    fields = {k: v for k, v in kw.items() if v is not None}
+    GenerationConfig(**fields)  # one-line UsageError for a bad value (--beams 0, --top-p 2, ...)
+    return fields
 
 
 def caption(
@@ -54,15 +67,15 @@ def caption(
         Path | None,
         typer.Option("--output", "-o", help="Caption PATHs into this .jsonl/.csv/.parquet file, without an index."),
     ] = None,
-    strategy: Strategy = "beam",
-    beams: Beams = 3,
-    length_penalty: LengthPenalty = 1.0,
-    min_len: MinLen = 4,
+    strategy: Strategy = None,
+    beams: Beams = None,
+    length_penalty: LengthPenalty = None,
+    min_len: MinLen = None,
     max_len: MaxLen = None,
-    repetition_penalty: RepetitionPenalty = 1.0,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    temperature: Temperature = 1.0,
+    repetition_penalty: RepetitionPenalty = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    temperature: Temperature = None,
     seed: Seed = None,
     batch_size: options.BatchSize = None,
     workers: options.Workers = None,
@@ -171,12 +184,12 @@ def eval_captions(
     images: Annotated[Path | None, typer.Option("--images", help="Folder of the image files.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split to evaluate ('all': every image).")] = "test",
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N images.")] = None,
-    strategy: Strategy = "beam",
-    beams: Beams = 3,
-    length_penalty: LengthPenalty = 1.0,
-    min_len: MinLen = 4,
+    strategy: Strategy = None,
+    beams: Beams = None,
+    length_penalty: LengthPenalty = None,
+    min_len: MinLen = None,
     max_len: MaxLen = None,
-    repetition_penalty: RepetitionPenalty = 1.0,
+    repetition_penalty: RepetitionPenalty = None,
     batch_size: options.BatchSize = None,
     model: options.Model = None,
     pretrained: options.Pretrained = None,

@@ -51,6 +51,14 @@ def index(
         bool,
         typer.Option("--cache-tokens", help="Also store each image's decoder tokens (fp16) for rerank without decode."),
     ] = False,
+    caption: Annotated[
+        bool,
+        typer.Option(
+            "--caption",
+            help="Also caption every image with CoCa's decoder (default settings; `cocatk caption` for others), "
+            "new ones in the same pass as their embedding.",
+        ),
+    ] = False,
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="Drop everything indexed with another model and re-encode with --model.")
     ] = False,
@@ -97,6 +105,7 @@ def index(
                 max_megapixels=max_megapixels,
                 faiss_factory=faiss_factory,
                 cache_tokens=cache_tokens,
+                caption={} if caption else None,
                 checkpoint_every=checkpoint_every,
                 progress=progress,
             )
@@ -188,7 +197,8 @@ def _print_summary(d: dict[str, Any]) -> None:
         f"  scanned {d['scanned']}  new {d['new']}  changed {d['changed']}  unchanged {d['unchanged']}  "
         f"moved {d['moved']}  removed {d['removed']}  duplicates {d['duplicates']}\n"
         f"  failed {failed}\n"
-        f"  encoded {d['encoded']} images in {d['seconds']:.1f} s ({d['images_per_s']:.1f} images/s)",
+        f"  encoded {d['encoded']} images in {d['seconds']:.1f} s ({d['images_per_s']:.1f} images/s)"
+        + (f"; captioned {d['captioned']}" if d.get("captioned") else ""),
         highlight=False,
     )
 

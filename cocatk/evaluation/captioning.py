@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -114,7 +115,7 @@ def score_captions(references: list[list[str]], candidates: list[str]) -> tuple[
 def evaluate_captions(
     model: CocaModel,
     dataset: CaptionedDataset,
-    config: GenerationConfig | None = None,
+    config: GenerationConfig | Mapping[str, Any] | None = None,
     *,
     limit: int | None = None,
     batch_size: int = 16,
@@ -127,12 +128,12 @@ def evaluate_captions(
     """
     import numpy as np
 
-    from ..captioning import GenerationConfig, generate_captions
+    from ..captioning import generate_captions, make_config
     from ..retrieval.captions import caption_settings, require_decoder
 
     _scorers()  # fail before any decoding when the scorer is missing
-    cfg = config or GenerationConfig()
     require_decoder(model)
+    cfg = make_config(model, config)
     t0 = time.monotonic()
     data = dataset.subset(limit) if limit else dataset
     n = len(data)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +89,7 @@ class CaptionReport:
 
 def caption_index(
     index: Index,
-    config: GenerationConfig | None = None,
+    config: GenerationConfig | Mapping[str, Any] | None = None,
     *,
     batch_size: int | None = None,
     use_token_cache: bool = True,
@@ -99,7 +100,8 @@ def caption_index(
 
     Args:
         index: an open index (the writer lock is taken for the run).
-        config: decoding settings (default: beam search with 3 beams).
+        config: decoding settings, or a mapping of the fields to set (the rest: this model's defaults, see
+            :func:`cocatk.captioning.make_config`); default beam search with 3 beams.
         batch_size: images per decoder call and per checkpoint.
         use_token_cache: read decoder tokens from the index's cache when present (else decode the files).
         limit: caption at most this many images in this run (the rest on the next).
@@ -112,10 +114,9 @@ def caption_index(
         EmptyIndexError: nothing is indexed. UsageError: the model has no decoder, bad settings.
         IndexBusyError: another process is writing.
     """
-    from ..captioning import GenerationConfig, generate_captions
+    from ..captioning import generate_captions, make_config
     from .search import candidate_tokens
 
-    cfg = config or GenerationConfig()
     bs = batch_size or DEFAULT_CAPTION_BATCH
     if bs < 1:
         raise UsageError(f"batch size must be >= 1, got {bs}", hint="pass --batch-size 1 or more")
@@ -126,6 +127,7 @@ def caption_index(
             raise EmptyIndexError(f"the index at {index.dir} holds no images", hint="run `cocatk index PATH` first")
         model = index.model
         require_decoder(model)
+        cfg = make_config(model, config)
         cfg.resolved_max_len(model.context_length)  # a max_len beyond the context fails before any work
         key, settings = caption_settings(model, cfg)
         store = index.store

@@ -433,6 +433,7 @@ class Index:
         token_cache_limit_gb: float = DEFAULT_TOKEN_CACHE_LIMIT_GB,
         progress: ProgressCallback | None = None,
         encoder: Encoder | None = None,
+        caption: Any = None,
     ) -> IndexReport:
         """Bring the index up to date with ``paths`` (default: every root already in the index).
 
@@ -455,6 +456,9 @@ class Index:
             progress: ``progress(stage, done, total)`` callback (the library never prints).
             encoder: where embeddings come from (:mod:`cocatk.retrieval.encoder`); default: decode threads and the
                 index's model in this process.
+            caption: also caption images (``cocatk index --caption``): generation settings or a mapping of the
+                fields to set. New and changed images are captioned from the tokens of the encoding pass (the image
+                tower runs once); indexed images without a caption for these settings are captioned after it.
 
         Returns:
             An :class:`IndexReport`.
@@ -475,9 +479,16 @@ class Index:
             token_cache_limit_gb=token_cache_limit_gb,
             progress=progress,
             encoder=encoder,
+            caption=caption,
         )
         with self._writer_lock():
-            return update_index(self, options)
+            report = update_index(self, options)
+            if caption is not None and not self.is_empty:
+                from .captions import caption_index
+
+                rest = caption_index(self, caption, progress=progress)  # unchanged, moved or copied files
+                report.captioned += rest.captioned
+            return report
 
     # ---- search ------------------------------------------------------------------------------------------------
     def search(

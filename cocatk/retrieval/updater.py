@@ -45,6 +45,8 @@ _SMALL_FAISS_BYTES = 256 << 20
 _BIG_SAVE_INTERVAL_S = 60.0
 #: Seconds between progress reports of stages without a known total (scanning).
 _PROGRESS_INTERVAL_S = 0.2
+#: Newly encoded images captioned together (``UpdateOptions.caption``).
+_CAPTION_BATCH = 16
 #: Failures retried even when the file did not change: their outcome may depend on options and plugins.
 _RETRY_REASONS = ("too large", "unsupported format")
 
@@ -65,6 +67,9 @@ class UpdateOptions:
     progress: ProgressCallback | None = None
     #: Where embeddings come from; None: a :class:`LocalEncoder` over the index's model, built when needed.
     encoder: Encoder | None = None
+    #: Caption newly encoded images in the same pass (the image tower runs once): generation settings, or a mapping
+    #: of the fields to set (see :func:`cocatk.captioning.make_config`); None: no captions.
+    caption: Any = None
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
@@ -91,6 +96,8 @@ class IndexReport:
     duplicates: int = 0
     removed: int = 0
     encoded: int = 0
+    #: Images captioned in this run (``caption=``), in the encoding pass and after it.
+    captioned: int = 0
     failed: dict[str, int] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
     missing_roots: list[str] = field(default_factory=list)
@@ -165,6 +172,9 @@ class Updater:
         self.timed = StageTimer()
         self._thread_seconds = {"read_hash": 0.0, "decode_preprocess": 0.0}
         self._encoder: Encoder | None = options.encoder
+        self._store_tokens = False
+        self._captioner: Any = None  # (model, config, key) when captioning in this pass
+        self._caption_queue: list[tuple[int, str, np.ndarray]] = []
         self._vanished_by_hash: dict[str, list[FileRow]] = {}
 
     # -- setup --
@@ -267,6 +277,8 @@ class Updater:
         encoder = None
         if todo:
             encoder = self._encoder_for()
+            if self.opts.caption is not None:
+                self._captioner = self._caption_setup()
             if cache_tokens:
                 self._check_token_budget(encoder, len(rows) - len(vanished) + sum(1 for t in todo if t.row is None))
 
@@ -285,6 +297,7 @@ class Updater:
                 self.store.delete_failures(stale_failures + [t.path for t in todo])
             if encoder is not None:
                 self._process(encoder, todo, rows, cache_tokens)
+                self._flush_captions()
             self._remove()
             self._checkpoint(final=True)
         except BaseException:
@@ -336,6 +349,39 @@ class Updater:
                 self.report.unchanged += 1
         return todo, stale_failures
 
+    def _caption_setup(self) -> tuple[Any, Any, str]:
+        """(model, settings, key) for captioning in this pass; the settings key is recorded before any caption."""
+        from ..captioning import make_config
+        from .captions import caption_settings, require_decoder
+
+        model = self.index.model
+        require_decoder(model)
+        cfg = make_config(model, self.opts.caption)
+        cfg.resolved_max_len(model.context_length)
+        key, settings = caption_settings(model, cfg)
+        self.store.begin()
+        self.store.ensure_caption_config(key, settings)
+        self.store.commit()
+        return model, cfg, key
+
+    def _flush_captions(self) -> None:
+        """Caption the queued newly encoded images from their tokens, in the open transaction (committed with the
+        rows they describe at the next checkpoint)."""
+        if not self._caption_queue or self._captioner is None:
+            return
+        import torch
+
+        from ..captioning import generate_captions
+
+        model, cfg, key = self._captioner
+        with self.timed("caption"):
+            tokens = torch.from_numpy(np.stack([t for _, _, t in self._caption_queue]))
+            caps = generate_captions(model, tokens, cfg, batch_size=len(self._caption_queue))
+            for (fid, h, _), cap in zip(self._caption_queue, caps, strict=True):
+                self.store.put_caption(fid, key, h, cap.text, cap.logprob)
+        self.report.captioned += len(caps)
+        self._caption_queue.clear()
+
     def _check_token_budget(self, encoder: Encoder, n: int) -> None:
         m = self.index.manifest
         if not m.get("token_shape"):
@@ -367,7 +413,9 @@ class Updater:
         done = 0
         retry: list[EncodeJob] = []
         self.progress("index", 0, total)
-        results = encoder.encode(todo, known=known, tokens=tokens, timed=self.timed)
+        self._store_tokens = tokens
+        want_tokens = tokens or self._captioner is not None  # captions are decoded from the image tokens
+        results = encoder.encode(todo, known=known, tokens=want_tokens, timed=self.timed)
         while True:
             with self.timed("encode"):
                 res = next(results, None)
@@ -381,7 +429,7 @@ class Updater:
             if done % 16 == 0 or done == total:
                 self.progress("index", done, total)
         if retry:  # a reused content whose row went away in this run: encode it after all (rare)
-            for res in encoder.encode(retry, known=(), tokens=tokens, timed=self.timed):
+            for res in encoder.encode(retry, known=(), tokens=want_tokens, timed=self.timed):
                 with self.timed("sqlite"):
                     if not self._commit(res):  # pragma: no cover - a forced decode always yields an embedding
                         raise RuntimeError(f"encoder returned no embedding for {res.job.path}")
@@ -401,7 +449,11 @@ class Updater:
             self._tick()
         elif res.embedding is not None:
             self.report.encoded += 1
-            self._write(res, res.embedding, res.tokens)
+            fid = self._write(res, res.embedding, res.tokens if self._store_tokens else None)
+            if self._captioner is not None and res.tokens is not None:
+                self._caption_queue.append((fid, res.hash or "", res.tokens))
+                if len(self._caption_queue) >= _CAPTION_BATCH:
+                    self._flush_captions()
         elif not self._try_reuse(res):
             return False
         return True
