@@ -33,6 +33,14 @@ def search(
         list[str] | None, typer.Option("--not", help="Subtract this text's embedding (repeatable).")
     ] = None,
     under: Annotated[Path | None, typer.Option("--under", help="Only hits below this folder.")] = None,
+    match: Annotated[
+        str | None,
+        typer.Option(
+            "--match",
+            help='Only images whose generated caption matches these words (full text: words ANDed, "a phrase", '
+            "OR, NOT, prefix*); `cocatk caption` makes the captions.",
+        ),
+    ] = None,
     json_: options.Json = False,
     paths: Annotated[
         bool, typer.Option("--paths", help="Print each hit's path, one per line, as the exact bytes (for xargs).")
@@ -75,6 +83,7 @@ def search(
         rerank_k=rerank_k,
         under=under,
         use_token_cache=cache_tokens,
+        match=match,
     )
     if result.dropped:
         shown = ", ".join(f"{display_path(p)} ({r})" for p, r in result.dropped[:3])
