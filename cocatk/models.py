@@ -236,8 +236,8 @@ def resolve_model(name: str | None = None, pretrained: str | None = None) -> Mod
     """Turn a user's ``--model`` / ``--pretrained`` into a :class:`ModelSpec` without loading anything.
 
     Args:
-        name: preset, open_clip architecture (CoCa, CLIP, SigLIP, EVA...), or path to an open_clip config JSON. None means
-            ``$COCATK_MODEL`` or ``coca-l14``.
+        name: preset, open_clip architecture (CoCa, CLIP, SigLIP, EVA...), or path to an open_clip config JSON.
+            None means ``$COCATK_MODEL`` or ``coca-l14``.
         pretrained: open_clip tag, checkpoint path, or ``"none"``. None means ``$COCATK_PRETRAINED`` or the
             preset's / architecture's default tag.
 
