@@ -97,6 +97,52 @@ class BlipItmReranker:
             return torch.empty((0, 3, self.image_size, self.image_size))
         return self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
+    def image_embeds(self, images: Sequence[Image.Image] | Any, batch_size: int | None = None) -> Any:
+        """The vision tower's output that the ITM text encoder cross-attends to: (K, P, W) float32 on the device.
+
+        Compute it once per image to score many texts (an evaluation); :meth:`score` does both steps."""
+        import torch
+
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess_images(list(images))
+        bs = batch_size or self.batch_size
+        out = []
+        with torch.inference_mode():
+            for i in range(0, pixels.shape[0], bs):
+                px = pixels[i : i + bs].to(self.device, torch.float32)
+                out.append(self.model.vision_model(pixel_values=px).last_hidden_state)
+        if not out:
+            return torch.empty(0)
+        return torch.cat(out)
+
+    def score_embeds(self, text: str, image_embeds: Any, batch_size: int | None = None) -> np.ndarray:
+        """P(match | image, text) from :meth:`image_embeds`: the text encoder (cross-attending to each image) and the
+        ITM head, as ``BlipForImageTextRetrieval.forward(use_itm_head=True)`` does; float64 (K,)."""
+        import torch
+
+        if not text or not text.strip():
+            raise UsageError("empty query text", hint="pass a non-empty text to score")
+        k = int(image_embeds.shape[0]) if image_embeds.ndim == 3 else 0
+        if k == 0:
+            return np.zeros(0, np.float64)
+        # BLIP's processor truncates at 35 tokens for retrieval (its max_length in the BLIP repo's ITM config).
+        enc = self.tokenizer([text], return_tensors="pt", truncation=True, max_length=35)
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        bs = batch_size or self.batch_size
+        out: list[np.ndarray] = []
+        with torch.inference_mode():
+            for i in range(0, k, bs):
+                emb = image_embeds[i : i + bs].to(self.device, torch.float32)
+                n = emb.shape[0]
+                hidden = self.model.text_encoder(
+                    input_ids=ids.expand(n, -1),
+                    attention_mask=mask.expand(n, -1),
+                    encoder_hidden_states=emb,
+                    encoder_attention_mask=torch.ones(emb.shape[:-1], dtype=torch.long, device=emb.device),
+                ).last_hidden_state
+                logits = self.model.itm_head(hidden[:, 0, :])
+                out.append(logits.float().softmax(dim=-1)[:, 1].double().cpu().numpy())
+        return np.concatenate(out)
+
     def score(self, text: str, images: Sequence[Image.Image] | Any, batch_size: int | None = None) -> np.ndarray:
         """P(match | image, text) for one text against K images: softmax(itm_score)[:, 1], float64 (K,).
 
@@ -105,26 +151,9 @@ class BlipItmReranker:
             images: PIL images, or pixel values from :meth:`preprocess_images`.
             batch_size: images per forward pass.
         """
-        import torch
-
         if not text or not text.strip():
             raise UsageError("empty query text", hint="pass a non-empty text to score")
-        pixels = images if isinstance(images, torch.Tensor) else self.preprocess_images(list(images))
-        if pixels.shape[0] == 0:
-            return np.zeros(0, np.float64)
-        enc = self.tokenizer([text], return_tensors="pt", truncation=True, max_length=35)
-        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        bs = batch_size or self.batch_size
-        out: list[np.ndarray] = []
-        with torch.inference_mode():
-            for i in range(0, pixels.shape[0], bs):
-                px = pixels[i : i + bs].to(self.device, torch.float32)
-                n = px.shape[0]
-                logits = self.model(
-                    input_ids=ids.expand(n, -1), attention_mask=mask.expand(n, -1), pixel_values=px, use_itm_head=True
-                ).itm_score
-                out.append(logits.float().softmax(dim=-1)[:, 1].double().cpu().numpy())
-        return np.concatenate(out)
+        return self.score_embeds(text, self.image_embeds(images, batch_size), batch_size)
 
 
 _CACHE: dict[tuple[str, str, str], BlipItmReranker] = {}
