@@ -41,7 +41,7 @@ RERANKERS = ("coca", "blip-itm")
 DEFAULT_BLIP = "Salesforce/blip-itm-base-coco"
 #: Seed of random-weight BLIP models (plumbing and speed only).
 RANDOM_SEED = 0
-BLIP_RANDOM_NOTICE = "BLIP-ITM with random weights (--rerank-pretrained none): its scores are plumbing and speed only"
+BLIP_RANDOM_NOTICE = "BLIP-ITM with random weights (pretrained none): its scores are plumbing and speed only"
 
 
 def check_reranker(name: str) -> str:
