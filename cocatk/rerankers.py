@@ -253,7 +253,12 @@ def _quiet() -> Any:
     """transformers warns about unused weights and random init on loggers; cocatk reports random weights itself."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
+    hf_logging = _transformers().utils.logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr: the CLI reports its own progress
     try:
         yield
     finally:
         logging.disable(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
