@@ -129,3 +129,14 @@ def test_unknown_model_lists_presets_and_families():
         resolve_model("ViT-Q-99", "none")
     for word in ("coca-l14", "demo", "ViT-B-32", "SigLIP", "EVA02-B-16"):
         assert word in e.value.hint
+
+
+def test_classify_runs_with_a_dual_encoder(tmp_path, capsys):
+    from cocatk.cli import main
+
+    path = tmp_path / "a.png"
+    _images(1)[0].save(path)
+    args = ["classify", str(path), "--labels", "cat,dog,car", "--model", str(SIGMOID_TINY), "--pretrained", "none"]
+    assert main([*args, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "cat" in out and "dog" in out

@@ -590,15 +590,32 @@ class Index:
         rerank: bool = True,
         rerank_k: int = 50,
         under: str | os.PathLike[str] | None = None,
+        *,
+        reranker: str = "coca",
+        rerank_model: str | None = None,
+        rerank_pretrained: str | None = None,
     ) -> list[Hit]:
-        """Top-``n`` images for a text and/or image query, reranked by caption log-likelihood (text queries).
+        """Top-``n`` images for a text and/or image query, reranked by caption log-likelihood (text queries), or by
+        BLIP-ITM (``reranker="blip-itm"``); ``rerank_model`` names a separate CoCa (or BLIP) for the rerank.
 
         See :func:`cocatk.retrieval.search.search_index`, which also returns timings and dropped candidates.
 
         Example:
             >>> [h.path for h in Index.open().search("a red bicycle", n=3)]   # doctest: +SKIP
         """
-        return search_index(self, text, image, negative, n=n, rerank=rerank, rerank_k=rerank_k, under=under).hits
+        return search_index(
+            self,
+            text,
+            image,
+            negative,
+            n=n,
+            rerank=rerank,
+            rerank_k=rerank_k,
+            under=under,
+            reranker=reranker,
+            rerank_model=rerank_model,
+            rerank_pretrained=rerank_pretrained,
+        ).hits
 
     def duplicates(
         self, threshold: float | None = None, under: str | os.PathLike[str] | None = None
