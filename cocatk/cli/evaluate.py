@@ -174,6 +174,11 @@ def eval_retrieval(
         f"coca likelihood @k reorders the contrastive top-k by log P(caption|image) ({lik_model['model']}); "
         f"image->text subtracts {result.alpha:g} x log P(caption) (prior on blank/noise images)."
     ]
+    if result.costs_ms:
+        notes.append(
+            f"cost: ms per query, median of {cost_queries}, on {result.cpu_count} cores at load average "
+            f"{' '.join(str(x) for x in result.load_average or [])} (1/5/15 min)."
+        )
     if "blip-itm" in (result.rerank_models or {}):
         notes.append(
             f"BLIP-ITM @k reorders the text->image top-k by P(match|image,text) "
