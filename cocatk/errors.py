@@ -120,3 +120,11 @@ __all__ = [
     "UsageError",
     "WeightsNotFoundError",
 ]
+
+
+class DecoderRequiredError(UsageError):
+    """A feature needs CoCa's multimodal decoder (rerank, captions, likelihood) and the model is a dual encoder."""
+
+
+class RerankerError(ModelError):
+    """A rerank model (BLIP-ITM) cannot be loaded: extra not installed, weights or tokenizer not cached."""

@@ -1,8 +1,19 @@
-"""Load CoCa models and run their three heads: image embeddings, text embeddings, caption log-likelihood.
+"""Load open_clip models and run their heads: image embeddings, text embeddings and, for CoCa, caption
+log-likelihood.
 
-A model is named by a *preset* (``coca-l14``, ``coca-b32``, ``coca-l14-coco``), by an open_clip CoCa architecture
-(``coca_ViT-B-32``), or by the path of an open_clip model config JSON (a custom CoCa). Weights (``pretrained``) are
-an open_clip tag, a local checkpoint file, or ``"none"`` for seeded random weights (tests and benchmarks).
+A model is named by a *preset* (``coca-l14``, ``coca-b32``, ``coca-l14-coco``), by an open_clip architecture
+(``coca_ViT-B-32``, or any dual encoder: ``ViT-B-32``, ``ViT-B-16-SigLIP``, ``EVA02-B-16``), or by the path of an
+open_clip model config JSON. Weights (``pretrained``) are an open_clip tag, a local checkpoint file, or ``"none"``
+for seeded random weights (tests and benchmarks).
+
+Three families, one wrapper each (:attr:`ClipModel.kind`):
+
+- ``coca``: :class:`CocaModel`, contrastive towers plus the multimodal decoder (rerank, captions, likelihood);
+- ``clip``: :class:`ClipModel`, a dual encoder scored by softmax(logit_scale x cosine) (CLIP, EVA, ...);
+- ``siglip``: :class:`ClipModel` with a ``logit_bias``, scored by sigmoid(logit_scale x cosine + logit_bias).
+
+Dual encoders have no decoder: what needs one raises :class:`~cocatk.errors.DecoderRequiredError`, whose hint names
+the ``--rerank-model`` to pass.
 
 Example:
     >>> from cocatk import load_model
@@ -16,6 +27,7 @@ torch and open_clip are imported inside the functions that need them, so importi
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +41,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import config
-from .errors import DeviceError, ModelConfigError, UnknownModelError, UsageError, WeightsNotFoundError
+from .errors import (
+    DecoderRequiredError,
+    DeviceError,
+    ModelConfigError,
+    UnknownModelError,
+    UsageError,
+    WeightsNotFoundError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -48,6 +67,13 @@ DEMO_NOTICE = (
     "use --model coca-b32 or coca-l14"
 )
 RANDOM_NOTICE = "random weights (--pretrained none): the scores carry no meaning beyond tests and speed"
+#: Model families (``ClipModel.kind``).
+KINDS = ("coca", "clip", "siglip")
+#: What a user of a dual encoder is told when a feature needs CoCa's decoder.
+DECODER_HINT = (
+    "pass --rerank-model coca-l14 (or any CoCa: coca-b32, demo, a CoCa config JSON) to rerank with a separate "
+    "CoCa, --reranker blip-itm, or --no-rerank; captions and likelihood scoring need --model set to a CoCa"
+)
 
 
 @dataclass(frozen=True)
@@ -136,6 +162,7 @@ class ModelSpec:
         pretrained: an open_clip tag, an absolute checkpoint path, or ``"none"``.
         preset: the preset name when ``name`` was one.
         config_path: the custom config JSON, when there is one.
+        kind: the family, ``"coca"``, ``"clip"`` or ``"siglip"`` (from the architecture's config).
     """
 
     name: str
@@ -143,6 +170,12 @@ class ModelSpec:
     pretrained: str
     preset: str | None = None
     config_path: str | None = None
+    kind: str = "coca"
+
+    @property
+    def has_decoder(self) -> bool:
+        """True for CoCa: caption likelihood, rerank and captions need the multimodal decoder."""
+        return self.kind == "coca"
 
     @property
     def weights_kind(self) -> str:
@@ -185,17 +218,31 @@ def _open_clip_coca_archs() -> list[str]:
     return [m for m in open_clip.list_models() if "multimodal_cfg" in (open_clip.get_model_config(m) or {})]
 
 
+def kind_of_config(cfg: dict[str, Any]) -> str:
+    """The family of an open_clip model config: ``coca`` (a multimodal decoder), ``siglip`` (a learned logit bias:
+    sigmoid scoring) or ``clip``."""
+    if "multimodal_cfg" in cfg:
+        return "coca"
+    if cfg.get("init_logit_bias") is not None:
+        return "siglip"
+    return "clip"
+
+
+def _family_examples() -> str:
+    return "CoCa (coca_ViT-B-32, coca_ViT-L-14), CLIP (ViT-B-32, ViT-L-14), SigLIP (ViT-B-16-SigLIP), EVA (EVA02-B-16)"
+
+
 def resolve_model(name: str | None = None, pretrained: str | None = None) -> ModelSpec:
     """Turn a user's ``--model`` / ``--pretrained`` into a :class:`ModelSpec` without loading anything.
 
     Args:
-        name: preset, open_clip CoCa architecture, or path to an open_clip config JSON. None means
-            ``$COCATK_MODEL`` or ``coca-l14``.
+        name: preset, open_clip architecture (CoCa, CLIP, SigLIP, EVA...), or path to an open_clip config JSON.
+            None means ``$COCATK_MODEL`` or ``coca-l14``.
         pretrained: open_clip tag, checkpoint path, or ``"none"``. None means ``$COCATK_PRETRAINED`` or the
             preset's / architecture's default tag.
 
     Raises:
-        UnknownModelError: the name is not a preset, a CoCa architecture or a config file.
+        UnknownModelError: the name is not a preset, an open_clip architecture or a config file.
         WeightsNotFoundError: ``pretrained`` looks like a path but the file does not exist.
     """
     name = (name or config.default_model()).strip()
@@ -214,6 +261,7 @@ def resolve_model(name: str | None = None, pretrained: str | None = None) -> Mod
             pretrained=pretrained or preset.pretrained,
             preset=name,
             config_path=preset.config_file,
+            kind="coca",
         )
     elif name.endswith(".json") or os.sep in name:
         path = Path(name).expanduser()
@@ -222,22 +270,27 @@ def resolve_model(name: str | None = None, pretrained: str | None = None) -> Mod
                 f"model config file {name} not found",
                 hint=f"pass an existing open_clip config JSON, or a preset: {_available_names()}",
             )
-        arch = _register_config(path)
+        arch, kind = _register_config(path)
         if not pretrained:
             raise WeightsNotFoundError(
                 f"custom model config {path.name} has no default weights",
                 hint="pass --pretrained PATH (a checkpoint for this config) or --pretrained none for random weights",
             )
-        spec = ModelSpec(name=str(path.resolve()), arch=arch, pretrained=pretrained, config_path=str(path.resolve()))
+        spec = ModelSpec(
+            name=str(path.resolve()), arch=arch, pretrained=pretrained, config_path=str(path.resolve()), kind=kind
+        )
     else:
-        archs = _open_clip_coca_archs()
-        if name not in archs:
+        import open_clip
+
+        cfg = open_clip.get_model_config(name) if name in open_clip.list_models() else None
+        if not cfg or "vision_cfg" not in cfg:
             raise UnknownModelError(
                 f"unknown model '{name}'",
-                hint=f"use a preset ({_available_names()}), a CoCa architecture ({', '.join(archs)}) "
-                "or the path of an open_clip config JSON; `cocatk models` lists them",
+                hint=f"use a preset ({_available_names()}), an open_clip architecture of a family: "
+                f"{_family_examples()} (`python -c 'import open_clip; print(open_clip.list_models())'` lists all), "
+                "or the path of an open_clip config JSON; `cocatk models` lists the presets",
             )
-        spec = ModelSpec(name=name, arch=name, pretrained=pretrained or _default_tag(name))
+        spec = ModelSpec(name=name, arch=name, pretrained=pretrained or _default_tag(name), kind=kind_of_config(cfg))
 
     if spec.weights_kind == "file":
         path = Path(spec.pretrained).expanduser()
@@ -246,14 +299,14 @@ def resolve_model(name: str | None = None, pretrained: str | None = None) -> Mod
                 f"checkpoint file {spec.pretrained} not found",
                 hint="pass the path of an existing open_clip checkpoint (.bin, .pt or .safetensors) to --pretrained",
             )
-        spec = ModelSpec(spec.name, spec.arch, str(path.resolve()), spec.preset, spec.config_path)
+        spec = ModelSpec(spec.name, spec.arch, str(path.resolve()), spec.preset, spec.config_path, spec.kind)
     elif spec.weights_kind == "tag":
         _check_tag(spec.arch, spec.pretrained)
     return spec
 
 
-def _register_config(path: Path) -> str:
-    """Register a custom open_clip config (process-global registry) and return its architecture name."""
+def _register_config(path: Path) -> tuple[str, str]:
+    """Register a custom open_clip config (process-global registry); return its architecture name and family."""
     import open_clip
 
     try:
@@ -262,13 +315,13 @@ def _register_config(path: Path) -> str:
         raise ModelConfigError(
             f"cannot read model config {path}: {e}", hint="pass a valid open_clip config JSON"
         ) from e
-    if not isinstance(cfg, dict) or "multimodal_cfg" not in cfg or "vision_cfg" not in cfg:
+    if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
         raise ModelConfigError(
-            f"{path} is not a CoCa config (no multimodal_cfg / vision_cfg)",
-            hint="start from open_clip's model_configs/coca_ViT-B-32.json",
+            f"{path} is not an open_clip model config (no vision_cfg / text_cfg)",
+            hint="start from open_clip's model_configs/coca_ViT-B-32.json (CoCa) or ViT-B-32.json (CLIP)",
         )
     open_clip.add_model_config(str(path))
-    return path.stem
+    return path.stem, kind_of_config(cfg)
 
 
 def _default_tag(arch: str) -> str:
@@ -421,7 +474,7 @@ def _resolve_precision(precision: str | None, device: str) -> str:
     return precision
 
 
-_CACHE: dict[tuple[str, str, str, str], CocaModel] = {}
+_CACHE: dict[tuple[str, str, str, str], ClipModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -430,19 +483,19 @@ def load_model(
     pretrained: str | None = None,
     device: str | None = None,
     precision: str | None = None,
-) -> CocaModel:
-    """Load a CoCa model (once per process: later calls with the same arguments return the same object).
+) -> ClipModel:
+    """Load a model (once per process: later calls with the same arguments return the same object).
 
     Args:
-        name: preset (``coca-l14`` default, ``coca-b32``, ``coca-l14-coco``), open_clip CoCa architecture, or the
-            path of an open_clip config JSON. ``$COCATK_MODEL`` overrides the default.
+        name: preset (``coca-l14`` default, ``coca-b32``, ``coca-l14-coco``), open_clip architecture (CoCa, CLIP,
+            SigLIP, EVA), or the path of an open_clip config JSON. ``$COCATK_MODEL`` overrides the default.
         pretrained: open_clip tag, local checkpoint path, or ``"none"`` for seeded random weights.
         device: ``cpu`` or ``cuda``; default cuda when available.
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast; default bf16 on cuda, fp32 on cpu. Weights stay fp32
             (open_clip's ``precision="bf16"`` breaks CoCa's pooler and decoder).
 
     Returns:
-        A :class:`CocaModel`.
+        A :class:`CocaModel` for CoCa, a :class:`ClipModel` for a dual encoder (``kind`` "clip" or "siglip").
 
     Raises:
         UnknownModelError, WeightsNotFoundError, ModelConfigError, DeviceError.
@@ -457,19 +510,26 @@ def load_model(
         return _CACHE[key]
 
 
-def _build(spec: ModelSpec, device: str, precision: str) -> CocaModel:
+def _build(spec: ModelSpec, device: str, precision: str) -> ClipModel:
     import open_clip
     import torch
 
     kind = spec.weights_kind
+    tokenizer = load_tokenizer(spec.arch)  # first: a SigLIP tokenizer missing offline fails before seconds of build
     weights = None
     if kind == "tag":
         weights = _fetch_tag_weights(spec.arch, spec.pretrained)
     elif kind == "file":
         weights = spec.pretrained
+    # The weights' own preprocessing (SigLIP: mean/std 0.5, squash resize; EVA, OpenAI CLIP: their own): open_clip
+    # applies it only when it loads a tag itself, and cocatk loads the file.
+    pp_cfg = (open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}) if kind == "tag" else {}
+    pp_kwargs = {
+        f"image_{k}": pp_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if pp_cfg.get(k) is not None
+    }
 
     # Build on the CPU under a fixed seed so random weights are identical in every process and on every device.
-    # open_clip logs "initialized randomly" on the root logger; cocatk reports that itself (CocaModel.is_random).
+    # open_clip logs "initialized randomly" on the root logger; cocatk reports that itself (ClipModel.is_random).
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     with contextlib.ExitStack() as stack:
@@ -477,12 +537,14 @@ def _build(spec: ModelSpec, device: str, precision: str) -> CocaModel:
         stack.enter_context(torch.random.fork_rng(devices=[]))
         torch.manual_seed(RANDOM_SEED)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=None, device="cpu")
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.arch, pretrained=None, device="cpu", **pp_kwargs
+            )
         except Exception as e:
             raise ModelConfigError(
                 f"cannot build {spec.arch}: {e}", hint="check the model config (see ../shared/COCA_NOTES.md rules)"
             ) from e
-        if kind == "random":
+        if kind == "random" and spec.has_decoder:
             _init_decoder_projection(model)
     if weights is not None:
         try:
@@ -493,10 +555,36 @@ def _build(spec: ModelSpec, device: str, precision: str) -> CocaModel:
                 hint="pass the --model that the checkpoint was trained with",
             ) from e
     model = model.to(device).eval()
-    tokenizer = open_clip.get_tokenizer(spec.arch)
-    return CocaModel(
-        spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device, precision=precision
-    )
+    cls = CocaModel if spec.has_decoder else ClipModel
+    return cls(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device, precision=precision)
+
+
+def load_tokenizer(arch: str) -> Any:
+    """open_clip's tokenizer of ``arch``; a one-line error when it must come from the hub and is not cached.
+
+    CLIP, EVA and CoCa use open_clip's bundled BPE; SigLIP's (and other ``hf_tokenizer_name`` configs') comes from
+    the Hugging Face hub through transformers, so it needs the network once or a warm cache.
+
+    Raises:
+        WeightsNotFoundError: the tokenizer is not cached and cannot be downloaded (or transformers is missing).
+    """
+    import open_clip
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.get_tokenizer(arch)
+    except Exception as e:  # transformers' OSError offline, ImportError without transformers, fsspec's without aiohttp
+        source = ((open_clip.get_model_config(arch) or {}).get("text_cfg") or {}).get("hf_tokenizer_name") or arch
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise WeightsNotFoundError(
+            f"the tokenizer of {arch} ({source}) is not in the local Hugging Face cache and cannot be loaded: {reason}",
+            hint=f"install transformers (`pip install 'cocatk[blip]'`) and, on a machine with network, run "
+            f"`python -c \"import open_clip; open_clip.get_tokenizer('{arch}')\"` once (copy the hub cache over); "
+            "CLIP, EVA and CoCa tokenizers ship with open_clip and work offline",
+        ) from e
+    finally:
+        logging.disable(previous)
 
 
 def _init_decoder_projection(model: Any) -> None:
@@ -510,10 +598,12 @@ def _init_decoder_projection(model: Any) -> None:
 
 
 @dataclass
-class CocaModel:
-    """A loaded CoCa model with batched, inference-mode helpers. Create it with :func:`load_model`.
+class ClipModel:
+    """A loaded open_clip dual encoder (CLIP, SigLIP, EVA) with batched, inference-mode helpers; :class:`CocaModel`
+    adds the multimodal decoder. Create either with :func:`load_model`.
 
-    Embeddings are float32, C-contiguous, L2-normalised numpy arrays of shape (N, :attr:`embed_dim`).
+    Embeddings are float32, C-contiguous, L2-normalised numpy arrays of shape (N, :attr:`embed_dim`). What needs a
+    decoder (:meth:`image_tokens`, :meth:`caption_loglik`) raises :class:`~cocatk.errors.DecoderRequiredError`.
     """
 
     spec: ModelSpec
@@ -528,9 +618,45 @@ class CocaModel:
 
     # ---- facts ---------------------------------------------------------------------------------------------
     @property
+    def kind(self) -> str:
+        """The family: ``"coca"``, ``"clip"`` or ``"siglip"``."""
+        return self.spec.kind
+
+    @property
+    def has_decoder(self) -> bool:
+        """True for CoCa (caption likelihood, rerank, captions)."""
+        return self.spec.has_decoder
+
+    @functools.cached_property
     def embed_dim(self) -> int:
         """Embedding width D (the contrastive projection's output)."""
-        return int(self.model.visual.proj.shape[-1])
+        proj = getattr(self.model.visual, "proj", None)
+        if proj is not None and hasattr(proj, "shape"):
+            return int(proj.shape[-1])
+        return int(self.encode_texts(["a"]).shape[1])  # timm towers (SigLIP, EVA) hide the width in a head
+
+    @property
+    def logit_scale(self) -> float:
+        """The learned temperature exp(logit_scale) (about 100 for trained CLIP and CoCa, ~110 for SigLIP)."""
+        return float(self.model.logit_scale.detach().exp().float().cpu())
+
+    @property
+    def logit_bias(self) -> float | None:
+        """SigLIP's learned bias (None for CLIP and CoCa)."""
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach().float().cpu())
+
+    def match_logits(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+        """The model's own logits (N images, M texts): logit_scale x cosine (+ logit_bias for SigLIP), float64."""
+        cos = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
+        return self.logit_scale * cos + (self.logit_bias or 0.0)
+
+    def match_probability(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray | None:
+        """SigLIP's P(match | image, text) = sigmoid(logits), per pair (N, M); None for softmax models (CLIP, CoCa),
+        whose probabilities exist only over a set of candidates."""
+        if self.kind != "siglip":
+            return None
+        return 1.0 / (1.0 + np.exp(-self.match_logits(image_embeddings, text_embeddings)))
 
     @property
     def image_size(self) -> int:
@@ -558,6 +684,7 @@ class CocaModel:
         """A JSON-friendly description (used in result records and manifests)."""
         return {
             "model": self.spec.preset or self.spec.name,
+            "kind": self.kind,
             "arch": self.spec.arch,
             "pretrained": self.spec.pretrained if self.spec.weights_kind != "file" else Path(self.spec.pretrained).name,
             "random_weights": self.is_random,
@@ -605,14 +732,26 @@ class CocaModel:
         for i in range(0, len(images), batch_size):
             yield self.preprocess_images(images[i : i + batch_size])
 
+    def _needs_decoder(self, what: str) -> DecoderRequiredError:
+        return DecoderRequiredError(
+            f"{what} needs CoCa's multimodal decoder; {self.spec.preset or self.spec.name} is a {self.kind} dual "
+            "encoder",
+            hint=DECODER_HINT,
+        )
+
     def _encode_batch(self, x: torch.Tensor, want_tokens: bool) -> tuple[np.ndarray, torch.Tensor | None]:
         import torch
 
+        if want_tokens:
+            raise self._needs_decoder("decoder tokens (rerank, likelihood)")
         x = x.to(self.device, non_blocking=True)
         with self._inference():
-            latent, tokens = self.model._encode_image(x, normalize=False)
-        latent = torch.nn.functional.normalize(latent.float(), dim=-1)  # re-normalise in fp32 after autocast
-        return latent.cpu().numpy(), (tokens.float() if want_tokens else None)
+            latent = self.model.encode_image(x, normalize=False)
+        latent = torch.nn.functional.normalize(latent.float(), dim=-1)  # normalise in fp32 after autocast
+        return latent.cpu().numpy(), None
+
+    def _encode_text_latent(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(ids, normalize=False)
 
     # ---- public heads --------------------------------------------------------------------------------------
     def encode_images(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
@@ -646,6 +785,9 @@ class CocaModel:
         """Embeddings and (optionally) decoder tokens from one pass of the image tower."""
         import torch
 
+        if tokens and not self.has_decoder:
+            raise self._needs_decoder("decoder tokens (rerank, likelihood)")
+
         bs = batch_size or self.image_batch_size
         embs: list[np.ndarray] = []
         toks: list[torch.Tensor] = []
@@ -664,9 +806,10 @@ class CocaModel:
         return self.tokenizer(list(texts))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        """Contrastive text embeddings (the unimodal decoder's CLS output, projected), L2-normalised.
+        """Contrastive text embeddings (CoCa: the unimodal decoder's CLS output, projected; CLIP: the EOT token's;
+        SigLIP: the last token's), L2-normalised.
 
-        Always uses the full padded ids: the CLS latent depends on the padding.
+        Always uses the full padded ids: the latent depends on the padding.
 
         Returns:
             float32 array (N, D).
@@ -680,11 +823,38 @@ class CocaModel:
         for i in range(0, len(texts), bs):
             ids = self.tokenize(texts[i : i + bs]).to(self.device)
             with self._inference():
-                latent, _ = self.model._encode_text(ids, normalize=False)
+                latent = self._encode_text_latent(ids)
             out.append(torch.nn.functional.normalize(latent.float(), dim=-1).cpu().numpy())
         if not out:
             return np.zeros((0, self.embed_dim), np.float32)
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def caption_token_count(self, text: str) -> int:
+        """How many tokens :meth:`caption_loglik` scores (CoCa only)."""
+        raise self._needs_decoder("caption likelihood")
+
+    def caption_loglik(self, text: str, image_tokens: torch.Tensor, chunk_size: int | None = None) -> np.ndarray:
+        """Caption log-likelihood (CoCa only): see :meth:`CocaModel.caption_loglik`."""
+        raise self._needs_decoder("caption likelihood")
+
+
+@dataclass
+class CocaModel(ClipModel):
+    """A loaded CoCa model: the dual encoder's heads plus the multimodal decoder's (image tokens, caption
+    log-likelihood). Create it with :func:`load_model`."""
+
+    def _encode_batch(self, x: torch.Tensor, want_tokens: bool) -> tuple[np.ndarray, torch.Tensor | None]:
+        import torch
+
+        x = x.to(self.device, non_blocking=True)
+        with self._inference():
+            latent, tokens = self.model._encode_image(x, normalize=False)
+        latent = torch.nn.functional.normalize(latent.float(), dim=-1)  # re-normalise in fp32 after autocast
+        return latent.cpu().numpy(), (tokens.float() if want_tokens else None)
+
+    def _encode_text_latent(self, ids: torch.Tensor) -> torch.Tensor:
+        latent, _ = self.model._encode_text(ids, normalize=False)
+        return latent
 
     def _caption_ids(self, text: str) -> torch.Tensor:
         """[SOT, words..., EOT] ids (1, L), trimmed at the EOT (not at id 0, which is the real token '!')."""

@@ -177,10 +177,10 @@ def test_config_without_weights_needs_pretrained(tmp_path):
     assert "--pretrained" in e.value.hint
 
 
-def test_non_coca_config_is_refused(tmp_path):
-    path = tmp_path / "clip_like.json"
-    path.write_text(json.dumps({"embed_dim": 64, "vision_cfg": {}, "text_cfg": {}}))
-    with pytest.raises(ModelConfigError, match="not a CoCa config"):
+def test_non_open_clip_config_is_refused(tmp_path):
+    path = tmp_path / "vision_only.json"
+    path.write_text(json.dumps({"embed_dim": 64, "vision_cfg": {}}))
+    with pytest.raises(ModelConfigError, match="not an open_clip model config"):
         cocatk.resolve_model(str(path), pretrained="none")
 
 

@@ -49,7 +49,10 @@ def index(
     ] = None,
     cache_tokens: Annotated[
         bool,
-        typer.Option("--cache-tokens", help="Also store each image's decoder tokens (fp16) for rerank without decode."),
+        typer.Option(
+            "--cache-tokens",
+            help="Also store each image's decoder tokens (fp16) for rerank without decode (of --rerank-model if set).",
+        ),
     ] = False,
     caption: Annotated[
         bool,
@@ -59,8 +62,14 @@ def index(
             "new ones in the same pass as their embedding.",
         ),
     ] = False,
+    rerank_model: options.RerankModel = None,
+    rerank_pretrained: options.RerankPretrained = None,
     rebuild: Annotated[
-        bool, typer.Option("--rebuild", help="Drop everything indexed with another model and re-encode with --model.")
+        bool,
+        typer.Option(
+            "--rebuild",
+            help="Drop everything indexed with another model and re-encode with --model (or switch --rerank-model).",
+        ),
     ] = False,
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Files per durable checkpoint.")
@@ -95,6 +104,8 @@ def index(
             rebuild=rebuild,
             lock=True,
             progress=progress,
+            rerank_model=rerank_model,
+            rerank_pretrained=rerank_pretrained,
         )
         with ix:
             report = ix.update(
@@ -226,6 +237,16 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
     rows = [
         ("model", f"{ident.get('model')} ({ident.get('arch')})"),
         ("weights", str(ident.get("weights"))),
+        *(
+            [
+                (
+                    "rerank model",
+                    f"{rr['identity'].get('model')} ({rr['identity'].get('arch')}, {rr['identity'].get('weights')})",
+                )
+            ]
+            if (rr := m.get("rerank_model"))
+            else []
+        ),
         ("embedding", f"{m.get('embed_dim')}-d, {m.get('metric')}, image size {m.get('image_size')}"),
         ("faiss", f"{m.get('factory')} ({data['faiss_file'] or 'rebuilt from SQLite on next open'})"),
         ("images", f"{data['files']} files, {data['unique_contents']} distinct contents" if data["files"] else "none"),

@@ -13,7 +13,8 @@ Model = Annotated[
         "--model",
         "-m",
         envvar="COCATK_MODEL",
-        help="Preset (coca-l14, coca-b32, coca-l14-coco, demo), open_clip CoCa architecture, or config JSON path.",
+        help="Preset (coca-l14, coca-b32, coca-l14-coco, demo), any open_clip architecture (CoCa, CLIP ViT-B-32, "
+        "SigLIP ViT-B-16-SigLIP, EVA EVA02-B-16), or config JSON path.",
         show_default="coca-l14",
     ),
 ]
@@ -47,4 +48,31 @@ IndexDir = Annotated[
 BatchSize = Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 Workers = Annotated[
     int | None, typer.Option("--workers", min=0, help="Image decode threads.", show_default="from the core count")
+]
+RerankModel = Annotated[
+    str | None,
+    typer.Option(
+        "--rerank-model",
+        envvar="COCATK_RERANK_MODEL",
+        help="The reranker's model: any CoCa (preset, architecture, config JSON) for --reranker coca, whatever model "
+        "built the index; a hub repo or local folder for --reranker blip-itm.",
+        show_default="the one the index records, else the index's CoCa; Salesforce/blip-itm-base-coco for BLIP",
+    ),
+]
+RerankPretrained = Annotated[
+    str | None,
+    typer.Option(
+        "--rerank-pretrained",
+        envvar="COCATK_RERANK_PRETRAINED",
+        help="Weights of --rerank-model: open_clip tag, checkpoint path, or 'none' for seeded random weights.",
+        show_default="the rerank model's default",
+    ),
+]
+Reranker = Annotated[
+    str,
+    typer.Option(
+        "--reranker",
+        envvar="COCATK_RERANKER",
+        help="coca (caption log-likelihood) or blip-itm (BLIP's image-text matching, needs cocatk[blip]).",
+    ),
 ]

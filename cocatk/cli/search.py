@@ -23,7 +23,8 @@ def search(
     index: options.IndexDir = None,
     n: Annotated[int, typer.Option("-n", "--top", help="Results to show.")] = 10,
     rerank: Annotated[
-        bool, typer.Option("--rerank/--no-rerank", help="Rerank the top --rerank-k by caption log-likelihood.")
+        bool,
+        typer.Option("--rerank/--no-rerank", help="Rerank the top --rerank-k (by caption log-likelihood: --reranker)."),
     ] = True,
     rerank_k: Annotated[int, typer.Option("--rerank-k", help="Candidates taken from FAISS for the rerank.")] = 50,
     image: Annotated[
@@ -60,8 +61,11 @@ def search(
     model: options.Model = None,
     pretrained: options.Pretrained = None,
     device: options.Device = None,
+    reranker: options.Reranker = "coca",
+    rerank_model: options.RerankModel = None,
+    rerank_pretrained: options.RerankPretrained = None,
 ) -> None:
-    """Search the index with text (and/or an image); rerank by CoCa caption likelihood."""
+    """Search the index with text (and/or an image); rerank by CoCa caption likelihood (or BLIP-ITM)."""
     from ..errors import UsageError
     from ..paths import display_path
     from ..retrieval import Index
@@ -75,6 +79,9 @@ def search(
     idx = Index.open(index, model=model, pretrained=pretrained, device=device)
     result = search_index(
         idx,
+        reranker=reranker,
+        rerank_model=rerank_model,
+        rerank_pretrained=rerank_pretrained,
         text=query,
         image=image,
         negative=tuple(negative or ()),
@@ -123,7 +130,10 @@ def _page_meta(result, index_dir: Path) -> dict[str, str]:  # noqa: ANN001 - Sea
     m = result.model
     meta["model"] = f"{m.get('model')} ({m.get('arch')}, {m.get('pretrained')})"
     meta["index"] = str(index_dir)
-    rerank = f"top {result.candidates} by caption likelihood" if result.reranked else "off"
+    by = "BLIP-ITM match probability" if result.reranker == "blip-itm" else "caption likelihood"
+    rerank = f"top {result.candidates} by {by}" if result.reranked else "off"
+    if result.rerank_model:
+        rerank += f" ({result.rerank_model.get('model')})"
     meta["ranking"] = f"{len(result.hits)} hits by similarity; rerank {rerank}"
     return {k: v for k, v in meta.items() if v}
 
@@ -137,12 +147,14 @@ def _table(result) -> None:  # noqa: ANN001 - SearchResult
     table.add_column("#", justify="right")
     table.add_column("path", overflow="fold")
     table.add_column("similarity", justify="right")
-    table.add_column("log-likelihood", justify="right")
+    blip = result.reranker == "blip-itm"
+    table.add_column("P(match)" if blip else "log-likelihood", justify="right")
     captions = any(hit.caption for hit in result.hits)
     if captions:
         table.add_column("caption", overflow="fold")
     for hit in result.hits:
-        ll = "–" if hit.loglik is None else f"{hit.loglik:.2f}"
+        score = hit.match if blip else hit.loglik
+        ll = "–" if score is None else f"{score:.3f}" if blip else f"{score:.2f}"
         row = [str(hit.rank), show_path(hit.path), f"{hit.similarity:.4f}", ll]
         table.add_row(*row, *([Text(hit.caption or "")] if captions else []))
     print_table(table)
@@ -150,6 +162,7 @@ def _table(result) -> None:  # noqa: ANN001 - SearchResult
     parts = [f"embed {t['embed'] * 1000:.0f} ms", f"search {t['search'] * 1000:.1f} ms"]
     if "rerank" in t:
         parts.append(
-            f"rerank {t['rerank'] * 1000:.0f} ms ({result.candidates} candidates, tokens from {result.tokens_from})"
+            f"rerank {t['rerank'] * 1000:.0f} ms ({result.candidates} candidates, "
+            + ("images from files)" if blip else f"tokens from {result.tokens_from})")
         )
     err.print(f"{len(result.hits)} hits · " + " · ".join(parts), style="dim", highlight=False)

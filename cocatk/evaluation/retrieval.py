@@ -16,6 +16,12 @@ log-likelihood, everything below k is left alone (so R@k itself cannot change fo
   same estimate the zero-shot likelihood scorer uses. ``alpha = 1`` is full PMI, ``0`` no correction; the result
   also holds the no-prior figures so the effect is visible.
 
+**Side by side** (``rerankers``): the likelihood rerank may use a separate CoCa (``rerank_model``) whatever model ranks
+first (CLIP, SigLIP, EVA); BLIP's image-text matching head (``blip``, text -> image only: ``blip-itm@k``) reorders
+the same top-k by P(match | image, text). ``costs_ms`` holds what each stage-2 scorer costs per query at each k on
+this machine (measured on the first queries, with the load average at the time): CoCa from cached decoder tokens,
+CoCa from the images (image tower + decoder, as a search without a token cache), BLIP-ITM from the images.
+
 Data: :func:`~cocatk.evaluation.captioned.open_captioned_dataset` (COCO / Flickr30k Karpathy JSON, plain JSON,
 the demo's ``captions.jsonl``, ``hf:PATH``).
 
@@ -46,7 +52,8 @@ from .data import default_workers, iter_batches
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..models import CocaModel
+    from ..models import ClipModel, CocaModel
+    from ..rerankers import BlipItmReranker
 
 #: Recall cut-offs reported (the published tables use these).
 RECALL_KS = (1, 5, 10)
@@ -157,6 +164,13 @@ class RetrievalResult:
     #: The published text -> image figures for this model and benchmark (contrastive), or None.
     reference: dict[str, Any] | None
     seconds: dict[str, float]
+    #: The likelihood rerank's CoCa (when not ``model``) and the BLIP-ITM model, as ``info()`` dicts.
+    rerank_models: dict[str, dict[str, Any]] | None = None
+    #: scorer -> ``k=10`` -> milliseconds per query (see the module docstring).
+    costs_ms: dict[str, dict[str, float]] | None = None
+    #: os.getloadavg() (1, 5, 15 min) when the costs were measured; CPU cores.
+    load_average: list[float] | None = None
+    cpu_count: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,7 +219,7 @@ def _loglik(model: CocaModel, text: str, tokens: torch.Tensor, rows: np.ndarray)
 
 
 def evaluate_retrieval(
-    model: CocaModel,
+    model: ClipModel,
     data: CaptionedDataset,
     rerank_ks: Sequence[int] = DEFAULT_RERANK_KS,
     alpha: float = 1.0,
@@ -213,11 +227,19 @@ def evaluate_retrieval(
     batch_size: int | None = None,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    rerank_model: CocaModel | None = None,
+    blip: BlipItmReranker | None = None,
+    likelihood: bool = True,
+    cost_queries: int = 0,
 ) -> RetrievalResult:
     """Text -> image and image -> text R@1/5/10, contrastive and with the caption-likelihood rerank at each k.
 
     Args:
-        model: a loaded :class:`~cocatk.models.CocaModel`.
+        model: a loaded :class:`~cocatk.models.ClipModel` (CoCa or any dual encoder): the first stage.
+        rerank_model: the CoCa of the likelihood rerank (default ``model`` when it is a CoCa).
+        blip: a :class:`~cocatk.rerankers.BlipItmReranker`: also report ``blip-itm@k`` (text -> image).
+        likelihood: False leaves the CoCa likelihood rerank out (only BLIP, or contrastive only).
+        cost_queries: measure each scorer's cost per query at each k on this many captions (``costs_ms``).
         data: from :func:`open_captioned_dataset`.
         rerank_ks: rerank depths (empty: contrastive only). Cost: one decoder pass per caption and candidate.
         alpha: weight of the caption prior in the image -> text rerank (module docstring).
@@ -229,7 +251,7 @@ def evaluate_retrieval(
         A :class:`RetrievalResult`.
 
     Raises:
-        UsageError: bad k or alpha.
+        UsageError: bad k or alpha. DecoderRequiredError: a likelihood rerank without any CoCa.
     """
     ks = sorted({int(k) for k in rerank_ks})
     if any(k < 2 for k in ks):
@@ -246,9 +268,23 @@ def evaluate_retrieval(
     seconds: dict[str, float] = {}
     kmax = max(ks, default=0)
 
+    lik = rerank_model if rerank_model is not None else (model if model.has_decoder else None)
+    if ks and likelihood and lik is None:
+        model.image_tokens([])  # raises DecoderRequiredError with the --rerank-model hint
+    use_lik = bool(ks and likelihood and lik is not None)
     t = time.perf_counter()
-    img, tokens = _encode_dataset(model, data, bool(ks), bs, workers, progress)
+    img, tokens = _encode_dataset(model, data, use_lik and lik is model, bs, workers, progress)
     seconds["encode_images"] = time.perf_counter() - t
+    if use_lik and lik is not model:
+        assert lik is not None
+        t = time.perf_counter()
+        _, tokens = _encode_dataset(lik, data, True, bs, workers, progress)
+        seconds["encode_rerank_tokens"] = time.perf_counter() - t
+    blip_embeds = None
+    if ks and blip is not None:
+        t = time.perf_counter()
+        blip_embeds = _blip_dataset(blip, data, bs, workers, progress)
+        seconds["encode_blip_images"] = time.perf_counter() - t
     t = time.perf_counter()
     txt = model.encode_texts(data.captions)
     seconds["encode_texts"] = time.perf_counter() - t
@@ -261,7 +297,10 @@ def evaluate_retrieval(
         "image_to_text": {"contrastive": recall_from_ranks(i2t_ranks)},
     }
 
-    if ks and tokens is not None:
+    if use_lik and tokens is not None:
+        assert lik is not None
+        model_for_lik = model
+        model = lik  # the likelihood scorer below; the first stage is model_for_lik
         # text -> image: one decoder call per caption over its kmax candidates; smaller k reuse the prefix.
         t = time.perf_counter()
         t2i_scores = np.empty(t2i_cands.shape, dtype=np.float64)
@@ -302,6 +341,29 @@ def evaluate_retrieval(
             metrics["image_to_text"][f"rerank@{k}"] = recall_from_ranks(new)
             new = rerank_ranks(i2t_ranks, i2t_cands[:, :kk], i2t_scores[:, :kk], i2t_match[:, :kk])
             metrics["image_to_text"][f"rerank@{k} no prior"] = recall_from_ranks(new)
+        model = model_for_lik
+
+    if blip is not None and blip_embeds is not None:
+        t = time.perf_counter()
+        blip_scores = np.empty(t2i_cands.shape, dtype=np.float64)
+        for q, caption in enumerate(data.captions):
+            blip_scores[q] = blip.score_embeds(caption, blip_embeds[_as_index(t2i_cands[q])])
+            if q % 256 == 0 or q == len(data.captions) - 1:
+                progress("blip-itm text->image", q + 1, len(data.captions))
+        seconds["blip_text_to_image"] = time.perf_counter() - t
+        t2i_match = t2i_cands == owner[:, None]
+        for k in ks:
+            kk = min(k, t2i_cands.shape[1])
+            new = rerank_ranks(t2i_ranks, t2i_cands[:, :kk], blip_scores[:, :kk], t2i_match[:, :kk])
+            metrics["text_to_image"][f"blip-itm@{k}"] = recall_from_ranks(new)
+
+    costs = None
+    load = None
+    if cost_queries and ks:
+        import os
+
+        costs = measure_costs(model, data, img, ks, lik if use_lik else None, tokens, blip, cost_queries)
+        load = [round(x, 2) for x in os.getloadavg()]
 
     info = model.info()
     return RetrievalResult(
@@ -316,4 +378,94 @@ def evaluate_retrieval(
         rerank_ks=ks,
         reference=reference_for(model.spec.arch, model.spec.pretrained, data.benchmark),
         seconds=seconds,
+        rerank_models={
+            **({"coca": lik.info()} if use_lik and lik is not None and lik is not model else {}),
+            **({"blip-itm": blip.info()} if blip is not None else {}),
+        }
+        or None,
+        costs_ms=costs,
+        load_average=load,
+        cpu_count=_cpu_count() if costs else None,
     )
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _as_index(rows: np.ndarray) -> Any:
+    import torch
+
+    return torch.as_tensor(np.asarray(rows, dtype=np.int64))
+
+
+def _blip_dataset(
+    blip: BlipItmReranker, data: CaptionedDataset, batch_size: int, workers: int, progress: ProgressFn
+) -> torch.Tensor:
+    """BLIP's vision-tower output of every image (computed once; the ITM text encoder runs per query)."""
+    import torch
+
+    n = len(data)
+    out: list[torch.Tensor] = []
+    batches = iter_batches(np.arange(n), list, data.load, batch_size, max(1, workers), skip_failures=False)
+    for idx, images, _ in batches:
+        out.append(blip.image_embeds(images).cpu())
+        progress("blip-itm images", int(idx[0]) + len(idx), n)
+    return torch.cat(out)
+
+
+def measure_costs(
+    model: ClipModel,
+    data: CaptionedDataset,
+    image_emb: np.ndarray,
+    ks: Sequence[int],
+    lik: CocaModel | None,
+    tokens: torch.Tensor | None,
+    blip: BlipItmReranker | None,
+    queries: int,
+) -> dict[str, dict[str, float]]:
+    """Milliseconds per text query of each scorer at each k, the median over the first ``queries`` captions.
+
+    ``contrastive``: embed the text and rank every image (brute force). ``coca (cached tokens)``: the decoder over
+    k candidates whose tokens are in memory (a ``--cache-tokens`` index). ``coca (from images)``: decode and
+    preprocess the k image files, the CoCa image tower, then the decoder (a search without a token cache).
+    ``blip-itm``: decode the k files, BLIP's vision tower, then its ITM text encoder. Candidate lists shorter than k
+    (a small set) repeat images to reach k, so every row costs k images.
+    """
+    n_q = min(queries, len(data.captions))
+    out: dict[str, dict[str, float]] = {}
+
+    def median_ms(fn: Callable[[int], Any]) -> float:
+        times = []
+        for q in range(n_q):
+            t = time.perf_counter()
+            fn(q)
+            times.append(time.perf_counter() - t)
+        return round(1000 * float(np.median(times)), 2)
+
+    def rows(k: int) -> np.ndarray:
+        return np.resize(np.arange(len(data)), k)  # k images, cycling through a small set
+
+    def contrastive(q: int) -> None:
+        e = model.encode_texts([data.captions[q]])
+        _topk_sorted(e @ image_emb.T, max(ks))
+
+    out["contrastive"] = {f"k={k}": median_ms(contrastive) for k in ks}
+    for k in ks:
+        if lik is not None and tokens is not None:
+            out.setdefault("coca likelihood (cached tokens)", {})[f"k={k}"] = median_ms(
+                lambda q, k=k: _loglik(lik, data.captions[q], tokens, rows(k))
+            )
+            out.setdefault("coca likelihood (from images)", {})[f"k={k}"] = median_ms(
+                lambda q, k=k: lik.caption_loglik(
+                    data.captions[q], lik.image_tokens([data.load(int(i)) for i in rows(k)])
+                )
+            )
+    for k in ks:  # last: the slowest by far on a CPU
+        if blip is not None:
+            out.setdefault("blip-itm (from images)", {})[f"k={k}"] = median_ms(
+                lambda q, k=k: blip.score(data.captions[q], [data.load(int(i)) for i in rows(k)])
+            )
+    return out

@@ -109,8 +109,13 @@ class LocalEncoder:
         workers: int | None = None,
         batch_size: int | None = None,
         max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+        token_model: CocaModel | None = None,
     ) -> None:
         self.model = model
+        #: The CoCa whose decoder tokens are cached when it is not ``model`` (a separate rerank model, with its own
+        #: preprocessing); None: ``model`` gives both.
+        self.token_model = token_model if token_model is not None and token_model is not model else None
+        self._tokens = False
         self.workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
         self.batch_size = batch_size or model.image_batch_size
         self.max_megapixels = max_megapixels
@@ -118,8 +123,9 @@ class LocalEncoder:
     def token_shape(self) -> tuple[int, int]:
         import torch
 
-        s = self.model.image_size
-        t, d = self.model.image_tokens(torch.zeros(1, 3, s, s)).shape[1:]
+        model = self.token_model or self.model
+        s = model.image_size
+        t, d = model.image_tokens(torch.zeros(1, 3, s, s)).shape[1:]
         return int(t), int(d)
 
     # -- decode threads --
@@ -139,8 +145,12 @@ class LocalEncoder:
             return out, None  # a move, a duplicate or a touch: the embedding is reused
         tensor = None
         try:
-            image = load_image(data, draft_size=self.model.image_size, max_megapixels=self.max_megapixels)
+            second = self.token_model if self._tokens else None
+            draft = max(self.model.image_size, second.image_size if second is not None else 0)
+            image = load_image(data, draft_size=draft, max_megapixels=self.max_megapixels)
             tensor = self.model.preprocess(image)
+            if second is not None:
+                tensor = (tensor, second.preprocess(image))
         except ImageDecodeError as e:
             e.path = job.path
             out.error = e
@@ -175,6 +185,7 @@ class LocalEncoder:
     ) -> Iterator[Encoded]:
         import torch
 
+        self._tokens = tokens
         started: set[str] = set()  # contents queued for the model in this call: encoded once
         order: deque[Encoded] = deque()  # results not yielded yet, in job order
         batch: list[tuple[Encoded, Any]] = []
@@ -182,8 +193,14 @@ class LocalEncoder:
 
         def run_batch() -> None:
             with timed("model"):
-                x = torch.stack([t for _, t in batch])
-                emb, toks = self.model.encode_images_and_tokens(x, batch_size=len(batch), tokens=tokens)
+                if tokens and self.token_model is not None:
+                    x = torch.stack([t[0] for _, t in batch])
+                    emb = self.model.encode_images(x, batch_size=len(batch))
+                    x2 = torch.stack([t[1] for _, t in batch])
+                    toks = self.token_model.image_tokens(x2, batch_size=len(batch))
+                else:
+                    x = torch.stack([t for _, t in batch])
+                    emb, toks = self.model.encode_images_and_tokens(x, batch_size=len(batch), tokens=tokens)
                 tok_np = toks.to(torch.float16).cpu().numpy() if toks is not None else None
             for i, (res, _) in enumerate(batch):
                 res.embedding = emb[i]

@@ -66,7 +66,7 @@ from .vectors import DEFAULT_FACTORY, VectorIndex
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..models import CocaModel, ModelSpec
+    from ..models import ClipModel, CocaModel, ModelSpec
     from .duplicates import DuplicateReport
     from .encoder import Encoder
 
@@ -113,6 +113,9 @@ class Index:
         self._precision = precision
         self._spec = spec
         self._model: CocaModel | None = None
+        self._rerank_spec: ModelSpec | None = None
+        self._rerank: ClipModel | None = None
+        self._rebuild_requested = False
         self._vectors: VectorIndex | None = None
         self._vectors_gen = -1
         self._lock_fd: int | None = None
@@ -131,6 +134,8 @@ class Index:
         rebuild: bool = False,
         lock: bool = False,
         progress: ProgressCallback | None = None,
+        rerank_model: str | None = None,
+        rerank_pretrained: str | None = None,
     ) -> Index:
         """Open the index in ``folder`` (default :func:`cocatk.config.default_index_dir`).
 
@@ -146,10 +151,15 @@ class Index:
             lock: take the writer lock now and hold it until :meth:`close` (a writer then fails fast with
                 IndexBusyError, before any model is loaded).
             progress: ``progress(stage, done, total)``; stage ``"model"`` while a model loads.
+            rerank_model, rerank_pretrained: a CoCa that reranks this index's candidates by caption likelihood (any
+                first-stage model). A writer (``lock``, ``create`` or ``rebuild``) records it in the manifest: the
+                token cache (``update(cache_tokens=True)``) then holds that model's decoder tokens. A reader checks
+                it against the recorded one.
 
         Raises:
-            IndexNotFoundError, IndexMismatchError, IndexBusyError (lock, create or rebuild while another process
-            writes), IndexCorruptError, and model resolution and loading errors.
+            IndexNotFoundError, IndexMismatchError (another model, or another rerank model than the one recorded),
+            IndexBusyError (lock, create or rebuild while another process writes), IndexCorruptError,
+            DecoderRequiredError (a rerank model that is not a CoCa), and model resolution and loading errors.
         """
         from ..models import resolve_model
 
@@ -171,7 +181,10 @@ class Index:
         try:
             if lock:
                 index._acquire_lock()
+            index._rebuild_requested = rebuild
             index._open_checked(model, pretrained, new_spec, create=create, rebuild=rebuild, progress=progress)
+            if rerank_model is not None or rerank_pretrained is not None:
+                index._check_rerank_model(rerank_model, rerank_pretrained, write=lock or create or rebuild)
         except BaseException:
             index.close()
             raise
@@ -220,12 +233,96 @@ class Index:
             with self._writer_lock():
                 self._reset(spec)
 
+    def _check_rerank_model(self, name: str | None, pretrained: str | None, *, write: bool) -> None:
+        """Check ``name`` against the rerank model the manifest records; a writer records it (see :meth:`open`)."""
+        from ..errors import DecoderRequiredError
+        from ..models import DECODER_HINT, resolve_model
+
+        spec = resolve_model(name or (self.manifest.get("rerank_model") or {}).get("model"), pretrained)
+        if not spec.has_decoder:
+            raise DecoderRequiredError(
+                f"--rerank-model {spec.name} is a {spec.kind} dual encoder: reranking by caption likelihood needs a "
+                "CoCa",
+                hint=DECODER_HINT,
+            )
+        self._rerank_spec = spec
+        m = self.store.manifest()
+        if m is None:
+            return
+        recorded = m.get("rerank_model")
+        token_identity = (recorded or {}).get("identity") or m.get("identity")
+        if recorded is not None and recorded.get("identity") == spec.identity():
+            return
+        # The token cache holds the decoder tokens of the recorded rerank model (or of the index's own CoCa).
+        tokens_elsewhere = bool(m.get("token_shape")) and token_identity != spec.identity()
+        # A reader without a recorded rerank model recomputes tokens from the files; a writer must not mix models.
+        if (recorded is not None or (write and tokens_elsewhere)) and not (write and self._rebuild_requested):
+            shown = recorded or {"identity": m.get("identity")}
+            raise IndexMismatchError(
+                f"index {self.dir} records rerank model {_identity_text(shown.get('identity', {}))}, not "
+                f"{_identity_text(spec.identity())}",
+                hint=f"pass --rerank-model {shown.get('model') or m.get('model')}, or switch the index's rerank "
+                f"model (its cached tokens are recomputed): `cocatk index --index {self.dir} --rerank-model "
+                f"{spec.name} --rebuild`",
+            )
+        if write:
+            with self._writer_lock():
+                self._set_rerank_model(spec, drop_tokens=tokens_elsewhere)
+
+    def _set_rerank_model(self, spec: ModelSpec, *, drop_tokens: bool) -> None:
+        m = self.manifest
+        m["rerank_model"] = {"identity": spec.identity(), "model": spec.name, "pretrained": spec.pretrained}
+        self.store.begin()
+        if drop_tokens:  # another model's tokens: the next update backfills the new model's
+            self.store.conn.execute("DELETE FROM tokens")
+            m["token_shape"] = None
+        self.store.set_manifest(m)
+        self.store.commit()
+        self._write_manifest_json()
+        self._rerank = None
+
+    @property
+    def rerank_spec(self) -> ModelSpec | None:
+        """The rerank CoCa asked for at :meth:`open`, else the one the manifest records, else None."""
+        if self._rerank_spec is None:
+            recorded = (self.store.manifest() or {}).get("rerank_model")
+            if recorded:
+                from ..models import resolve_model
+
+                self._rerank_spec = resolve_model(recorded["model"], recorded["pretrained"])
+        return self._rerank_spec
+
+    @property
+    def rerank_model(self) -> CocaModel | None:
+        """The separate rerank CoCa (see :attr:`rerank_spec`), loaded on first use; None when there is none."""
+        spec = self.rerank_spec
+        if spec is None:
+            return None
+        if self._rerank is None:
+            from ..models import load_model
+
+            self._rerank = load_model(spec.name, spec.pretrained, device=self._device, precision=self._precision)
+        return self._rerank  # type: ignore[return-value]
+
+    @property
+    def token_model(self) -> CocaModel:
+        """The model whose decoder tokens the token cache holds: the recorded rerank model, else the index's."""
+        return self.rerank_model or self.model  # type: ignore[return-value]
+
+    def tokens_cached_for(self, spec: ModelSpec) -> bool:
+        """True when the token cache (if any) holds ``spec``'s decoder tokens."""
+        m = self.manifest
+        recorded = (m.get("rerank_model") or {}).get("identity") or m.get("identity")
+        return recorded == spec.identity()
+
     @property
     def is_empty(self) -> bool:
         """True when the index holds no images (also for a folder whose first run never recorded a model)."""
         return self.store.manifest() is None or self.store.count() == 0
 
-    def _init_manifest(self, spec: ModelSpec, factory: str = DEFAULT_FACTORY) -> None:
+    def _init_manifest(
+        self, spec: ModelSpec, factory: str = DEFAULT_FACTORY, rerank_model: dict[str, Any] | None = None
+    ) -> None:
         model = self._load(spec)
         VectorIndex.validate_factory(model.embed_dim, factory)
         manifest = {
@@ -239,6 +336,9 @@ class Index:
             "factory": factory,
             "cache_tokens": False,
             "token_shape": None,
+            # The CoCa that reranks (and whose decoder tokens the cache holds); None: the index's own model. Older
+            # manifests lack the key, which reads the same: no migration.
+            "rerank_model": rerank_model,
             "schema_version": SCHEMA_VERSION,
             "cocatk_version": __version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -258,7 +358,7 @@ class Index:
         self.store.bump_generation()
         self.store.commit()
         self._vectors = None
-        self._init_manifest(spec, old.get("factory", DEFAULT_FACTORY))
+        self._init_manifest(spec, old.get("factory", DEFAULT_FACTORY), old.get("rerank_model"))
         self._cleanup_vector_files(keep=None)
 
     def _load(self, spec: ModelSpec) -> CocaModel:
@@ -372,7 +472,8 @@ class Index:
 
     def get_tokens(self, ids: Sequence[int] | np.ndarray) -> torch.Tensor | None:
         """Cached decoder tokens (N, T, D) float16 (CPU) of ``ids``, or None when the index does not cache tokens
-        (built without ``--cache-tokens``) or any id has none; then recompute with ``index.model.image_tokens``."""
+        (built without ``--cache-tokens``) or any id has none; then recompute with ``index.token_model.image_tokens``.
+        The tokens are :attr:`token_model`'s (the recorded rerank model, else the index's own CoCa)."""
         m = self.manifest
         if not m.get("cache_tokens") or not m.get("token_shape"):
             return None
@@ -500,15 +601,32 @@ class Index:
         rerank: bool = True,
         rerank_k: int = 50,
         under: str | os.PathLike[str] | None = None,
+        *,
+        reranker: str = "coca",
+        rerank_model: str | None = None,
+        rerank_pretrained: str | None = None,
     ) -> list[Hit]:
-        """Top-``n`` images for a text and/or image query, reranked by caption log-likelihood (text queries).
+        """Top-``n`` images for a text and/or image query, reranked by caption log-likelihood (text queries), or by
+        BLIP-ITM (``reranker="blip-itm"``); ``rerank_model`` names a separate CoCa (or BLIP) for the rerank.
 
         See :func:`cocatk.retrieval.search.search_index`, which also returns timings and dropped candidates.
 
         Example:
             >>> [h.path for h in Index.open().search("a red bicycle", n=3)]   # doctest: +SKIP
         """
-        return search_index(self, text, image, negative, n=n, rerank=rerank, rerank_k=rerank_k, under=under).hits
+        return search_index(
+            self,
+            text,
+            image,
+            negative,
+            n=n,
+            rerank=rerank,
+            rerank_k=rerank_k,
+            under=under,
+            reranker=reranker,
+            rerank_model=rerank_model,
+            rerank_pretrained=rerank_pretrained,
+        ).hits
 
     def duplicates(
         self, threshold: float | None = None, under: str | os.PathLike[str] | None = None

@@ -1,10 +1,11 @@
-"""Search an index: FAISS top-k over contrastive embeddings, then CoCa caption-likelihood rerank.
+"""Search an index: FAISS top-k over contrastive embeddings, then a rerank of the top-k.
 
-Stage 1 embeds the query with the unimodal text decoder (CLS token) and takes the exact inner-product top-k from
-FAISS (k = ``rerank_k`` when reranking, else ``n``). Stage 2 scores each of the k candidates by
-log p(query | image) with the multimodal decoder (the text tower runs once, the decoder is batched over candidates)
-and orders by that score. For one fixed query, log P(query) is the same for every image, so the raw likelihood
-ranks images correctly without a prior correction.
+Stage 1 embeds the query with the index's model (a CoCa, CLIP, SigLIP or EVA text tower) and takes the exact
+inner-product top-k from FAISS (k = ``rerank_k`` when reranking, else ``n``). Stage 2 (:mod:`cocatk.rerankers`)
+scores each of the k candidates, by default by CoCa caption log-likelihood log p(query | image) (the text tower runs
+once, the decoder is batched over candidates) with the index's own CoCa or a separate ``rerank_model``; or by
+BLIP's image-text matching probability (``reranker="blip-itm"``). For one fixed query, log P(query) is the same for
+every image, so the raw likelihood ranks images correctly without a prior correction.
 
 Example:
     >>> from cocatk import Index
@@ -31,7 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class Hit:
-    """One search result. ``loglik`` is None when the results were not reranked."""
+    """One search result. ``loglik`` (CoCa rerank) and ``match`` (BLIP-ITM's P(match)) are None unless that reranker
+    ordered the results."""
 
     rank: int
     id: int
@@ -40,10 +42,13 @@ class Hit:
     loglik: float | None = None
     #: The file's generated caption (`cocatk caption`), the most recent of any settings; None when it has none.
     caption: str | None = None
+    match: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; ``path`` follows :func:`cocatk.paths.json_path` (``path_b64`` for names that are not UTF-8)."""
         d = asdict(self)
+        if d["match"] is None:
+            del d["match"]
         d.update(json_path(self.path))
         return d
 
@@ -64,12 +69,17 @@ class SearchResult:
     tokens_from: str | None = None
     #: Things the reader of the results must know (demo model on real photos, random weights).
     warnings: list[str] = field(default_factory=list)
+    #: The reranker that ordered the hits ("coca" or "blip-itm") and its model, when reranked.
+    reranker: str | None = None
+    rerank_model: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "query": self.query,
             "model": self.model,
             "reranked": self.reranked,
+            "reranker": self.reranker,
+            "rerank_model": self.rerank_model,
             "candidates": self.candidates,
             "tokens_from": self.tokens_from,
             "timings_ms": {k: round(v * 1000, 2) for k, v in self.timings.items()},
@@ -167,21 +177,36 @@ def candidate_tokens(
     paths: Sequence[str],
     max_megapixels: float | None = None,
     use_cache: bool = True,
+    model: Any = None,
 ) -> tuple[Any, list[int], list[tuple[str, str]], str]:
-    """Decoder tokens for candidates: from the index's token cache when present, else by re-decoding the files
-    exactly like the indexer does.
+    """Decoder tokens for candidates: from the index's token cache when it holds ``model``'s tokens, else by
+    re-decoding the files exactly like the indexer does.
+
+    Args:
+        model: the CoCa that reranks (default :attr:`Index.token_model`: the recorded rerank model, else the
+            index's own).
 
     Returns:
         (tokens (K', T, D), positions kept (into ``ids``), dropped (path, reason), source).
     """
     import torch
 
-    from ..images import load_image
-
-    model = index.model
-    cached = index.get_tokens(list(ids)) if use_cache else None
+    model = model if model is not None else index.token_model
+    cached = index.get_tokens(list(ids)) if use_cache and index.tokens_cached_for(model.spec) else None
     if cached is not None:
         return torch.as_tensor(cached), list(range(len(ids))), [], "cache"
+    images, kept, dropped = candidate_images(paths, model.image_size, max_megapixels)
+    tokens = model.image_tokens(images) if images else torch.empty(0)
+    return tokens, kept, dropped, "files"
+
+
+def candidate_images(
+    paths: Sequence[str], draft_size: int, max_megapixels: float | None = None
+) -> tuple[list[Any], list[int], list[tuple[str, str]]]:
+    """Decode candidate files like the indexer does: (images, positions kept (into ``paths``), dropped (path,
+    reason))."""
+    from ..images import load_image
+
     kept: list[int] = []
     images = []
     dropped: list[tuple[str, str]] = []
@@ -191,14 +216,13 @@ def candidate_tokens(
             dropped.append((path, "file is gone"))
             continue
         try:
-            images.append(load_image(path, draft_size=model.image_size, **kwargs))
+            images.append(load_image(path, draft_size=draft_size, **kwargs))
             kept.append(i)
         except ImageError as e:
             dropped.append((path, getattr(e, "reason", None) or e.message))
         except OSError as e:
             dropped.append((path, f"unreadable ({type(e).__name__})"))
-    tokens = model.image_tokens(images) if images else torch.empty(0)
-    return tokens, kept, dropped, "files"
+    return images, kept, dropped
 
 
 def search_index(
@@ -214,6 +238,9 @@ def search_index(
     like_id: int | None = None,
     embedding: np.ndarray | Sequence[float] | None = None,
     match: str | None = None,
+    reranker: str = "coca",
+    rerank_model: str | None = None,
+    rerank_pretrained: str | None = None,
 ) -> SearchResult:
     """Search ``index``; see the module docstring. Queries without text are never reranked (there is no text).
 
@@ -227,12 +254,22 @@ def search_index(
         match: a full-text query over the generated captions (SQLite FTS5: words are ANDed, "a phrase", OR, NOT,
             prefix*). Only images whose caption matches are candidates; the dense query (and the rerank) orders
             them. Combines with ``under`` (both must hold).
+        reranker: ``"coca"`` (caption log-likelihood) or ``"blip-itm"`` (BLIP's P(match | image, text)).
+        rerank_model, rerank_pretrained: the reranker's model. For ``coca``: any CoCa (default the one the index
+            records, else the index's own model when it is a CoCa; a dual-encoder index without one is not
+            reranked, with a warning saying what to pass). For ``blip-itm``: a hub repo or local folder (default
+            ``Salesforce/blip-itm-base-coco``); ``rerank_pretrained="none"`` for random weights.
 
     Raises:
         UsageError: n < 1, rerank_k < 1, empty query, missing --under folder, an id that is not in the index,
-            like_id or embedding mixed with other queries.
+            like_id or embedding mixed with other queries, an unknown reranker.
         EmptyIndexError: the index holds no images.
+        IndexMismatchError: a ``rerank_model`` other than the one the index records.
+        DecoderRequiredError: a ``rerank_model`` that is not a CoCa. RerankerError: BLIP cannot be loaded.
     """
+    from ..rerankers import check_reranker
+
+    reranker = check_reranker(reranker)
     if (like_id is not None or embedding is not None) and (
         text is not None or image is not None or (like_id is not None and embedding is not None)
     ):
@@ -270,6 +307,19 @@ def search_index(
     timings["embed"] = time.perf_counter() - t0
 
     do_rerank = bool(rerank and text is not None)
+    warnings = list(model.notices())
+    scorer: Any = None
+    if do_rerank:
+        t0 = time.perf_counter()
+        scorer = _load_reranker(index, model, reranker, rerank_model, rerank_pretrained)
+        timings["load"] += time.perf_counter() - t0
+        if scorer is None:
+            from ..models import DECODER_HINT
+
+            do_rerank = False
+            warnings.append(f"not reranked: {model.info()['model']} is a {model.kind} dual encoder; {DECODER_HINT}")
+        else:
+            warnings += [w for w in scorer.notices() if w not in warnings]
     t0 = time.perf_counter()
     total = len(selector) if selector is not None else vectors.ntotal
     want = max(n, rerank_k) if do_rerank else n
@@ -282,16 +332,24 @@ def search_index(
     source = None
     if do_rerank and candidates:
         t0 = time.perf_counter()
-        tokens, kept, unreadable, source = candidate_tokens(
-            index, [c[0] for c in candidates], [c[1] for c in candidates], max_megapixels, use_token_cache
-        )
+        assert text is not None
+        ids, paths = [c[0] for c in candidates], [c[1] for c in candidates]
+        if reranker == "blip-itm":
+            images, kept, unreadable = candidate_images(paths, scorer.image_size, max_megapixels)
+            source = "files"
+            scores = scorer.score(text, images) if images else np.zeros(0)
+        else:
+            tokens, kept, unreadable, source = candidate_tokens(
+                index, ids, paths, max_megapixels, use_token_cache, model=scorer
+            )
+            scores = scorer.caption_loglik(text, tokens) if kept else np.zeros(0)
         dropped += unreadable
         survivors = [candidates[j] for j in kept]
-        loglik = model.caption_loglik(text, tokens) if survivors else np.zeros(0)
-        # Stable sort by caption log-likelihood; ties keep the contrastive order.
-        order = sorted(range(len(survivors)), key=lambda j: -loglik[j])
+        # Stable sort by the rerank score; ties keep the contrastive order.
+        order = sorted(range(len(survivors)), key=lambda j: -scores[j])
+        key = "match" if reranker == "blip-itm" else "loglik"
         hits = [
-            Hit(rank + 1, survivors[j][0], survivors[j][1], survivors[j][2], float(loglik[j]))
+            Hit(rank + 1, survivors[j][0], survivors[j][1], survivors[j][2], **{key: float(scores[j])})
             for rank, j in enumerate(order[:n])
         ]
         timings["rerank"] = time.perf_counter() - t0
@@ -320,7 +378,9 @@ def search_index(
         candidates=len(candidates),
         dropped=dropped,
         tokens_from=source,
-        warnings=model.notices(),
+        warnings=warnings,
+        reranker=reranker if do_rerank else None,
+        rerank_model=(scorer.info() if scorer is not model else None) if do_rerank else None,
     )
 
 
@@ -343,6 +403,20 @@ def _match_ids(index: Index, match: str, selector: np.ndarray | None) -> np.ndar
         hint = "run `cocatk caption` first" if index.store.caption_count() == 0 else "try other words"
         raise EmptyIndexError(f"no indexed image has a caption matching {match!r}", hint=hint)
     return ids
+
+
+def _load_reranker(index: Index, model: Any, reranker: str, name: str | None, pretrained: str | None) -> Any:
+    """The stage-2 scorer: a BLIP-ITM, a CoCa (given, recorded, or the index's own), or None when the index's model
+    has no decoder and no CoCa is named."""
+    if reranker == "blip-itm":
+        from ..rerankers import load_blip_itm
+
+        return load_blip_itm(name, pretrained, device=index._device)
+    if name is not None or pretrained is not None:
+        index._check_rerank_model(name, pretrained, write=False)  # refuses a CoCa other than the recorded one
+    if index.rerank_spec is not None:
+        return index.rerank_model
+    return model if model.has_decoder else None
 
 
 def _existing_candidates(

@@ -232,12 +232,16 @@ class Updater:
                 if self.index._model is None:
                     self.progress("model", 0, None)
                 model = self.index.model
+                # A recorded rerank CoCa caches its own decoder tokens (loaded only when tokens are cached).
+                caching = self.opts.cache_tokens or bool(self.index.manifest.get("cache_tokens"))
+                token_model = self.index.rerank_model if caching else None
                 self.progress("model", 1, 1)
             self._encoder = LocalEncoder(
                 model,
                 workers=self.opts.workers,
                 batch_size=self.opts.batch_size,
                 max_megapixels=self.opts.max_megapixels,
+                token_model=token_model,
             )
         return self._encoder
 
