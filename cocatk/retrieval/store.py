@@ -168,7 +168,7 @@ class Store:
             raise FileNotFoundError(path)
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             store = cls(conn, path)
@@ -193,9 +193,19 @@ class Store:
         # off while migrating (the pragma is a no-op inside a transaction, so it is set around them) and checked after.
         self.conn.execute("PRAGMA foreign_keys=OFF")
         try:
-            for v in range(version, SCHEMA_VERSION):
-                # executescript commits any open transaction first; migrations run before any writer work.
-                self.conn.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[v]}; PRAGMA user_version = {v + 1}; COMMIT;")
+            # Two processes may open a new index at once (a writer creating it, a reader polling it): the version is
+            # read again under the write lock, so each migration runs exactly once.
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+                for v in range(version, SCHEMA_VERSION):
+                    for statement in _statements(MIGRATIONS[v]):
+                        self.conn.execute(statement)
+                    self.conn.execute(f"PRAGMA user_version = {v + 1}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
         finally:
             self.conn.execute("PRAGMA foreign_keys=ON")
         bad = self.conn.execute("PRAGMA foreign_key_check").fetchall()
@@ -499,6 +509,32 @@ class Store:
     def integrity_problems(self) -> list[str]:
         rows = [r[0] for r in self.conn.execute("PRAGMA integrity_check")]
         return [] if rows == ["ok"] else [f"sqlite: {r}" for r in rows]
+
+
+def _statements(script: str) -> Iterable[str]:
+    """The SQL statements of a migration script, whole (a trigger's body holds semicolons of its own)."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf.strip()
+            buf = ""
+    if buf.strip():
+        yield buf.strip()
+
+
+def _retry_locked(call: Any, seconds: float = 30.0) -> Any:
+    """``call()``, retried while SQLite answers "database is locked" without waiting (switching to WAL while another
+    connection opens the same new file does)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _blob(embedding: np.ndarray) -> bytes:
