@@ -17,8 +17,8 @@ Files are read by the worker that decodes them: every node must see the files at
 filesystem). A file that a worker cannot find is a recorded failure whose detail says so, never a crash.
 
 Fault tolerance: the actors are restartable (``max_restarts=-1``, Ray Data's default for actor pools) and their
-batches are retried (``max_task_retries=-1``), so a killed actor costs a model load, not the run; a killed driver is the updater's
-business (resume from the last checkpoint, as locally).
+batches are retried (``max_task_retries=-1``), so a killed actor costs a model load, not the run; a killed driver
+is the updater's business (resume from the last checkpoint, as locally).
 
 ray is imported inside the functions: importing this module is cheap and does not need the ``ray`` extra.
 """
@@ -46,6 +46,8 @@ DECODE_BATCH = 16
 #: Images per model call: on a GPU the H100 runs were fastest from 128 up (benchmarks/RESULTS.md); on a CPU 32 is
 #: the model's own default.
 GPU_BATCH = 128
+#: Memory reserved per decode task (bytes).
+DECODE_MEMORY = 512 << 20
 #: CPUs per model actor when the cluster has no GPU ("one model per N CPUs"); the rest decode.
 DEFAULT_CPUS_PER_ACTOR = 4
 #: Test-only fault injection: when the file this names exists, the next actor batch removes it and kills its own
@@ -59,7 +61,16 @@ class RayEncoderError(CocatkError):
     """The Ray pipeline failed (a model that cannot load on the workers, a lost cluster)."""
 
 
+def require_ray() -> None:
+    """Raise MissingDependencyError (naming the ``ray`` extra) unless Ray Data is installed; imports nothing."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise MissingDependencyError("--ray needs Ray Data, which is not installed", hint="pip install 'cocatk[ray]'")
+
+
 def _import_ray() -> Any:
+    require_ray()
     try:
         import ray
         import ray.data  # noqa: F401
@@ -231,6 +242,7 @@ class RayEncoder:
         precision: str | None = None,
         num_cpus: int | None = None,
     ) -> None:
+        require_ray()
         self.model = model
         self.pretrained = pretrained
         self.address = address
@@ -251,6 +263,8 @@ class RayEncoder:
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
             kwargs["logging_level"] = logging.ERROR  # no banner, no advice on stderr
+            # The C++ core logs an advisory about restartable actors on every run; keep stderr for cocatk's lines.
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
             if self.address:
                 kwargs["address"] = self.address
             elif self.num_cpus:
@@ -267,7 +281,7 @@ class RayEncoder:
         ctx.enable_progress_bars = False  # the library never prints; the updater reports progress
         with contextlib.suppress(AttributeError):
             ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         return ray
 
     def close(self) -> None:
@@ -336,6 +350,10 @@ class RayEncoder:
             _decode_batch,
             batch_size=DECODE_BATCH,
             num_cpus=1,
+            # A decode holds up to a 100 MP RGB image (300 MB) plus the file. Declaring it also keeps decoding in
+            # its own CPU tasks: Ray Data fuses a task stage into the actor stage when their resources match (CPU
+            # actors), and the actor would then decode and encode in turn on one core while the others idle.
+            memory=DECODE_MEMORY,
             fn_kwargs={
                 "model": self.model,
                 "pretrained": self.pretrained,
@@ -421,4 +439,4 @@ class RayEncoder:
         return out
 
 
-__all__ = ["FAULT_ENV", "RayEncoder", "RayEncoderError"]
+__all__ = ["FAULT_ENV", "RayEncoder", "RayEncoderError", "require_ray"]
