@@ -10,7 +10,7 @@ Large collections (:data:`LARGE_FACTORIES`): an inverted file of compressed code
 ``IVF{nlist},PQ{m}x4fs,RFlat`` (or ``Refine(SQfp16)``/``Refine(SQ8)`` to hold less memory): the PQ codes find
 ``k * k_factor`` candidates fast, the refine stage re-scores them exactly. Search-time knobs (``nprobe``,
 ``k_factor``, ``efSearch``) have defaults from :func:`default_search_params` and can be set per index
-(:meth:`VectorIndex.set_search_params`) or for every index with ``COCATK_FAISS_PARAMS="nprobe=64,k_factor=16"``.
+(:meth:`VectorIndex.set_search_params`) or for every index with ``COCATK_FAISS_PARAMS="nprobe=64,k_factor=32"``.
 
 faiss is imported inside the functions, so importing this module is cheap.
 """
@@ -36,9 +36,9 @@ PARAMS_ENV = "COCATK_FAISS_PARAMS"
 #: ``--faiss`` values for large collections of 768-d embeddings (benchmarks/bench_large_index.py, RESULTS.md
 #: "Scaling plan"): bytes per vector in RAM and the measured or expected recall@10 on text-like queries.
 LARGE_FACTORIES = {
-    "1M": "IVF4096,PQ192x4fs,RFlat",  # ~3.3 kB/vector: codes for speed, exact re-scoring
-    "10M": "IVF16384,PQ192x4fs,Refine(SQfp16)",  # ~1.7 kB/vector: 17 GB of RAM
-    "100M": "IVF65536,PQ96x4fs,Refine(SQ8)",  # ~0.9 kB/vector: 90 GB of RAM (or shard it)
+    "1M": "IVF1024,PQ96x4fs,RFlat",  # 3.3 kB/vector: codes for speed, exact re-scoring
+    "10M": "IVF16384,PQ96x4fs,Refine(SQfp16)",  # ~1.7 kB/vector: 17 GB of RAM
+    "100M": "IVF65536,PQ96x4fs,Refine(SQ8)",  # ~0.96 kB/vector: 96 GB of RAM (or shard it)
 }
 
 
@@ -65,15 +65,15 @@ def min_training_points(factory: str) -> int:
 
 
 def default_search_params(factory: str) -> dict[str, float]:
-    """Search-time knobs for a factory: ``nprobe`` (IVF lists visited: about 1/32 of the lists, 16 to 256),
+    """Search-time knobs for a factory: ``nprobe`` (IVF lists visited: about 1/16 of the lists, 16 to 256),
     ``k_factor`` (refine stage: ``k * k_factor`` candidates re-scored) and ``efSearch`` (HNSW), overridden by
     ``$COCATK_FAISS_PARAMS``. Chosen with benchmarks/bench_large_index.py for recall@10 >= 0.95 on text-like queries."""
     params: dict[str, float] = {}
     m = re.search(r"IVF(\d+)", factory)
     if m:
-        params["nprobe"] = float(min(256, max(16, int(m.group(1)) // 32)))
+        params["nprobe"] = float(min(256, max(16, int(m.group(1)) // 16)))
     if "Refine" in factory or "RFlat" in factory:
-        params["k_factor"] = 16.0
+        params["k_factor"] = 32.0
     if "HNSW" in factory:
         params["efSearch"] = 128.0
     params.update(parse_search_params(os.environ.get(PARAMS_ENV, "")))
