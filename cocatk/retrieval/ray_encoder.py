@@ -265,9 +265,10 @@ class RayEncoder:
             kwargs["logging_level"] = logging.ERROR  # no banner, no advice on stderr
             # The C++ core logs an advisory about restartable actors on every run; keep stderr for cocatk's lines.
             os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-            if self.address:
-                kwargs["address"] = self.address
-            elif self.num_cpus:
+            # "local": always a new Ray in this process; a bare ray.init() would join whatever cluster `ray start`
+            # left on this machine (found through /tmp/ray), which is not what `--ray local` asks for.
+            kwargs["address"] = self.address or "local"
+            if not self.address and self.num_cpus:
                 kwargs["num_cpus"] = self.num_cpus
             try:
                 ray.init(**kwargs)
