@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,3 +261,8 @@ def test_index_through_a_ray_head_node_in_another_process(tmp_path: Path, tiny_m
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=10)
+        # `ray start` records the head in /tmp/ray/ray_current_cluster, where a later bare ray.init() would look.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        with contextlib.suppress(OSError):
+            if f":{port}" in current.read_text():
+                current.unlink()
