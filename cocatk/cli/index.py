@@ -65,8 +65,8 @@ def index(
             "--ray",
             metavar="ADDRESS",
             envvar="COCATK_RAY",
-            help="Encode on Ray (pip install 'cocatk[ray]'): `local` starts Ray here, `auto` or ray://HOST:PORT joins "
-            "a cluster. Every node must see the files at the same path (a shared filesystem).",
+            help="Encode on Ray (pip install 'cocatk\\[ray]'): `local` starts Ray here, `auto` or ray://HOST:PORT "
+            "joins a cluster. Every node must see the files at the same path (a shared filesystem).",
         ),
     ] = None,
     ray_actors: Annotated[
