@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,6 +76,24 @@ def index(
         int, typer.Option("--checkpoint-every", min=1, help="Files per durable checkpoint.")
     ] = 256,
     json_: options.Json = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            envvar="COCATK_RAY",
+            help="Encode on Ray (pip install 'cocatk\\[ray]'): `local` starts Ray here, `auto` or ray://HOST:PORT "
+            "joins a cluster. Every node must see the files at the same path (a shared filesystem).",
+        ),
+    ] = None,
+    ray_actors: Annotated[
+        int | None,
+        typer.Option("--ray-actors", min=1, help="Model actors (default: one per GPU, or one per 4 CPUs)."),
+    ] = None,
+    ray_gpus_per_actor: Annotated[
+        float | None,
+        typer.Option("--ray-gpus-per-actor", min=0, help="GPUs per model actor (default 1 with GPUs, 0 without)."),
+    ] = None,
     watch: Annotated[
         bool,
         typer.Option(
@@ -91,6 +110,10 @@ def index(
     from ..retrieval.index import Index, resolve_roots
 
     resolve_roots(paths or [])  # a bad PATH fails before an index folder is created
+    if ray is not None:
+        from ..retrieval.ray_encoder import require_ray
+
+        require_ray()  # without the extra: one line naming it, before any index folder is touched
     with progress_bar(disable=json_) as progress:
         if progress is not None:
             progress("start", 0, None)
@@ -107,7 +130,20 @@ def index(
             rerank_model=rerank_model,
             rerank_pretrained=rerank_pretrained,
         )
-        with ix:
+        encoder = None
+        if ray is not None:
+            from ..retrieval.ray_encoder import RayEncoder
+
+            encoder = RayEncoder(
+                ix.manifest["model"],
+                ix.manifest["pretrained"],
+                address=None if ray == "local" else ray,
+                actors=ray_actors,
+                gpus_per_actor=0.0 if device == "cpu" and ray_gpus_per_actor is None else ray_gpus_per_actor,
+                batch_size=batch_size,
+                max_megapixels=max_megapixels,
+            )
+        with ix, encoder or contextlib.nullcontext():
             report = ix.update(
                 [str(p) for p in paths or []],
                 batch_size=batch_size,
@@ -119,6 +155,7 @@ def index(
                 caption={} if caption else None,
                 checkpoint_every=checkpoint_every,
                 progress=progress,
+                encoder=encoder,
             )
     data = report.to_dict()
     for root in report.missing_roots:

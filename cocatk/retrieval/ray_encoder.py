@@ -1,0 +1,443 @@
+"""An :class:`~cocatk.retrieval.encoder.Encoder` on a Ray cluster: Ray Data decodes in CPU tasks, an actor pool encodes.
+
+The updater stays on the driver and does what it does locally (scan, decide, commit checkpoints as the single
+writer); only "file -> hash -> embedding" moves to the cluster. The pipeline is Ray Data's batch-inference pattern::
+
+    from_items(jobs)                       # (position, path, need_decode): a few hundred bytes per job
+      .map_batches(_decode_batch)          # CPU tasks: read, hash, skip known contents, decode, preprocess
+      .map_batches(_EmbedActor, concurrency=N, num_gpus=g)   # one model per actor, batches sized for the device
+      .iter_batches()                      # streams to the driver as blocks finish
+
+Order: Ray Data's default execution lets blocks finish out of order (``preserve_order=False``), so a slow block
+does not stall the others; the driver keeps a reorder buffer keyed by job position and yields in job order, as the
+:class:`~cocatk.retrieval.encoder.Encoder` contract requires. The buffer holds at most the blocks Ray Data has in
+flight (its backpressure bounds them), not the whole run.
+
+Files are read by the worker that decodes them: every node must see the files at the same path (a shared
+filesystem). A file that a worker cannot find is a recorded failure whose detail says so, never a crash.
+
+Fault tolerance: the actors are restartable (``max_restarts=-1``, Ray Data's default for actor pools) and their
+batches are retried (``max_task_retries=-1``), so a killed actor costs a model load, not the run; a killed driver
+is the updater's business (resume from the last checkpoint, as locally).
+
+ray is imported inside the functions: importing this module is cheap and does not need the ``ray`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import CocatkError, MissingDependencyError
+from ..images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
+from .encoder import Encoded, EncodeJob, StageTimer, hash_bytes
+
+#: Files per decode task. Small enough that a few tasks per core keep the actors fed, large enough that the per-task
+#: overhead (a few ms) stays small against decoding (1-100 ms per photo).
+DECODE_BATCH = 16
+#: Images per model call: on a GPU the H100 runs were fastest from 128 up (benchmarks/RESULTS.md); on a CPU 32 is
+#: the model's own default.
+GPU_BATCH = 128
+#: Memory reserved per decode task (bytes).
+DECODE_MEMORY = 512 << 20
+#: CPUs per model actor when the cluster has no GPU ("one model per N CPUs"); the rest decode.
+DEFAULT_CPUS_PER_ACTOR = 4
+#: Test-only fault injection: when the file this names exists, the next actor batch removes it and kills its own
+#: process (a crash in the middle of a run, as the OOM killer would do it).
+FAULT_ENV = "COCATK_RAY_KILL_ACTOR_ONCE"
+
+_SHARED_FS = "every node must see the files at the same path: index from a shared filesystem"
+
+
+class RayEncoderError(CocatkError):
+    """The Ray pipeline failed (a model that cannot load on the workers, a lost cluster)."""
+
+
+def require_ray() -> None:
+    """Raise MissingDependencyError (naming the ``ray`` extra) unless Ray Data is installed; imports nothing."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise MissingDependencyError("--ray needs Ray Data, which is not installed", hint="pip install 'cocatk[ray]'")
+
+
+def _import_ray() -> Any:
+    require_ray()
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"--ray needs Ray Data, which is not installed ({e})", hint="pip install 'cocatk[ray]'"
+        ) from e
+    return ray
+
+
+# ---- worker side ---------------------------------------------------------------------------------------------------
+#: Per worker process: preprocessing transforms by model, and the ``known`` hash sets by object ref.
+_CACHE: dict[Any, Any] = {}
+
+
+def _transform(model: str, pretrained: str) -> tuple[Any, int]:
+    """The model's own preprocessing and image size, without its weights (built on the meta device: ~0.1 s)."""
+    key = ("transform", model, pretrained)
+    if key not in _CACHE:
+        import open_clip
+
+        from ..models import resolve_model
+
+        spec = resolve_model(model, pretrained)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # "initialized randomly": no weights are wanted here
+        try:
+            m, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=None, device="meta")
+        finally:
+            logging.disable(previous)
+        size = m.visual.image_size
+        _CACHE[key] = (preprocess, int(size[0] if isinstance(size, (tuple, list)) else size))
+    return _CACHE[key]  # type: ignore[no-any-return]
+
+
+def _known(ref: Any) -> Collection[str]:
+    if ref is None:
+        return ()
+    key = ("known", ref.hex())
+    if key not in _CACHE:
+        import ray
+
+        for old in [k for k in _CACHE if k[0] == "known"]:  # one encode call at a time: drop the previous set
+            del _CACHE[old]
+        _CACHE[key] = ray.get(ref)
+    return _CACHE[key]  # type: ignore[no-any-return]
+
+
+def _decode_batch(
+    batch: dict[str, np.ndarray], *, model: str, pretrained: str, max_megapixels: float | None, known_ref: Any
+) -> dict[str, Any]:
+    """CPU task: read, hash and (unless the content is known) decode + preprocess each file of the batch."""
+    preprocess, size = _transform(model, pretrained)
+    known = _known(known_ref)
+    n = len(batch["pos"])
+    hashes, reasons, details = [""] * n, [""] * n, [""] * n
+    pixels = [b""] * n
+    read_s, decode_s = np.zeros(n), np.zeros(n)
+    queued: set[str] = set()  # contents decoded in this batch: a repeat is encoded once
+    for i in range(n):
+        path = os.fsdecode(batch["path"][i])
+        t = time.perf_counter()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            detail = e.strerror or type(e).__name__
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                detail += f" on worker {socket.gethostname()} ({_SHARED_FS})"
+            reasons[i], details[i] = "unreadable", detail
+            continue
+        h = hashes[i] = hash_bytes(data)
+        read_s[i] = time.perf_counter() - t
+        if (not batch["need_decode"][i] and h in known) or h in queued:
+            continue
+        try:
+            image = load_image(data, draft_size=size, max_megapixels=max_megapixels)
+            pixels[i] = np.ascontiguousarray(preprocess(image).numpy(), dtype=np.float32).tobytes()
+            queued.add(h)
+        except ImageDecodeError as e:
+            reasons[i], details[i] = e.reason, e.detail
+        except Exception as e:  # preprocessing failure on an odd image: as LocalEncoder, skip the file
+            reasons[i], details[i] = "decode error", str(e)[:160]
+        decode_s[i] = time.perf_counter() - t - read_s[i]
+    return {
+        "pos": np.asarray(batch["pos"], dtype=np.int64),
+        "hash": np.array(hashes, dtype=object),
+        "reason": np.array(reasons, dtype=object),
+        "detail": np.array(details, dtype=object),
+        "read_s": read_s,
+        "decode_s": decode_s,
+        "pixels": np.array(pixels, dtype=object),
+    }
+
+
+class _EmbedActor:
+    """One model per actor (loaded once, in ``__init__``); turns preprocessed pixels into embeddings (+ tokens)."""
+
+    def __init__(self, model: str, pretrained: str, device: str, precision: str | None, tokens: bool, threads: int):
+        import torch
+
+        from ..models import load_model
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.model = load_model(model, pretrained, device=device, precision=precision)
+        self.size = self.model.image_size
+        self.tokens = tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        marker = os.environ.get(FAULT_ENV)
+        if marker:
+            with contextlib.suppress(OSError):
+                os.rename(marker, marker + ".fired")  # atomic: exactly one actor batch claims it
+                os._exit(1)
+        pixels = batch.pop("pixels")
+        n = len(pixels)
+        emb_out, tok_out = [b""] * n, [b""] * n
+        tok_d = np.zeros(n, dtype=np.int64)
+        todo = [i for i in range(n) if len(pixels[i])]
+        if todo:
+            s = self.size
+            x = torch.from_numpy(np.stack([np.frombuffer(pixels[i], np.float32).reshape(3, s, s) for i in todo]))
+            emb, toks = self.model.encode_images_and_tokens(x, batch_size=len(todo), tokens=self.tokens)
+            tok_np = toks.to(torch.float16).cpu().numpy() if toks is not None else None
+            for j, i in enumerate(todo):
+                emb_out[i] = emb[j].tobytes()
+                if tok_np is not None:
+                    tok_out[i] = tok_np[j].tobytes()
+                    tok_d[i] = tok_np.shape[-1]
+        batch["embedding"] = np.array(emb_out, dtype=object)
+        batch["tokens"] = np.array(tok_out, dtype=object)
+        batch["token_dim"] = tok_d
+        return batch
+
+
+# ---- driver side ---------------------------------------------------------------------------------------------------
+class RayEncoder:
+    """Encode on a Ray cluster (see the module docstring). Ray starts on the first :meth:`encode`, not before.
+
+    Args:
+        model, pretrained: the index's model (its manifest's ``model`` and ``pretrained``).
+        address: None starts a local Ray in this process; ``auto`` or ``ray://host:port`` joins a cluster.
+        actors: model actors (default: one per GPU / ``gpus_per_actor``, or one per 4 CPUs without GPUs).
+        gpus_per_actor: GPUs per actor (default 1 when the cluster has GPUs, else 0: CPU actors). Fractions share
+            a GPU between actors.
+        batch_size: images per model call (default 128 on a GPU, 32 on a CPU).
+        max_megapixels: as locally, larger images are recorded as ``too large``.
+        precision: the model's autocast precision (default bf16 on a GPU, fp32 on a CPU).
+        num_cpus: CPUs of the local Ray this starts (default all); ignored when joining a cluster.
+
+    Example:
+        >>> enc = RayEncoder(ix.manifest["model"], ix.manifest["pretrained"])  # doctest: +SKIP
+        >>> ix.update(["/shared/photos"], encoder=enc)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str,
+        *,
+        address: str | None = None,
+        actors: int | None = None,
+        gpus_per_actor: float | None = None,
+        batch_size: int | None = None,
+        max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+        precision: str | None = None,
+        num_cpus: int | None = None,
+    ) -> None:
+        require_ray()
+        self.model = model
+        self.pretrained = pretrained
+        self.address = address
+        self.actors = actors
+        self.gpus_per_actor = gpus_per_actor
+        self.batch_size = batch_size
+        self.max_megapixels = max_megapixels
+        self.precision = precision
+        self.num_cpus = num_cpus
+        self.workers = 0  # decode CPUs of the cluster, known once Ray is up
+        self._started_ray = False
+        #: How the last encode was laid out (actors, GPUs/CPUs per actor, batch size), for reports and benchmarks.
+        self.plan: dict[str, Any] = {}
+
+    # -- Ray --
+    def _ray(self) -> Any:
+        ray = _import_ray()
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            kwargs["logging_level"] = logging.ERROR  # no banner, no advice on stderr
+            # The C++ core logs an advisory about restartable actors on every run; keep stderr for cocatk's lines.
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+            # "local": always a new Ray in this process; a bare ray.init() would join whatever cluster `ray start`
+            # left on this machine (found through /tmp/ray), which is not what `--ray local` asks for.
+            kwargs["address"] = self.address or "local"
+            if not self.address and self.num_cpus:
+                kwargs["num_cpus"] = self.num_cpus
+            try:
+                ray.init(**kwargs)
+            except Exception as e:
+                raise RayEncoderError(
+                    f"cannot start or join Ray ({self.address or 'local'}): {str(e).splitlines()[0][:200]}",
+                    hint="check the address (`ray status` on the head node), or drop the address for a local Ray",
+                ) from e
+            self._started_ray = True
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the library never prints; the updater reports progress
+        with contextlib.suppress(AttributeError):
+            ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        return ray
+
+    def close(self) -> None:
+        """Shut down the local Ray this encoder started (a joined cluster keeps running)."""
+        if self._started_ray:
+            ray = _import_ray()
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> RayEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _layout(self, ray: Any) -> dict[str, Any]:
+        res = ray.cluster_resources()
+        cpus, gpus = int(res.get("CPU", 1)), float(res.get("GPU", 0))
+        gpa = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+        if gpa > 0:
+            actors = self.actors or max(1, int(gpus / gpa))
+            cpus_per_actor = 1
+        else:
+            actors = self.actors or max(1, cpus // DEFAULT_CPUS_PER_ACTOR)
+            # Half the CPUs to the models, the rest to decoding (on 2 cores: one each).
+            cpus_per_actor = max(1, cpus // (2 * actors))
+        return {
+            "actors": actors,
+            "gpus_per_actor": gpa,
+            "cpus_per_actor": cpus_per_actor,
+            "device": "cuda" if gpa > 0 else "cpu",
+            "batch_size": self.batch_size or (GPU_BATCH if gpa > 0 else 32),
+            "cluster_cpus": cpus,
+            "cluster_gpus": gpus,
+        }
+
+    def token_shape(self) -> tuple[int, int]:
+        """(T, D) of the decoder tokens, from the model built on the meta device (no weights, no Ray)."""
+        import open_clip
+        import torch
+
+        from ..models import resolve_model
+
+        spec = resolve_model(self.model, self.pretrained)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            m = open_clip.create_model(spec.arch, pretrained=None, device="meta")
+        finally:
+            logging.disable(previous)
+        _, size = _transform(self.model, self.pretrained)
+        _, toks = m._encode_image(torch.zeros(1, 3, size, size, device="meta"), normalize=False)
+        t, d = toks.shape[1:]
+        return int(t), int(d)
+
+    # -- the pipeline --
+    def _dataset(self, ray: Any, jobs: Sequence[EncodeJob], known: Collection[str], tokens: bool) -> Any:
+        plan = self.plan = self._layout(ray)
+        self.workers = max(1, plan["cluster_cpus"] - plan["actors"] * plan["cpus_per_actor"])
+        known_ref = ray.put(frozenset(known)) if known else None
+        items = [{"pos": i, "path": os.fsencode(j.path), "need_decode": j.need_decode} for i, j in enumerate(jobs)]
+        # Enough blocks that every decode CPU has work and results stream back in small steps.
+        blocks = max(1, min(len(items), -(-len(items) // DECODE_BATCH)))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        ds = ds.map_batches(
+            _decode_batch,
+            batch_size=DECODE_BATCH,
+            num_cpus=1,
+            # A decode holds up to a 100 MP RGB image (300 MB) plus the file. Declaring it also keeps decoding in
+            # its own CPU tasks: Ray Data fuses a task stage into the actor stage when their resources match (CPU
+            # actors), and the actor would then decode and encode in turn on one core while the others idle.
+            memory=DECODE_MEMORY,
+            fn_kwargs={
+                "model": self.model,
+                "pretrained": self.pretrained,
+                "max_megapixels": self.max_megapixels,
+                "known_ref": known_ref,
+            },
+        )
+        return ds.map_batches(
+            _EmbedActor,
+            batch_size=plan["batch_size"],
+            compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+            num_gpus=plan["gpus_per_actor"] or None,
+            num_cpus=plan["cpus_per_actor"],
+            fn_constructor_kwargs={
+                "model": self.model,
+                "pretrained": self.pretrained,
+                "device": plan["device"],
+                "precision": self.precision,
+                "tokens": tokens,
+                "threads": plan["cpus_per_actor"],
+            },
+            # Fault tolerance: Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1 (its
+            # actor_pool_map_operator.py, Ray 2.60): a killed actor is restarted (a model load) and its batch
+            # retried; the driver keys results by job position and yields each once, so nothing is lost or doubled.
+        )
+
+    def encode(
+        self, jobs: Sequence[EncodeJob], *, known: Collection[str], tokens: bool, timed: StageTimer
+    ) -> Iterator[Encoded]:
+        """One :class:`Encoded` per job, in job order, streamed as the cluster finishes blocks."""
+        if not jobs:
+            return
+        with timed("ray_start"):
+            ray = self._ray()
+            ds = self._dataset(ray, jobs, known, tokens)
+        buffer: dict[int, Encoded] = {}
+        nxt = 0
+        started: set[str] = set()  # contents given an embedding in this call: a later repeat reuses it
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        while nxt < len(jobs):
+            with timed("ray"):
+                try:
+                    batch = next(batches, None)
+                except Exception as e:
+                    raise RayEncoderError(
+                        f"the Ray pipeline failed: {str(e).splitlines()[0][:300]}",
+                        hint="the index keeps everything up to the last checkpoint; fix the cause and run again "
+                        "(COCATK_DEBUG=1 shows the workers' traceback)",
+                    ) from e
+            if batch is None:
+                missing = len(jobs) - nxt - len(buffer)
+                raise RayEncoderError(
+                    f"the Ray pipeline ended with {missing} results missing", hint="run again: the index resumes"
+                )
+            for i in range(len(batch["pos"])):
+                pos = int(batch["pos"][i])
+                if pos < nxt or pos in buffer:
+                    continue  # a retried block delivered twice: each job is yielded once
+                buffer[pos] = self._result(jobs[pos], batch, i, tokens)
+            while nxt in buffer:
+                res = buffer.pop(nxt)
+                nxt += 1
+                if res.embedding is not None:
+                    if res.hash in started:  # the same content in two blocks: committed as a copy of the first
+                        res.embedding = res.tokens = None
+                    else:
+                        started.add(res.hash or "")
+                yield res
+
+    def _result(self, job: EncodeJob, batch: dict[str, np.ndarray], i: int, tokens: bool) -> Encoded:
+        out = Encoded(job, read_s=float(batch["read_s"][i]), decode_s=float(batch["decode_s"][i]))
+        out.hash = str(batch["hash"][i]) or None
+        reason = str(batch["reason"][i])
+        if reason:
+            out.error = ImageDecodeError(reason, str(batch["detail"][i]), job.path)
+            return out
+        emb = batch["embedding"][i]
+        if len(emb):
+            out.embedding = np.frombuffer(emb, dtype=np.float32).copy()
+            tok = batch["tokens"][i]
+            if tokens and len(tok):
+                out.tokens = np.frombuffer(tok, dtype=np.float16).reshape(-1, int(batch["token_dim"][i])).copy()
+        return out
+
+
+__all__ = ["FAULT_ENV", "RayEncoder", "RayEncoderError", "require_ray"]

@@ -1,0 +1,268 @@
+"""`cocatk index --ray`: the Ray Data encoder against the local one, crashes of the driver and of an actor, a cluster.
+
+One local Ray (2 CPUs) is started per module and shared by the tests that run in this process; the kill -9 test runs
+its driver in a subprocess that joins that Ray; the last test starts a separate head node (`ray start --head
+--block`, stopped through its own process group: `ray stop` would end every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cocatk.cli import main
+from cocatk.retrieval import Index
+from cocatk.retrieval.encoder import EncodeJob
+from tests.test_index import TINY, assert_consistent, make_images, open_tiny
+
+ROOT = Path(__file__).parent.parent
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed (pip install '.[ray]')")
+
+
+def _timed(stage: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One local Ray for the module; yields the fault marker path its actors watch (see ray_encoder.FAULT_ENV)."""
+    import ray
+
+    from cocatk.retrieval.ray_encoder import FAULT_ENV
+
+    marker = tmp_path_factory.mktemp("ray") / "kill-actor-once"
+    os.environ[FAULT_ENV] = str(marker)  # inherited by the Ray processes started below
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        yield marker
+    finally:
+        ray.shutdown()
+        os.environ.pop(FAULT_ENV, None)
+
+
+def _ray_encoder(ix: Index, **kwargs):
+    from cocatk.retrieval.ray_encoder import RayEncoder
+
+    return RayEncoder(ix.manifest["model"], ix.manifest["pretrained"], **kwargs)
+
+
+def _photos(folder: Path, n: int) -> Path:
+    make_images(folder, n)
+    (folder / "sub").mkdir()
+    make_images(folder / "sub", 3, seed=1, prefix="sub")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    shutil.copy(folder / "im001.png", folder / "copy-of-im001.png")  # the same content twice in one run
+    return folder
+
+
+def _same_index(a: Index, b: Index, tokens: bool = False) -> None:
+    ids_a, ids_b = a.store.ids(), b.store.ids()
+    assert np.array_equal(ids_a, ids_b)
+    assert a.store.paths_for_ids(ids_a) == b.store.paths_for_ids(ids_b)
+    ea, eb = a.store.embeddings(list(ids_a), a.dim), b.store.embeddings(list(ids_b), b.dim)
+    assert np.abs(ea - eb).max() <= 1e-5
+    assert a.store.failure_rows().keys() == b.store.failure_rows().keys()
+    assert {p: f[:2] for p, f in a.store.failure_rows().items()} == {
+        p: f[:2] for p, f in b.store.failure_rows().items()
+    }  # the same reason and detail for every failed file
+    if tokens:
+        assert a.store.token_ids() == b.store.token_ids()
+    assert_consistent(b)
+
+
+def test_without_the_extra_index_ray_names_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    make_images(tmp_path / "p", 1)
+    rc = main(["index", str(tmp_path / "p"), "--index", str(tmp_path / "idx"), "--ray", "local"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "cocatk[ray]" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "idx").exists()  # refused before any index folder is created
+
+
+def test_index_help_does_not_import_ray() -> None:
+    code = (
+        "import sys\nfrom cocatk.cli import main\nmain(['index', '--help'])\n"
+        "print('HEAVY', [m for m in ('ray', 'torch', 'faiss') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out and "--ray-actors" in out
+
+
+@needs_ray
+def test_ray_index_equals_local_index(tmp_path: Path, ray_local: Path, tiny_model) -> None:
+    photos = _photos(tmp_path / "photos", 20)
+    local = open_tiny(tmp_path / "local")
+    r_local = local.update([photos], cache_tokens=True)
+    remote = open_tiny(tmp_path / "ray")
+    enc = _ray_encoder(remote)
+    r_ray = remote.update([photos], cache_tokens=True, checkpoint_every=5, encoder=enc)
+    assert enc.plan["actors"] == 1 and enc.plan["device"] == "cpu"
+    for key in ("new", "encoded", "duplicates", "failed", "tokens_cached", "total"):
+        assert getattr(r_ray, key) == getattr(r_local, key), key
+    assert r_ray.duplicates == 1 and r_ray.failed_total == 2 and "empty file" in r_ray.failed
+    _same_index(local, remote, tokens=True)
+
+    # The second run reuses known contents (a move, a touch) and re-encodes a changed file, as locally.
+    (photos / "im002.jpg").rename(photos / "sub" / "moved.jpg")
+    os.utime(photos / "im003.png", ns=(1, 1))
+    make_images(tmp_path / "other", 5, seed=7)
+    shutil.copy(tmp_path / "other" / "im004.jpg", photos / "im004.jpg")  # changed content
+    r_local = local.update([photos])
+    r_ray = remote.update([photos], encoder=enc)
+    for key in ("moved", "changed", "unchanged", "encoded", "total"):
+        assert getattr(r_ray, key) == getattr(r_local, key), key
+    assert r_ray.moved == 1 and r_ray.encoded == 1
+    _same_index(local, remote)
+
+
+@needs_ray
+def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(tmp_path: Path, ray_local: Path) -> None:
+    photos = tmp_path / "photos"
+    make_images(photos, 40)
+    ray_local.write_text("")  # the first actor batch kills its own process (os._exit), once
+    ix = open_tiny(tmp_path / "idx")
+    r = ix.update([photos], checkpoint_every=8, encoder=_ray_encoder(ix, batch_size=8))
+    assert not ray_local.exists() and Path(f"{ray_local}.fired").exists(), "the actor was not killed"
+    assert r.encoded == r.new == r.total == 40 and r.failed_total == 0
+    assert sorted(ix.store.paths_for_ids(ix.store.ids())) == sorted(str(p) for p in photos.iterdir())
+    assert_consistent(ix)
+
+
+@needs_ray
+def test_a_file_missing_on_a_worker_says_shared_filesystem(tmp_path: Path, ray_local: Path) -> None:
+    ix = open_tiny(tmp_path / "idx")
+    make_images(tmp_path, 1)
+    jobs = [EncodeJob(str(tmp_path / "im000.jpg"), 1, 1, None), EncodeJob(str(tmp_path / "gone.jpg"), 1, 1, None)]
+    found, gone = list(_ray_encoder(ix).encode(jobs, known=(), tokens=False, timed=_timed))
+    assert found.embedding is not None and found.error is None
+    assert gone.error is not None and gone.error.reason == "unreadable"
+    assert "shared filesystem" in gone.error.detail and "No such file" in gone.error.detail
+
+
+_KILL_SCRIPT = """
+import sys, time
+from cocatk.retrieval.updater import Updater
+_orig = Updater._commit
+def _slow(self, res):
+    time.sleep(0.05)  # the driver commits slowly enough to be killed mid-run
+    return _orig(self, res)
+Updater._commit = _slow
+from cocatk.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _committed(db: Path) -> int:
+    if not db.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+@needs_ray
+def test_sigkill_of_the_driver_then_resume_indexes_every_file_once(tmp_path: Path, ray_local: Path) -> None:
+    import ray
+
+    photos = tmp_path / "photos"
+    make_images(photos, 160)
+    idx = tmp_path / "idx"
+    address = ray.get_runtime_context().gcs_address  # the driver subprocess joins the module's Ray
+    argv = [str(photos), "--index", str(idx), "--model", TINY, "--pretrained", "none", "--device", "cpu"]
+    argv += ["--ray", address, "--checkpoint-every", "8", "--batch-size", "8", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, "index", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and _committed(idx / "index.sqlite") < 8:
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the driver ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ix = Index.open(idx)
+    check = ix.check()
+    assert check.ok, check.problems
+    done = ix.ntotal
+    assert 8 <= done < 160
+    ix = Index.open(idx, model=TINY, pretrained="none", device="cpu")
+    r = ix.update([photos], encoder=_ray_encoder(ix))
+    assert r.encoded == r.new == 160 - done and r.unchanged == done and r.total == 160  # only the rest encoded
+    paths = ix.store.paths_for_ids(ix.store.ids())
+    assert len(paths) == len(set(paths)) == 160
+    assert sorted(paths) == sorted(str(p) for p in photos.iterdir())
+    assert_consistent(ix)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@needs_ray
+def test_index_through_a_ray_head_node_in_another_process(tmp_path: Path, tiny_model) -> None:
+    ray_bin = Path(sys.executable).parent / "ray"
+    port = _free_port()
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: stopped below without touching any other Ray
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    try:
+        photos = _photos(tmp_path / "photos", 12)
+        argv = [str(photos), "--index", str(tmp_path / "idx"), "--model", TINY, "--pretrained", "none"]
+        argv += ["--device", "cpu", "--ray", f"127.0.0.1:{port}", "--ray-actors", "1", "--json"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        deadline = time.monotonic() + 60
+        while True:  # the head takes a few seconds to listen
+            run = subprocess.run(
+                [sys.executable, "-m", "cocatk", "index", *argv], env=env, capture_output=True, text=True
+            )
+            if run.returncode == 0 or time.monotonic() > deadline or "cannot start or join" not in run.stderr:
+                break
+            time.sleep(2)
+        assert run.returncode == 0, run.stderr[-3000:]
+        local = open_tiny(tmp_path / "local")
+        local.update([photos])
+        _same_index(local, Index.open(tmp_path / "idx"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=10)
+        # `ray start` records the head in /tmp/ray/ray_current_cluster, where a later bare ray.init() would look.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        with contextlib.suppress(OSError):
+            if f":{port}" in current.read_text():
+                current.unlink()
