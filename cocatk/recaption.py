@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
 from .paths import json_path, text_path
+from .retrieval.captions import CaptionRate
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -39,7 +40,7 @@ _JOURNAL = ".partial.jsonl"
 
 
 @dataclass
-class RecaptionReport:
+class RecaptionReport(CaptionRate):
     """What one :func:`recaption` run did."""
 
     output: str
@@ -51,10 +52,6 @@ class RecaptionReport:
     already: int = 0
     seconds: float = 0.0
     examples: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def captions_per_s(self) -> float:
-        return self.captioned / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

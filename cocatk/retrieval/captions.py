@@ -54,8 +54,19 @@ def require_decoder(model: CocaModel) -> None:
         )
 
 
+class CaptionRate:
+    """``captions_per_s`` of a report with ``captioned`` and ``seconds`` (index and stand-alone captioning)."""
+
+    captioned: int
+    seconds: float
+
+    @property
+    def captions_per_s(self) -> float:
+        return self.captioned / self.seconds if self.seconds > 0 else 0.0
+
+
 @dataclass
-class CaptionReport:
+class CaptionReport(CaptionRate):
     """What one :func:`caption_index` run did; ``to_dict()`` is the JSON the CLI prints."""
 
     index_dir: str
@@ -71,10 +82,6 @@ class CaptionReport:
     seconds: float = 0.0
     #: A few (path, caption) pairs from this run, for the summary.
     examples: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def captions_per_s(self) -> float:
-        return self.captioned / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
