@@ -140,3 +140,20 @@ def test_classify_runs_with_a_dual_encoder(tmp_path, capsys):
     assert main([*args, "--json"]) == 0
     out = capsys.readouterr().out
     assert "cat" in out and "dog" in out
+
+
+def test_siglip_classify_probabilities_are_its_own_sigmoid(siglip):
+    """A SigLIP model scores each label on its own: P = sigmoid(scale x cos + bias), checked against open_clip's
+    own logits (get_logits) on the same image and label texts."""
+    from cocatk.zeroshot import ZeroShotClassifier
+
+    labels = ["cat", "dog", "car"]
+    clf = ZeroShotClassifier.from_classnames(siglip, labels, ["{}"], cache=False)
+    image = _images(1, seed=3)[0]
+    probs = clf.probabilities([image])
+    x = siglip.preprocess_images([image])
+    ids = siglip.tokenize(labels)
+    with torch.no_grad():
+        logits, _ = siglip.model.get_logits(x, ids)
+    np.testing.assert_allclose(probs, torch.sigmoid(logits).numpy(), atol=1e-4)
+    assert not np.isclose(probs.sum(), 1.0)  # independent per label, not a softmax

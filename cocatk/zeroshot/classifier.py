@@ -183,12 +183,15 @@ class ZeroShotClassifier:
         return (scale * (image_embeddings @ self.weights.T)).astype(np.float32)
 
     def probabilities(self, images: Sequence[Image.Image] | np.ndarray) -> np.ndarray:
-        """Class probabilities (N, C): softmax of the model's logit_scale x cosine similarity.
+        """Class probabilities (N, C): softmax of the model's logit_scale x cosine similarity; for a SigLIP model its
+        own per-label sigmoid(logit_scale x cosine + logit_bias) (labels are scored independently, as it was trained).
 
         Args:
             images: PIL images, or image embeddings (N, D) from the same model.
         """
         emb = images if isinstance(images, np.ndarray) else self.model.encode_images(images)
+        if getattr(self.model, "kind", "coca") == "siglip":
+            return self.model.match_probability(emb, self.weights)
         z = self.logits(emb, scale=self.logit_scale).astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
