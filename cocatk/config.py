@@ -67,6 +67,11 @@ def default_device() -> str | None:
     return os.environ.get("COCATK_DEVICE") or None
 
 
+def default_precision() -> str | None:
+    """``$COCATK_PRECISION`` or None (``auto``: see :func:`cocatk.models.resolve_precision`)."""
+    return os.environ.get("COCATK_PRECISION") or None
+
+
 def debug_enabled() -> bool:
     """True when ``COCATK_DEBUG`` asks for tracebacks."""
     return os.environ.get("COCATK_DEBUG", "") not in ("", "0", "false", "no")

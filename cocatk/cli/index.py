@@ -34,6 +34,7 @@ def index(
     batch_size: options.BatchSize = None,
     workers: options.Workers = None,
     device: options.Device = None,
+    precision: options.Precision = None,
     follow_symlinks: Annotated[
         bool, typer.Option("--follow-symlinks", help="Follow symlinked files and folders (cycles are detected).")
     ] = False,
@@ -123,6 +124,7 @@ def index(
             model=model,
             pretrained=pretrained,
             device=device,
+            precision=precision,
             create=True,
             rebuild=rebuild,
             lock=True,
@@ -140,6 +142,7 @@ def index(
                 address=None if ray == "local" else ray,
                 actors=ray_actors,
                 gpus_per_actor=0.0 if device == "cpu" and ray_gpus_per_actor is None else ray_gpus_per_actor,
+                precision=precision,
                 batch_size=batch_size,
                 max_megapixels=max_megapixels,
             )
@@ -160,6 +163,8 @@ def index(
     data = report.to_dict()
     for root in report.missing_roots:
         warn(f"root {display_path(root)} is missing (unmounted?): its files are kept")
+    for message in report.warnings:
+        warn(message)
     _print_failures(report.failures, "skipped")
     if len(report.failures) > 20:
         err.print(f"[dim]... and {len(report.failures) - 20} more (`cocatk info` lists them)[/]")
@@ -246,6 +251,7 @@ def _print_summary(d: dict[str, Any]) -> None:
         f"moved {d['moved']}  removed {d['removed']}  duplicates {d['duplicates']}\n"
         f"  failed {failed}\n"
         f"  encoded {d['encoded']} images in {d['seconds']:.1f} s ({d['images_per_s']:.1f} images/s)"
+        + (f" at {', '.join(d['precisions'])}" if d.get("precisions") else "")
         + (f"; captioned {d['captioned']}" if d.get("captioned") else ""),
         highlight=False,
     )
@@ -285,6 +291,7 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
             else []
         ),
         ("embedding", f"{m.get('embed_dim')}-d, {m.get('metric')}, image size {m.get('image_size')}"),
+        ("precision", ", ".join(m.get("precisions") or []) or "not recorded (fp32: built before indexes recorded it)"),
         ("faiss", f"{m.get('factory')} ({data['faiss_file'] or 'rebuilt from SQLite on next open'})"),
         ("images", f"{data['files']} files, {data['unique_contents']} distinct contents" if data["files"] else "none"),
         ("tokens", f"{'cached' if m.get('cache_tokens') else 'not cached'} ({data['token_cache_bytes'] / 1e6:.1f} MB)"),

@@ -33,7 +33,13 @@ Device = Annotated[
 ]
 Precision = Annotated[
     str | None,
-    typer.Option("--precision", help="fp32, bf16 or fp16 autocast.", show_default="bf16 on cuda, fp32 on cpu"),
+    typer.Option(
+        "--precision",
+        envvar="COCATK_PRECISION",
+        help="auto, fp32 or bf16 (fp16 on a GPU). auto: bf16 autocast on a GPU; on a CPU bf16 weights where measured "
+        "faster (AMX), else fp32.",
+        show_default="auto",
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 IndexDir = Annotated[

@@ -61,6 +61,7 @@ def search(
     model: options.Model = None,
     pretrained: options.Pretrained = None,
     device: options.Device = None,
+    precision: options.Precision = None,
     reranker: options.Reranker = "coca",
     rerank_model: options.RerankModel = None,
     rerank_pretrained: options.RerankPretrained = None,
@@ -76,7 +77,7 @@ def search(
         raise UsageError("--json, --paths and --paths0 exclude each other", hint="pick one output format")
     if html is not None:
         check_target(html)  # before the search, not after it
-    idx = Index.open(index, model=model, pretrained=pretrained, device=device)
+    idx = Index.open(index, model=model, pretrained=pretrained, device=device, precision=precision)
     result = search_index(
         idx,
         reranker=reranker,

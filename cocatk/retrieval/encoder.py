@@ -75,6 +75,8 @@ class Encoded:
     error: ImageDecodeError | None = None
     read_s: float = 0.0  # reading and hashing the file
     decode_s: float = 0.0  # decoding and preprocessing
+    #: The precision the embedding was computed at (``fp32``, ``bf16``: the model's), recorded in the manifest.
+    precision: str | None = None
 
 
 class Encoder(Protocol):
@@ -203,6 +205,7 @@ class LocalEncoder:
                     emb, toks = self.model.encode_images_and_tokens(x, batch_size=len(batch), tokens=tokens)
                 tok_np = toks.to(torch.float16).cpu().numpy() if toks is not None else None
             for i, (res, _) in enumerate(batch):
+                res.precision = self.model.precision
                 res.embedding = emb[i]
                 res.tokens = tok_np[i] if tok_np is not None else None
                 waiting.discard(id(res))

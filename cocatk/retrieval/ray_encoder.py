@@ -206,6 +206,7 @@ class _EmbedActor:
         batch["embedding"] = np.array(emb_out, dtype=object)
         batch["tokens"] = np.array(tok_out, dtype=object)
         batch["token_dim"] = tok_d
+        batch["precision"] = np.array([self.model.precision] * n, dtype=object)  # what this node resolved
         return batch
 
 
@@ -221,7 +222,8 @@ class RayEncoder:
             a GPU between actors.
         batch_size: images per model call (default 128 on a GPU, 32 on a CPU).
         max_megapixels: as locally, larger images are recorded as ``too large``.
-        precision: the model's autocast precision (default bf16 on a GPU, fp32 on a CPU).
+        precision: ``auto`` (default), ``fp32``, ``bf16``: resolved by each actor for its own device and CPU (see
+            :func:`cocatk.models.resolve_precision`); each embedding's is recorded in the manifest.
         num_cpus: CPUs of the local Ray this starts (default all); ignored when joining a cluster.
 
     Example:
@@ -426,6 +428,7 @@ class RayEncoder:
 
     def _result(self, job: EncodeJob, batch: dict[str, np.ndarray], i: int, tokens: bool) -> Encoded:
         out = Encoded(job, read_s=float(batch["read_s"][i]), decode_s=float(batch["decode_s"][i]))
+        out.precision = str(batch["precision"][i]) if "precision" in batch else None
         out.hash = str(batch["hash"][i]) or None
         reason = str(batch["reason"][i])
         if reason:

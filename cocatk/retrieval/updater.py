@@ -112,6 +112,8 @@ class IndexReport:
     #: ``read_hash`` and ``decode_preprocess``; ``decode_threads`` says how many there were.
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: Precisions the images of this run were encoded at (``fp32``, ``bf16``); the manifest keeps the union.
+    precisions: list[str] = field(default_factory=list)
 
     @property
     def failed_total(self) -> int:
@@ -168,6 +170,7 @@ class Updater:
         self.report = IndexReport(index_dir=str(index.dir), roots=[])
         self._last_save = time.monotonic()
         self._since_checkpoint = 0
+        self._manifest_json_stale = False  # manifest.json lags the SQLite manifest until the next commit
         self._vectors_dirty = False  # FAISS could not apply a removal: rebuild from SQLite before saving
         self.timed = StageTimer()
         self._thread_seconds = {"read_hash": 0.0, "decode_preprocess": 0.0}
@@ -236,6 +239,8 @@ class Updater:
                 caching = self.opts.cache_tokens or bool(self.index.manifest.get("cache_tokens"))
                 token_model = self.index.rerank_model if caching else None
                 self.progress("model", 1, 1)
+                if model.precision_notice:
+                    self.report.warnings.append(model.precision_notice)
             self._encoder = LocalEncoder(
                 model,
                 workers=self.opts.workers,
@@ -453,6 +458,8 @@ class Updater:
             self._tick()
         elif res.embedding is not None:
             self.report.encoded += 1
+            if res.precision and res.precision not in self.report.precisions:
+                self._record_precision(res.precision)
             fid = self._write(res, res.embedding, res.tokens if self._store_tokens else None)
             if self._captioner is not None and res.tokens is not None:
                 self._caption_queue.append((fid, res.hash or "", res.tokens))
@@ -461,6 +468,16 @@ class Updater:
         elif not self._try_reuse(res):
             return False
         return True
+
+    def _record_precision(self, precision: str) -> None:
+        """Add ``precision`` to the manifest's ``precisions`` in the open transaction, so it commits with the first
+        vector computed at it (a killed run never leaves vectors of an unrecorded precision)."""
+        self.report.precisions.append(precision)
+        m = self.index.manifest
+        if precision not in m.get("precisions", []):
+            m["precisions"] = sorted({*m.get("precisions", []), precision})
+            self.store.set_manifest(m)
+            self._manifest_json_stale = True
 
     def _try_reuse(self, res: Encoded) -> bool:
         """A file whose content is already indexed: move a vanished row, or copy an embedding."""
@@ -561,6 +578,9 @@ class Updater:
         with self.timed("sqlite"):
             gen = store.bump_generation() if wrote else store.generation
             store.commit()
+        if self._manifest_json_stale:
+            self.index._write_manifest_json()
+            self._manifest_json_stale = False
         self._since_checkpoint = 0
         if wrote:
             self.report.checkpoints += 1

@@ -150,7 +150,9 @@ class ZeroShotClassifier:
         t0 = time.perf_counter()
         path: Path | None = None
         if cache:
-            identity = model.spec.identity()
+            identity = dict(model.spec.identity())
+            if getattr(model, "cpu_bf16", False):  # the bf16 text tower's weights differ slightly from fp32's
+                identity["text_precision"] = "bf16"
             key = classifier_key(identity, classnames, templates)
             path = config.cache_dir() / "zeroshot" / f"{key}.npy"
             weights = _read_cache(path, len(classnames), model.embed_dim)
