@@ -100,8 +100,9 @@ class LocalEncoder:
     """Decode threads feeding the in-process model, overlapped: ``workers`` threads read, hash, decode (JPEG draft
     mode, EXIF orientation) and preprocess about two batches ahead of the batch the model is encoding.
 
-    On the CPU torch gets the cores the decode threads leave free while :meth:`encode` runs (see
-    :func:`_cpu_threads`).
+    On the CPU, torch gets the cores the decode threads leave free, re-balanced before every batch (see
+    :meth:`_model_threads`): while decoding runs ahead of the model, the decode threads sleep and torch gets every
+    core; while the model waits for decoding, torch keeps the cores the busy decode threads do not use.
     """
 
     def __init__(
@@ -112,8 +113,13 @@ class LocalEncoder:
         batch_size: int | None = None,
         max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
         token_model: CocaModel | None = None,
+        model_threads: int | None = None,
     ) -> None:
         self.model = model
+        #: torch threads on the CPU: None re-balances before every batch; a number fixes it (benchmarks compare).
+        self.model_threads = model_threads
+        self._pending: deque[Future[tuple[Encoded, Any]]] = deque()  # the decode window, for the re-balancing
+        self.thread_log: list[int] = []  # torch threads of each batch of the last encode
         #: The CoCa whose decoder tokens are cached when it is not ``model`` (a separate rerank model, with its own
         #: preprocessing); None: ``model`` gives both.
         self.token_model = token_model if token_model is not None and token_model is not model else None
@@ -169,6 +175,7 @@ class LocalEncoder:
             return
         window = max(2 * self.batch_size, 4 * self.workers)  # about two batches decoded ahead of the one encoding
         pending: deque[Future[tuple[Encoded, Any]]] = deque()
+        self._pending = pending
         with ThreadPoolExecutor(self.workers, thread_name_prefix="cocatk-decode") as pool:
             try:
                 for job in jobs:
@@ -194,6 +201,11 @@ class LocalEncoder:
         waiting: set[int] = set()  # id() of results still waiting for their batch
 
         def run_batch() -> None:
+            if cpu:
+                threads = self._model_threads()
+                if threads != torch.get_num_threads():
+                    torch.set_num_threads(threads)
+                self.thread_log.append(threads)
             with timed("model"):
                 if tokens and self.token_model is not None:
                     x = torch.stack([t[0] for _, t in batch])
@@ -211,7 +223,9 @@ class LocalEncoder:
                 waiting.discard(id(res))
             batch.clear()
 
-        with _cpu_threads(self.model, self.workers):
+        cpu = self.model.device.startswith("cpu")
+        self.thread_log: list[int] = []  # torch threads of each batch (benchmarks report them)
+        with _restore_threads(cpu):
             prepared = self._prepared(jobs, known)
             while True:
                 with timed("wait_decode"):
@@ -233,20 +247,41 @@ class LocalEncoder:
             yield from order
 
 
-@contextlib.contextmanager
-def _cpu_threads(model: CocaModel, workers: int) -> Iterator[None]:
-    """On the CPU, give torch the cores the decode threads leave free, for the duration of an encode.
+    def _model_threads(self) -> int:
+        """torch threads for the next batch on the CPU: the usable cores minus the decode threads that still have
+        work (files of the decode window not decoded yet), at least 1.
 
-    torch's OpenMP threads spin while they wait; with ``workers`` decode threads on the same cores they fight, and
-    on a 2-core machine the tiny test model went from ~50 to ~500 images/s with one torch thread instead of two.
-    """
-    if not model.device.startswith("cpu") or workers == 0:
+        torch's OpenMP threads spin while they wait, so threads that share cores with busy decode threads fight them
+        (on 2 cores the tiny test model ran at ~50 images/s with two torch threads against ~500 with one); threads on
+        cores whose decode threads sleep (the window is full and decoded: the model is the bottleneck) are free
+        speed: coca_ViT-B-32 in fp32 runs 24 images/s on two threads against 12 on one here.
+        """
+        if self.model_threads is not None:
+            return max(1, self.model_threads)
+        cores = _usable_cores()
+        if self.workers == 0:
+            return cores
+        busy = sum(1 for f in list(self._pending) if not f.done())
+        return max(1, cores - min(self.workers, busy))
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's or `taskset`'s), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _restore_threads(cpu: bool) -> Iterator[None]:
+    """Put torch's thread count back after an encode that re-balanced it."""
+    if not cpu:
         yield
         return
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
     try:
         yield
     finally:
