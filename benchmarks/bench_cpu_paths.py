@@ -106,10 +106,12 @@ def image_candidates(m: Any, quick: bool) -> dict[str, Callable[[], Callable[[An
         path = Path(tempfile.gettempdir()) / f"cocatk-bench-{m.spec.arch}-visual.onnx"
         if not path.is_file():
             x = torch.zeros(2, 3, m.image_size, m.image_size)
-            torch.onnx.export(
-                Pooled(vis), (x,), str(path), input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}},
-                dynamo=False,
-            )  # fmt: skip
+            # Export outside inference mode: there nn.MultiheadAttention takes its fused fast path, which ONNX lacks.
+            with torch.inference_mode(False), torch.enable_grad():
+                torch.onnx.export(
+                    Pooled(vis), (x,), str(path), input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}},
+                    dynamo=False,
+                )  # fmt: skip
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -63,3 +63,38 @@ def _null():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_thread_tuner_keeps_the_faster_count_and_follows_a_change_of_load():
+    from cocatk.retrieval.encoder import ThreadTuner
+
+    speed = {2: 0.20, 1: 0.05}  # seconds per image: two threads lose (another job holds a core)
+    tuner = ThreadTuner(explore_every=6)
+    picks = []
+    for _ in range(30):
+        n = tuner.pick(2)
+        picks.append(n)
+        tuner.observe(n, speed[n])
+    assert picks[:4] == [2, 2, 1, 1]  # each count: a warm-up batch, then a measured one
+    steady = picks[4:]
+    assert steady.count(1) > 3 * steady.count(2) and 2 in steady  # mostly the faster, still re-measuring the other
+    speed = {2: 0.03, 1: 0.05}  # the other job ended: two threads win now
+    picks = []
+    for _ in range(20):
+        n = tuner.pick(2)
+        picks.append(n)
+        tuner.observe(n, speed[n])
+    assert picks[-8:].count(2) >= 6
+
+
+def test_thread_tuner_options_under_the_cap():
+    from cocatk.retrieval.encoder import ThreadTuner
+
+    tuner = ThreadTuner()
+    seen = set()
+    for _ in range(8):
+        n = tuner.pick(8)
+        seen.add(n)
+        tuner.observe(n, 1.0 / n)
+    assert seen == {8, 4, 1}
+    assert tuner.pick(1) == 1

@@ -120,6 +120,7 @@ class LocalEncoder:
         self.model_threads = model_threads
         self._pending: deque[Future[tuple[Encoded, Any]]] = deque()  # the decode window, for the re-balancing
         self.thread_log: list[int] = []  # torch threads of each batch of the last encode
+        self._tuner = ThreadTuner()
         #: The CoCa whose decoder tokens are cached when it is not ``model`` (a separate rerank model, with its own
         #: preprocessing); None: ``model`` gives both.
         self.token_model = token_model if token_model is not None and token_model is not model else None
@@ -201,11 +202,13 @@ class LocalEncoder:
         waiting: set[int] = set()  # id() of results still waiting for their batch
 
         def run_batch() -> None:
+            threads = 0
             if cpu:
                 threads = self._model_threads()
                 if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
                 self.thread_log.append(threads)
+            started_at = time.perf_counter()
             with timed("model"):
                 if tokens and self.token_model is not None:
                     x = torch.stack([t[0] for _, t in batch])
@@ -216,6 +219,8 @@ class LocalEncoder:
                     x = torch.stack([t for _, t in batch])
                     emb, toks = self.model.encode_images_and_tokens(x, batch_size=len(batch), tokens=tokens)
                 tok_np = toks.to(torch.float16).cpu().numpy() if toks is not None else None
+            if threads:
+                self._tuner.observe(threads, (time.perf_counter() - started_at) / len(batch))
             for i, (res, _) in enumerate(batch):
                 res.precision = self.model.precision
                 res.embedding = emb[i]
@@ -225,6 +230,7 @@ class LocalEncoder:
 
         cpu = self.model.device.startswith("cpu")
         self.thread_log: list[int] = []  # torch threads of each batch (benchmarks report them)
+        self._tuner = ThreadTuner()
         with _restore_threads(cpu):
             prepared = self._prepared(jobs, known)
             while True:
@@ -246,23 +252,67 @@ class LocalEncoder:
                 run_batch()
             yield from order
 
-
     def _model_threads(self) -> int:
-        """torch threads for the next batch on the CPU: the usable cores minus the decode threads that still have
-        work (files of the decode window not decoded yet), at least 1.
+        """torch threads for the next batch on the CPU.
 
-        torch's OpenMP threads spin while they wait, so threads that share cores with busy decode threads fight them
-        (on 2 cores the tiny test model ran at ~50 images/s with two torch threads against ~500 with one); threads on
-        cores whose decode threads sleep (the window is full and decoded: the model is the bottleneck) are free
-        speed: coca_ViT-B-32 in fp32 runs 24 images/s on two threads against 12 on one here.
+        The cap: the usable cores minus the decode threads that still have work (files of the decode window not
+        decoded yet), at least 1. torch's OpenMP threads spin while they wait, so threads that share cores with busy
+        decode threads fight them (on 2 cores the tiny test model ran at ~50 images/s with two torch threads against
+        ~500 with one); threads on cores whose decode threads sleep (the window is full and decoded: the model is the
+        bottleneck) are free speed: coca_ViT-B-32 in fp32 ran 24 images/s on two threads against 12 on one here.
+
+        Under the cap, :class:`ThreadTuner` picks the count that measured fastest in this run: other processes on
+        the machine make the extra threads lose (coca_ViT-B-32 in bf16 on 2 cores with another job running: 29.5
+        images/s on one thread, 5.5 on two).
         """
         if self.model_threads is not None:
             return max(1, self.model_threads)
         cores = _usable_cores()
         if self.workers == 0:
-            return cores
-        busy = sum(1 for f in list(self._pending) if not f.done())
-        return max(1, cores - min(self.workers, busy))
+            cap = cores
+        else:
+            busy = sum(1 for f in list(self._pending) if not f.done())
+            cap = max(1, cores - min(self.workers, busy))
+        return self._tuner.pick(cap)
+
+
+class ThreadTuner:
+    """Picks torch's thread count batch by batch from the model seconds per image measured at each count.
+
+    The options under a cap are the cap, half of it and 1 (a few: each costs a probe). An option never measured is
+    tried first (the larger first); then the fastest (moving average) runs, and every ``explore_every``-th batch
+    re-measures the stalest other option (that measurement replaces its old figure), so a change of load (another job
+    starting or ending) is followed within ``explore_every`` batches. The first batch at each count is a warm-up (oneDNN builds its kernels) and is not counted.
+    """
+
+    def __init__(self, explore_every: int = 6, alpha: float = 0.5) -> None:
+        self.explore_every = explore_every
+        self.alpha = alpha
+        self.cost: dict[int, float] = {}  # seconds per image, moving average
+        self.last_seen: dict[int, int] = {}  # batch number of the last measurement
+        self._warm: set[int] = set()
+        self._batches = 0
+
+    def pick(self, cap: int) -> int:
+        self._batches += 1
+        options = sorted({cap, max(1, cap // 2), 1}, reverse=True)
+        for n in options:
+            if n not in self.cost:
+                return n
+        best = min(options, key=lambda n: self.cost[n])
+        if len(options) > 1 and self._batches % self.explore_every == 0:
+            return min((n for n in options if n != best), key=lambda n: self.last_seen.get(n, 0))
+        return best
+
+    def observe(self, threads: int, seconds_per_image: float) -> None:
+        if threads not in self._warm:
+            self._warm.add(threads)
+            return
+        old = self.cost.get(threads)
+        stale = self._batches - self.last_seen.get(threads, self._batches) > 1  # a re-measure after a pause
+        a = self.alpha
+        self.cost[threads] = seconds_per_image if old is None or stale else a * seconds_per_image + (1 - a) * old
+        self.last_seen[threads] = self._batches
 
 
 def _usable_cores() -> int:
