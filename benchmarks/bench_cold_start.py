@@ -1,0 +1,284 @@
+"""Cold start: the wall time of one ``cocatk search`` as a person waits for it (a fresh process: imports, model load,
+text embedding, FAISS search), and where that time goes.
+
+    python benchmarks/bench_cold_start.py              # 3 repetitions of everything
+    python benchmarks/bench_cold_start.py --reps 5 --tag after
+
+Prepared once into ``/tmp/cocatk-bench/cold-start`` (not timed): a ``coca_ViT-B-32`` checkpoint of seeded random
+weights saved as ``open_clip_model.safetensors`` (open_clip's own file name; ``open_clip.load_checkpoint`` reads a
+``.safetensors`` file with ``safetensors.torch.load_file``), a folder of demo scene photos
+(``cocatk.demo.scenes.generate_folder``), an index of them built with ``--model coca_ViT-B-32 --pretrained FILE``,
+and one built with ``--model demo``. Random weights give meaningless rankings, but the file size (1 GB), the model
+and the code path are the real ``coca-b32``'s.
+
+- **whole**: ``python -m cocatk search "a red bicycle" --index IDX --json`` with ``--no-rerank`` and with the default
+  rerank, each in a fresh process, ``--reps`` times, alternating; wall seconds from spawn to exit, and the search's
+  own ``timings_ms`` from its JSON. ``python -c pass`` and ``cocatk --help`` are measured beside them.
+- **breakdown**: a fresh interpreter (``_DRIVER`` below) runs the same command in-process, ``cocatk.cli.main``,
+  with the imports hoisted to the front and timed one by one (torch, open_clip as cocatk imports it, FAISS) and
+  perf_counter stamps around the library functions the command calls: the tokenizer, the model construction, the
+  weight loading, the image tower's bf16 cast, the FAISS index read, the text embedding and the search. "other" is
+  what remains of the command (argument parsing, SQLite, the manifest, rendering the JSON).
+
+The files are read once before timing, so the page cache holds them for every run (a warm disk, as a person's second
+search finds it). The machine is shared: the record holds the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import ROOT, machine_info, median, print_table, write_record
+
+CACHE = Path("/tmp/cocatk-bench/cold-start")
+QUERY = "a red bicycle"
+ARCH = "coca_ViT-B-32"
+
+# Runs in a fresh interpreter: argv = [index dir, query, rerank flag]; prints one JSON object of stage seconds.
+_DRIVER = r"""
+import contextlib, io, json, sys, time
+T0 = time.perf_counter()
+stages = {}
+def stamp(name, t):
+    stages[name] = stages.get(name, 0.0) + time.perf_counter() - t
+t = time.perf_counter(); import cocatk.cli.app; stamp("import cocatk.cli", t)
+t = time.perf_counter(); import torch; stamp("import torch", t)
+import cocatk.models as M
+try:
+    from cocatk._imports import defer_optional_imports
+    defer_optional_imports()  # what cocatk.cli.main() does in a real process
+except ImportError:  # cocatk before the cold-start work
+    pass
+t = time.perf_counter(); import open_clip; stamp("import open_clip (+torchvision, transformers, timm)", t)
+t = time.perf_counter(); import faiss; stamp("import faiss", t)
+
+STACK = []  # [name, start, seconds spent in wrapped callees]: each stage counts its own time only
+
+def wrap(owner, attr, name):
+    fn = getattr(owner, attr, None)
+    if fn is None:
+        return
+    def timed(*a, **k):
+        label = name(STACK) if callable(name) else name
+        STACK.append([label, time.perf_counter(), 0.0])
+        try:
+            return fn(*a, **k)
+        finally:
+            label, start, inner = STACK.pop()
+            elapsed = time.perf_counter() - start
+            stages[label] = stages.get(label, 0.0) + elapsed - inner
+            if STACK:
+                STACK[-1][2] += elapsed
+    setattr(owner, attr, timed)
+
+def bf16_label(stack):
+    inside = stack[-1][0] if stack else ""
+    return inside if inside.startswith("bf16 copy") else "bf16 cast of the image tower"
+
+import open_clip
+from cocatk.retrieval import vectors as V
+wrap(M, "load_tokenizer", "tokenizer")
+wrap(open_clip, "create_model_and_transforms", "model construction")
+wrap(open_clip, "load_checkpoint", "weight loading")
+wrap(M, "_load_checkpoint", "weight loading")
+wrap(M, "_bf16_island", bf16_label)
+wrap(M.ClipModel, "_bf16_copy", "bf16 copy of the text tower (first query)")
+wrap(M, "_sha256_file", "sha256 of the weights")
+wrap(faiss, "read_index", "FAISS index read")
+wrap(M.ClipModel, "encode_texts", "text embedding")
+wrap(V.VectorIndex, "search", "FAISS search")
+import cocatk.retrieval.search as S
+wrap(S, "_load_reranker", "rerank: reranker lookup")
+wrap(S, "candidate_tokens", "rerank: decode files + image tower")
+wrap(M.CocaModel, "caption_loglik", "rerank: caption likelihood")
+import cocatk.cli as C
+args = ["search", sys.argv[2], "--index", sys.argv[1], "--json"] + ([] if sys.argv[3] == "1" else ["--no-rerank"])
+t = time.perf_counter()
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    code = C.main(args)
+command = time.perf_counter() - t
+if code:
+    sys.exit(f"search failed with exit code {code}")
+json.loads(out.getvalue())  # the command printed its JSON document
+inner = sum(v for k, v in stages.items() if not k.startswith("import"))
+stages["other (CLI, SQLite, manifest, JSON)"] = command - inner
+stages["total"] = time.perf_counter() - T0
+print(json.dumps(stages))
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed cocatk has its bytecode cached; so does this checkout
+    return env
+
+
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False, **kw)
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def prepare(cache: Path, photos: int) -> dict[str, Path]:
+    """The weights file, the photo folder and the two indexes (built once, reused by later runs)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    weights = cache / "open_clip_model.safetensors"
+    if not weights.is_file():
+        print(f"building {weights} (seeded random {ARCH} weights)", file=sys.stderr)
+        code = (
+            "import sys, cocatk\nfrom safetensors.torch import save_file\n"
+            f"m = cocatk.load_model({ARCH!r}, 'none', device='cpu', precision='fp32')\n"
+            "sd = {k: v.contiguous() for k, v in m.model.state_dict().items()}\n"
+            "save_file(sd, sys.argv[1] + '.tmp', metadata={'format': 'pt'})\n"
+        )
+        proc = _run([sys.executable, "-c", code, str(weights)])
+        if proc.returncode:
+            sys.exit(proc.stderr)
+        Path(str(weights) + ".tmp").rename(weights)
+    folder = cache / "photos"
+    if not folder.is_dir():
+        sys.path.insert(0, str(ROOT))
+        from cocatk.demo.scenes import generate_folder
+
+        generate_folder(folder, n=photos, seed=0, manifest=False)
+    indexes = {
+        "b32-file": (cache / "index-b32", ["--model", ARCH, "--pretrained", str(weights)]),
+        "demo": (cache / "index-demo", ["--model", "demo"]),
+    }
+    out = {"weights": weights, "photos": folder}
+    for name, (idx, model_args) in indexes.items():
+        if not (idx / "manifest.json").is_file():
+            print(f"indexing {folder} into {idx}", file=sys.stderr)
+            proc = _run([sys.executable, "-m", "cocatk", "index", str(folder), "--index", str(idx), *model_args])
+            if proc.returncode:
+                sys.exit(proc.stderr)
+        out[name] = idx
+    return out
+
+
+def warm_page_cache(paths: list[Path]) -> None:
+    for p in paths:
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        for f in files:
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
+def whole(index: Path, rerank: bool) -> tuple[float, float, dict[str, float]]:
+    """(wall seconds, CPU seconds, the search's own timings_ms) of one fresh ``cocatk search`` process."""
+    cmd = [sys.executable, "-m", "cocatk", "search", QUERY, "--index", str(index), "--json"]
+    if not rerank:
+        cmd.append("--no-rerank")
+    cpu = _children_cpu()
+    t = time.perf_counter()
+    proc = _run(cmd)
+    seconds = time.perf_counter() - t
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    return seconds, _children_cpu() - cpu, json.loads(proc.stdout)["timings_ms"]
+
+
+def breakdown(index: Path, rerank: bool) -> dict[str, float]:
+    proc = _run([sys.executable, "-c", _DRIVER, str(index), QUERY, "1" if rerank else "0"])
+    if proc.returncode:
+        sys.exit(f"breakdown driver failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    cpu = _children_cpu()
+    t = time.perf_counter()
+    proc = _run(cmd)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    return time.perf_counter() - t, _children_cpu() - cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3, help="fresh processes per measurement (medians)")
+    ap.add_argument("--photos", type=int, default=8, help="photos in the indexed folder")
+    ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--tag", default=None, help="suffix of the record's name (e.g. before, after)")
+    ap.add_argument("--out", type=Path, default=None, help="folder of the JSON record (default benchmarks/results)")
+    args = ap.parse_args()
+
+    record: dict[str, Any] = {"machine": machine_info(), "reps": args.reps, "query": QUERY, "arch": ARCH}
+    files = prepare(args.cache, args.photos)
+    warm_page_cache([files["weights"], files["b32-file"], files["demo"], ROOT / "cocatk" / "assets"])
+    for _ in range(2):  # bytecode caches and page cache of the interpreter's own modules
+        whole(files["b32-file"], rerank=False)
+
+    runs: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    inner: dict[str, list[dict[str, float]]] = {}
+    cases = [
+        (f"{name} {'rerank' if rr else 'no-rerank'}", files[name], rr)
+        for name in ("b32-file", "demo")
+        for rr in (False, True)
+    ]
+    simple = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "cocatk --help": [sys.executable, "-m", "cocatk", "--help"],
+    }
+    for _ in range(args.reps):
+        for label, cmd in simple.items():
+            seconds, cpu_s = timed(cmd)
+            runs.setdefault(label, []).append(seconds)
+            cpu.setdefault(label, []).append(cpu_s)
+        for label, idx, rr in cases:
+            seconds, cpu_s, timings = whole(idx, rr)
+            runs.setdefault(label, []).append(seconds)
+            cpu.setdefault(label, []).append(cpu_s)
+            inner.setdefault(label, []).append(timings)
+    whole_rows = [[label, median(xs), min(xs), max(xs), median(cpu[label])] for label, xs in runs.items()]
+    print_table(
+        "whole process: cocatk search (fresh process, seconds)",
+        ["run", "median", "min", "max", "CPU s (median)"],
+        whole_rows,
+    )
+
+    stages: dict[str, dict[str, list[float]]] = {}
+    for label, idx, rr in cases:
+        if label.startswith("demo") and rr:
+            continue
+        for _ in range(args.reps):
+            for k, v in breakdown(idx, rr).items():
+                stages.setdefault(label, {}).setdefault(k, []).append(v)
+    for label, st in stages.items():
+        rows = [[k, median(v), min(v), max(v)] for k, v in st.items()]
+        print_table(
+            f"breakdown: {label} (seconds, medians of {args.reps} fresh interpreters)",
+            ["stage", "median", "min", "max"],
+            rows,
+        )
+
+    record.update(
+        {
+            "whole_seconds": {k: {"median": median(v), "runs": v} for k, v in runs.items()},
+            "whole_cpu_seconds": {k: {"median": median(v), "runs": v} for k, v in cpu.items()},
+            "search_timings_ms": inner,
+            "breakdown_seconds": {
+                label: {k: {"median": median(v), "runs": v} for k, v in st.items()} for label, st in stages.items()
+            },
+            "weights_file_bytes": files["weights"].stat().st_size,
+        }
+    )
+    write_record("cold-start" + (f"-{args.tag}" if args.tag else ""), record, args.out)
+
+
+if __name__ == "__main__":
+    main()
