@@ -1,0 +1,199 @@
+"""Cold start: a model built without parameter init and loaded from a memory-mapped checkpoint equals the plain
+open_clip build + ``load_checkpoint`` bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, TINY_CONFIG
+from PIL import Image
+
+import cocatk
+from cocatk import models
+from cocatk.errors import ModelConfigError
+
+CLIP_TINY = DATA / "clip_tiny.json"
+SIGMOID_TINY = DATA / "sigmoid_tiny.json"
+TEXTS = ["a photo of a dog", "a red bicycle leaning on a wall", "x"]
+
+
+def _images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40 + 7 * i, 50, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def _save(model: torch.nn.Module, path: Path, dtype: torch.dtype | None = None, legacy: bool = False) -> Path:
+    """A checkpoint of ``model``: safetensors by suffix, else torch.save (zip, or the legacy format)."""
+    sd = {
+        k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()
+    }
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path, _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+def _reference(spec: models.ModelSpec, path: str) -> torch.nn.Module:
+    """The previous build: open_clip builds and initialises under the seed, then copies the checkpoint in."""
+    import open_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(models.RANDOM_SEED)
+        model, _, _ = open_clip.create_model_and_transforms(spec.arch, pretrained=None, device="cpu")
+    open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+    return model.eval()
+
+
+_LOAD = models._load_checkpoint
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _assert_same(got: cocatk.CocaModel, ref_model: torch.nn.Module, bf16: bool = False) -> None:
+    """Every parameter and buffer (persistent or not), and the encoders' outputs, bit for bit."""
+    if bf16:
+        models._bf16_island(ref_model.visual)
+    a, b = _tensors(got.model), _tensors(ref_model)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].stride() == b[name].stride(), name
+        assert torch.equal(a[name], b[name]), name
+    ref = type(got)(
+        spec=got.spec,
+        model=ref_model,
+        preprocess=got.preprocess,
+        tokenizer=got.tokenizer,
+        device="cpu",
+        precision=got.precision,
+    )
+    images = _images(3)
+    assert np.array_equal(got.encode_images(images), ref.encode_images(images))
+    assert np.array_equal(got.encode_texts(TEXTS), ref.encode_texts(TEXTS))
+    if got.has_decoder:
+        assert torch.equal(got.image_tokens(images), ref.image_tokens(images))
+
+
+@pytest.mark.parametrize("config", [TINY_CONFIG, CLIP_TINY, SIGMOID_TINY], ids=["coca", "clip", "siglip"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".pt"])
+def test_mapped_load_equals_open_clip_load(tmp_path, monkeypatch, config, suffix):
+    import open_clip
+
+    random = cocatk.load_model(str(config), "none", device="cpu", precision="fp32")
+    path = _save(random.model, tmp_path / f"weights{suffix}")
+    calls = []
+    monkeypatch.setattr(models, "_load_checkpoint", lambda *a: calls.append(a) or _LOAD(*a))
+    monkeypatch.setattr(open_clip, "load_checkpoint", None)  # the previous loader is not used
+    got = cocatk.load_model(str(config), str(path), device="cpu", precision="fp32")
+    monkeypatch.undo()
+    assert len(calls) == 1
+    assert got.model is not random.model
+    _assert_same(got, _reference(got.spec, str(path)))
+    # Nothing was left to chance: the weights are the file's, not a re-seeded init.
+    assert torch.equal(got.model.logit_scale, random.model.logit_scale)
+
+
+def test_mapped_load_of_the_demo_preset_equals_open_clip_load():
+    got = cocatk.load_model("demo", device="cpu", precision="fp32")
+    _assert_same(got, _reference(got.spec, got.spec.pretrained))
+
+
+def test_mapped_load_in_bf16_equals_open_clip_load(tmp_path):
+    random = cocatk.load_model(str(TINY_CONFIG), "none", device="cpu", precision="fp32")
+    path = _save(random.model, tmp_path / "weights.safetensors")
+    got = cocatk.load_model(str(TINY_CONFIG), str(path), device="cpu", precision="bf16")
+    assert got.cpu_bf16 and got.model.visual.conv1.weight.dtype == torch.bfloat16
+    _assert_same(got, _reference(got.spec, str(path)), bf16=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "legacy"),
+    [("fp16.safetensors", torch.float16, False), ("bf16.bin", torch.bfloat16, False), ("legacy.pt", None, True)],
+)
+def test_other_dtypes_and_the_legacy_format(tmp_path, name, dtype, legacy):
+    """A half-precision checkpoint is cast into fp32 parameters like a copy would; a pre-zip torch.save file, which
+    cannot be mapped, is read."""
+    random = cocatk.load_model(str(TINY_CONFIG), "none", device="cpu", precision="fp32")
+    path = _save(random.model, tmp_path / name, dtype=dtype, legacy=legacy)
+    got = cocatk.load_model(str(TINY_CONFIG), str(path), device="cpu", precision="fp32")
+    assert got.model.text.token_embedding.weight.dtype == torch.float32
+    _assert_same(got, _reference(got.spec, str(path)))
+
+
+def test_noncontiguous_tensor_in_a_checkpoint(tmp_path):
+    random = cocatk.load_model(str(TINY_CONFIG), "none", device="cpu", precision="fp32")
+    sd = dict(random.model.state_dict())
+    key = "text.text_projection"
+    sd[key] = sd[key].t().contiguous().t()  # same values, column-major
+    assert not sd[key].is_contiguous()
+    path = tmp_path / "strided.pt"
+    torch.save(sd, path)
+    got = cocatk.load_model(str(TINY_CONFIG), str(path), device="cpu", precision="fp32")
+    assert got.model.text.text_projection.is_contiguous()
+    _assert_same(got, _reference(got.spec, str(path)))
+
+
+def _old_error(path: Path) -> str:
+    """The one line the previous build gave: ModelConfigError around open_clip.load_checkpoint's first line."""
+    spec = models.resolve_model(str(TINY_CONFIG), str(path))
+    try:
+        _reference(spec, str(path))
+    except Exception as e:
+        return f"checkpoint {path} does not fit {spec.arch}: {str(e).splitlines()[0][:200]}"
+    raise AssertionError("the checkpoint fits")
+
+
+def test_a_checkpoint_that_does_not_fit_is_the_same_one_line_error(tmp_path):
+    clip = cocatk.load_model(str(CLIP_TINY), "none", device="cpu", precision="fp32")
+    coca = cocatk.load_model(str(TINY_CONFIG), "none", device="cpu", precision="fp32")
+    bad = {**coca.model.state_dict(), "text.text_projection": torch.zeros(3, 3)}
+    torch.save(bad, tmp_path / "shape.pt")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a checkpoint")
+    cases = [_save(clip.model, tmp_path / "clip.safetensors"), tmp_path / "shape.pt", tmp_path / "garbage.safetensors"]
+    for path in cases:
+        with pytest.raises(ModelConfigError) as e:
+            cocatk.load_model(str(TINY_CONFIG), str(path), device="cpu")
+        assert e.value.message == _old_error(path)
+        assert "\n" not in str(e.value) and "--model" in e.value.hint
+
+
+def test_skip_init_leaves_buffers_and_plain_tensors_alone():
+    mode = models._skip_param_init()
+    param = torch.nn.Parameter(torch.zeros(3))
+    with mode:
+        torch.nn.init.normal_(param)
+        torch.nn.init.trunc_normal_(param)
+        param.uniform_()
+        assert torch.equal(param, torch.zeros(3))  # parameters are left as they are
+        lin = torch.nn.Linear(4, 4)
+        mask = torch.empty(3, 3).fill_(float("-inf")).triu_(1)  # how open_clip builds its attention masks
+        plain = torch.zeros(2).add_(1)
+    assert torch.equal(mask, torch.full((3, 3), float("-inf")).triu(1))
+    assert torch.equal(plain, torch.ones(2))
+    assert isinstance(lin.weight, torch.nn.Parameter)
+    # Outside the mode, init runs again.
+    torch.manual_seed(0)
+    a = torch.nn.Linear(4, 4).weight.detach().clone()
+    torch.manual_seed(0)
+    assert torch.equal(torch.nn.Linear(4, 4).weight, a)
+
+
+def test_random_weights_are_unchanged_by_the_mapped_path(tmp_path):
+    """--pretrained none keeps the seeded init: the same weights as open_clip's own build under the seed."""
+    import open_clip
+
+    got = cocatk.load_model(str(TINY_CONFIG), "none", device="cpu", precision="fp32")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(models.RANDOM_SEED)
+        ref, _, _ = open_clip.create_model_and_transforms(got.spec.arch, pretrained=None, device="cpu")
+        models._init_decoder_projection(ref)
+    a, b = _tensors(got.model), _tensors(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
