@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import config
+from ._imports import ensure_open_clip_extras
 from .errors import (
     DecoderRequiredError,
     DeviceError,
@@ -290,6 +291,7 @@ def resolve_model(name: str | None = None, pretrained: str | None = None) -> Mod
                 f"{_family_examples()} (`python -c 'import open_clip; print(open_clip.list_models())'` lists all), "
                 "or the path of an open_clip config JSON; `cocatk models` lists the presets",
             )
+        ensure_open_clip_extras(cfg)
         spec = ModelSpec(name=name, arch=name, pretrained=pretrained or _default_tag(name), kind=kind_of_config(cfg))
 
     if spec.weights_kind == "file":
@@ -321,6 +323,7 @@ def _register_config(path: Path) -> tuple[str, str]:
             hint="start from open_clip's model_configs/coca_ViT-B-32.json (CoCa) or ViT-B-32.json (CLIP)",
         )
     open_clip.add_model_config(str(path))
+    ensure_open_clip_extras(cfg)
     return path.stem, kind_of_config(cfg)
 
 
@@ -569,6 +572,7 @@ def _build(spec: ModelSpec, device: str, precision: str, notice: str | None = No
     import open_clip
     import torch
 
+    ensure_open_clip_extras(open_clip.get_model_config(spec.arch))
     kind = spec.weights_kind
     tokenizer = load_tokenizer(spec.arch)  # first: a SigLIP tokenizer missing offline fails before seconds of build
     weights = None

@@ -1,8 +1,11 @@
 """Cold start: a model built without parameter init and loaded from a memory-mapped checkpoint equals the plain
-open_clip build + ``load_checkpoint`` bit for bit."""
+open_clip build + ``load_checkpoint`` bit for bit; the command line leaves out open_clip's optional imports."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +200,85 @@ def test_random_weights_are_unchanged_by_the_mapped_path(tmp_path):
         models._init_decoder_projection(ref)
     a, b = _tensors(got.model), _tensors(ref)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _run(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_a_command_line_search_leaves_out_transformers_and_timm(tmp_path):
+    """A real `cocatk search` process (main() without argv) imports neither; the hits equal the library's."""
+    from cocatk.cli import main
+    from cocatk.demo.scenes import generate_folder
+
+    random = cocatk.load_model(str(TINY_CONFIG), "none", device="cpu", precision="fp32")
+    weights = _save(random.model, tmp_path / "w.safetensors")
+    generate_folder(tmp_path / "photos", n=6, manifest=False)
+    index = tmp_path / "index"
+    common = ["--index", str(index)]
+    model_args = ["--model", str(TINY_CONFIG), "--pretrained", str(weights)]
+    assert main(["index", str(tmp_path / "photos"), *common, *model_args, "--device", "cpu"]) == 0
+    code = (
+        "import json, sys\n"
+        "from cocatk.cli import main\n"
+        f"sys.argv = ['cocatk', 'search', 'a red square', '--index', {str(index)!r}, '--json', '--no-rerank',"
+        " '--device', 'cpu']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(json.dumps([m for m in ('transformers', 'timm') if m in sys.modules]))\n"
+    )
+    lines = _run(code).strip().splitlines()
+    assert json.loads(lines[-1]) == []
+    hits = json.loads("\n".join(lines[:-1]))["hits"]
+    from cocatk.retrieval import Index
+    from cocatk.retrieval.search import search_index
+
+    with Index.open(index, device="cpu") as idx:
+        ref = search_index(idx, text="a red square", rerank=False).to_dict()["hits"]
+    assert len(hits) == 6 and [(h["path"], h["similarity"]) for h in hits] == [
+        (h["path"], h["similarity"]) for h in ref
+    ]
+
+
+def test_deferred_extras_come_back_for_a_model_that_needs_them(tmp_path):
+    """After a lean import, a timm image tower still builds, equal to a normal process's, and open_clip's classes
+    keep their identity."""
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "image_size": 160},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    path = tmp_path / "timm_tiny.json"
+    path.write_text(json.dumps(config))
+    code = (
+        "import sys, json\n"
+        "from cocatk._imports import defer_optional_imports, deferred\n"
+        "defer_optional_imports()\n"
+        "import open_clip\n"
+        "lean = sorted(deferred())\n"
+        "assert 'timm' not in sys.modules and 'transformers' not in sys.modules, lean\n"
+        "old_timm_model, old_hf = open_clip.model.TimmModel, open_clip.model.HFTextEncoder\n"
+        "import cocatk\n"
+        f"m = cocatk.load_model({str(path)!r}, 'none', device='cpu', precision='fp32')\n"
+        "import open_clip.timm_model as tm, open_clip.hf_model as hm\n"
+        "assert tm.timm is not None and tm.TimmModel is old_timm_model and hm.HFTextEncoder is old_hf\n"
+        "assert hm.transformers is not None and isinstance(m.model.visual, open_clip.timm_model.TimmModel)\n"
+        "print(json.dumps({'lean': lean, 'emb': m.encode_texts(['a dog']).tolist()}))\n"
+    )
+    out = json.loads(_run(code).strip().splitlines()[-1])
+    assert "open_clip.timm_model" in out["lean"] and "open_clip.hf_model" in out["lean"]
+    here = cocatk.load_model(str(path), "none", device="cpu", precision="fp32")
+    assert np.array_equal(np.asarray(out["emb"], np.float32), here.encode_texts(["a dog"]))
+
+
+def test_library_imports_are_untouched():
+    """Importing cocatk and loading a model as a library leaves open_clip whole."""
+    code = (
+        "import cocatk, sys\n"
+        f"cocatk.load_model({str(TINY_CONFIG)!r}, 'none', device='cpu')\n"
+        "from cocatk._imports import deferred\n"
+        "import open_clip.hf_model as hm\n"
+        "print(sorted(deferred()), hm.transformers is not None)\n"
+    )
+    assert _run(code).strip().splitlines()[-1] == "[] True"

@@ -27,6 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .app import app
     from .render import err
 
+    if argv is None:  # a real process (console script, python -m cocatk): cocatk owns it
+        from .._imports import defer_optional_imports
+
+        defer_optional_imports()  # open_clip without transformers/timm unless the model needs them: ~1 s less
     args = list(sys.argv[1:] if argv is None else argv)
     code = 0
     try:
