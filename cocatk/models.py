@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,49 @@ def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+#: Files at least this big have their sha256 remembered (:func:`_weights_sha256`); smaller ones hash in < 10 ms.
+DIGEST_CACHE_MIN_BYTES = 16 << 20
+#: A digest is not remembered for a file changed this recently: a write within the same timestamp tick could leave
+#: its stat unchanged (git's "racily clean" files).
+_DIGEST_SETTLE_NS = 2_000_000_000
+
+
+def _weights_sha256(path: Path) -> str:
+    """sha256 of a weights file, remembered in ``$COCATK_CACHE/file-digests.json`` under the file's path and stat
+    (size, mtime and ctime in ns, inode, device), as git's index does: a search that checks which model built its
+    index re-hashed a 1 GB checkpoint in every process (1.2 s on 2 cores, benchmarks/bench_cold_start.py).
+
+    Any change of the file changes its ctime (which no program can set back), so a remembered digest is the file's.
+    An unreadable or corrupt cache file is ignored and rewritten.
+    """
+    st = path.stat()
+    if st.st_size < DIGEST_CACHE_MIN_BYTES:
+        return _sha256_file(path)
+    key = str(path.resolve())
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    cache = config.cache_dir() / "file-digests.json"
+    try:
+        known = json.loads(cache.read_text())
+        entry = known.get(key) if isinstance(known, dict) else None
+    except (OSError, ValueError):
+        known, entry = {}, None
+    if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = _sha256_file(path)
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _DIGEST_SETTLE_NS:
+        known = known if isinstance(known, dict) else {}
+        known[key] = {"stat": stamp, "sha256": digest}
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, cache)  # atomic: concurrent processes each write a whole file
+        except OSError:  # a read-only cache folder costs the next process a re-hash, nothing else
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return digest
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A resolved model: which architecture and which weights.
@@ -198,7 +242,7 @@ class ModelSpec:
         if kind == "random":
             return f"random:seed{RANDOM_SEED}"
         if kind == "file":
-            return "sha256:" + _sha256_file(Path(self.pretrained))
+            return "sha256:" + _weights_sha256(Path(self.pretrained))
         return self.pretrained
 
     def identity(self) -> dict[str, str]:

@@ -282,3 +282,29 @@ def test_library_imports_are_untouched():
         "print(sorted(deferred()), hm.transformers is not None)\n"
     )
     assert _run(code).strip().splitlines()[-1] == "[] True"
+
+
+def test_weights_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import os
+
+    from cocatk import config
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"a" * models.DIGEST_CACHE_MIN_BYTES)
+    old = path.stat().st_mtime_ns - 10**10
+    os.utime(path, ns=(old, old))  # settled: changed more than the settle time ago
+    calls = []
+    real = models._sha256_file
+    monkeypatch.setattr(models, "_sha256_file", lambda p: calls.append(p) or real(p))
+    spec = models.resolve_model(str(TINY_CONFIG), str(path))
+    first = spec.weights_id()
+    assert first == "sha256:" + real(path) and len(calls) == 1
+    assert spec.weights_id() == first and len(calls) == 1  # remembered
+    assert (config.cache_dir() / "file-digests.json").is_file()
+    with open(path, "r+b") as f:  # same size, same mtime: the ctime still moves
+        f.write(b"b")
+    os.utime(path, ns=(old, old))
+    changed = spec.weights_id()
+    assert changed != first and changed == "sha256:" + real(path) and len(calls) == 2
+    (config.cache_dir() / "file-digests.json").write_text("{not json")
+    assert spec.weights_id() == changed  # a corrupt cache is ignored
