@@ -1,8 +1,9 @@
 """Cold start: the wall time of one ``cocatk search`` as a person waits for it (a fresh process: imports, model load,
 text embedding, FAISS search), and where that time goes.
 
-    python benchmarks/bench_cold_start.py              # 3 repetitions of everything
-    python benchmarks/bench_cold_start.py --reps 5 --tag after
+    python benchmarks/bench_cold_start.py                          # 3 repetitions of everything
+    git worktree add /tmp/cocatk-before 2b0106f                    # the code before the cold-start work
+    python benchmarks/bench_cold_start.py --baseline /tmp/cocatk-before   # both, alternating
 
 Prepared once into ``/tmp/cocatk-bench/cold-start`` (not timed): a ``coca_ViT-B-32`` checkpoint of seeded random
 weights saved as ``open_clip_model.safetensors`` (open_clip's own file name; ``open_clip.load_checkpoint`` reads a
@@ -12,16 +13,19 @@ and one built with ``--model demo``. Random weights give meaningless rankings, b
 and the code path are the real ``coca-b32``'s.
 
 - **whole**: ``python -m cocatk search "a red bicycle" --index IDX --json`` with ``--no-rerank`` and with the default
-  rerank, each in a fresh process, ``--reps`` times, alternating; wall seconds from spawn to exit, and the search's
-  own ``timings_ms`` from its JSON. ``python -c pass`` and ``cocatk --help`` are measured beside them.
+  rerank, each in a fresh process, ``--reps`` times; wall and CPU seconds from spawn to exit, and the search's own
+  ``timings_ms`` from its JSON. ``python -c pass`` and ``cocatk --help`` are measured beside them.
 - **breakdown**: a fresh interpreter (``_DRIVER`` below) runs the same command in-process, ``cocatk.cli.main``,
   with the imports hoisted to the front and timed one by one (torch, open_clip as cocatk imports it, FAISS) and
   perf_counter stamps around the library functions the command calls: the tokenizer, the model construction, the
   weight loading, the image tower's bf16 cast, the FAISS index read, the text embedding and the search. "other" is
   what remains of the command (argument parsing, SQLite, the manifest, rendering the JSON).
 
-The files are read once before timing, so the page cache holds them for every run (a warm disk, as a person's second
-search finds it). The machine is shared: the record holds the load average before and after.
+With ``--baseline DIR`` every measurement also runs with the cocatk of another checkout (``PYTHONPATH``), the two
+alternating (the order flips every repetition), so load from other jobs on a shared machine hits both alike; the
+table gives both and the ratio. The files are read once before timing and two untimed searches per checkout run
+first, so the page cache, the bytecode caches and remembered digests are warm (as a person's second search finds
+them). The record holds the load average before and after, and each side's commit.
 """
 
 from __future__ import annotations
@@ -115,15 +119,15 @@ print(json.dumps(stages))
 """
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path = ROOT) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed cocatk has its bytecode cached; so does this checkout
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(root)})
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed cocatk has its bytecode cached; so does a checkout
     return env
 
 
-def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False, **kw)
+def _run(cmd: list[str], root: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(root), check=False)
 
 
 def _children_cpu() -> float:
@@ -177,34 +181,40 @@ def warm_page_cache(paths: list[Path]) -> None:
                     pass
 
 
-def whole(index: Path, rerank: bool) -> tuple[float, float, dict[str, float]]:
+def whole(index: Path, rerank: bool, root: Path) -> tuple[float, float, dict[str, float]]:
     """(wall seconds, CPU seconds, the search's own timings_ms) of one fresh ``cocatk search`` process."""
     cmd = [sys.executable, "-m", "cocatk", "search", QUERY, "--index", str(index), "--json"]
     if not rerank:
         cmd.append("--no-rerank")
     cpu = _children_cpu()
     t = time.perf_counter()
-    proc = _run(cmd)
+    proc = _run(cmd, root)
     seconds = time.perf_counter() - t
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     return seconds, _children_cpu() - cpu, json.loads(proc.stdout)["timings_ms"]
 
 
-def breakdown(index: Path, rerank: bool) -> dict[str, float]:
-    proc = _run([sys.executable, "-c", _DRIVER, str(index), QUERY, "1" if rerank else "0"])
+def breakdown(index: Path, rerank: bool, root: Path) -> dict[str, float]:
+    proc = _run([sys.executable, "-c", _DRIVER, str(index), QUERY, "1" if rerank else "0"], root)
     if proc.returncode:
         sys.exit(f"breakdown driver failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
+def timed(cmd: list[str], root: Path) -> tuple[float, float]:
     cpu = _children_cpu()
     t = time.perf_counter()
-    proc = _run(cmd)
+    proc = _run(cmd, root)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     return time.perf_counter() - t, _children_cpu() - cpu
+
+
+def _rev(root: Path) -> str:
+    out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "cocatk"], capture_output=True)
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main() -> None:
@@ -212,19 +222,34 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="fresh processes per measurement (medians)")
     ap.add_argument("--photos", type=int, default=8, help="photos in the indexed folder")
     ap.add_argument("--cache", type=Path, default=CACHE)
-    ap.add_argument("--tag", default=None, help="suffix of the record's name (e.g. before, after)")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout of cocatk (e.g. `git worktree add /tmp/before COMMIT`): every measurement runs in "
+        "both, alternating, so a change of load on the machine hits both alike",
+    )
+    ap.add_argument("--tag", default=None, help="suffix of the record's name")
     ap.add_argument("--out", type=Path, default=None, help="folder of the JSON record (default benchmarks/results)")
     args = ap.parse_args()
 
-    record: dict[str, Any] = {"machine": machine_info(), "reps": args.reps, "query": QUERY, "arch": ARCH}
+    roots = {"this": ROOT}
+    if args.baseline is not None:
+        roots["baseline"] = args.baseline.resolve()
+    record: dict[str, Any] = {
+        "machine": machine_info(),
+        "reps": args.reps,
+        "query": QUERY,
+        "arch": ARCH,
+        "commits": {side: _rev(root) for side, root in roots.items()},
+    }
     files = prepare(args.cache, args.photos)
     warm_page_cache([files["weights"], files["b32-file"], files["demo"], ROOT / "cocatk" / "assets"])
-    for _ in range(2):  # bytecode caches and page cache of the interpreter's own modules
-        whole(files["b32-file"], rerank=False)
+    for root in roots.values():  # bytecode caches, page cache of the interpreter's modules, remembered digests
+        for _ in range(2):
+            whole(files["b32-file"], False, root)
+            whole(files["b32-file"], True, root)
 
-    runs: dict[str, list[float]] = {}
-    cpu: dict[str, list[float]] = {}
-    inner: dict[str, list[dict[str, float]]] = {}
     cases = [
         (f"{name} {'rerank' if rr else 'no-rerank'}", files[name], rr)
         for name in ("b32-file", "demo")
@@ -234,45 +259,63 @@ def main() -> None:
         "python -c pass": [sys.executable, "-c", "pass"],
         "cocatk --help": [sys.executable, "-m", "cocatk", "--help"],
     }
-    for _ in range(args.reps):
+    wall: dict[str, dict[str, list[float]]] = {side: {} for side in roots}
+    cpu: dict[str, dict[str, list[float]]] = {side: {} for side in roots}
+    inner: dict[str, dict[str, list[dict[str, float]]]] = {side: {} for side in roots}
+    stages: dict[str, dict[str, dict[str, list[float]]]] = {side: {} for side in roots}
+    for rep in range(args.reps):
+        order = list(roots.items()) if rep % 2 == 0 else list(roots.items())[::-1]
         for label, cmd in simple.items():
-            seconds, cpu_s = timed(cmd)
-            runs.setdefault(label, []).append(seconds)
-            cpu.setdefault(label, []).append(cpu_s)
+            for side, root in order:
+                seconds, cpu_s = timed(cmd, root)
+                wall[side].setdefault(label, []).append(seconds)
+                cpu[side].setdefault(label, []).append(cpu_s)
         for label, idx, rr in cases:
-            seconds, cpu_s, timings = whole(idx, rr)
-            runs.setdefault(label, []).append(seconds)
-            cpu.setdefault(label, []).append(cpu_s)
-            inner.setdefault(label, []).append(timings)
-    whole_rows = [[label, median(xs), min(xs), max(xs), median(cpu[label])] for label, xs in runs.items()]
-    print_table(
-        "whole process: cocatk search (fresh process, seconds)",
-        ["run", "median", "min", "max", "CPU s (median)"],
-        whole_rows,
-    )
+            for side, root in order:
+                seconds, cpu_s, timings = whole(idx, rr, root)
+                wall[side].setdefault(label, []).append(seconds)
+                cpu[side].setdefault(label, []).append(cpu_s)
+                inner[side].setdefault(label, []).append(timings)
+        for label, idx, rr in cases:
+            if label != "demo rerank":
+                for side, root in order:
+                    for k, v in breakdown(idx, rr, root).items():
+                        stages[side].setdefault(label, {}).setdefault(k, []).append(v)
 
-    stages: dict[str, dict[str, list[float]]] = {}
-    for label, idx, rr in cases:
-        if label.startswith("demo") and rr:
-            continue
-        for _ in range(args.reps):
-            for k, v in breakdown(idx, rr).items():
-                stages.setdefault(label, {}).setdefault(k, []).append(v)
-    for label, st in stages.items():
-        rows = [[k, median(v), min(v), max(v)] for k, v in st.items()]
-        print_table(
-            f"breakdown: {label} (seconds, medians of {args.reps} fresh interpreters)",
-            ["stage", "median", "min", "max"],
-            rows,
+    sides = list(roots)
+    cols = [f"{side} wall s" for side in sides] + [f"{side} CPU s" for side in sides]
+    rows = []
+    for label in wall["this"]:
+        rows.append(
+            [label]
+            + [median(wall[side][label]) for side in sides]
+            + [median(cpu[side][label]) for side in sides]
+            + ([median(wall["this"][label]) / median(wall["baseline"][label])] if "baseline" in roots else [])
         )
+    ratio = ["this / baseline"] if "baseline" in roots else []
+    print_table(
+        f"whole process, fresh each time (medians of {args.reps}; {record['commits']})", ["run", *cols, *ratio], rows
+    )
+    for label in stages["this"]:
+        keys = list(dict.fromkeys(k for side in sides for k in stages[side].get(label, {})))
+        rows = [[k, *(median(stages[side][label].get(k, [0.0])) for side in sides)] for k in keys]
+        print_table(f"breakdown: {label} (seconds, medians of {args.reps})", ["stage", *sides], rows)
 
     record.update(
         {
-            "whole_seconds": {k: {"median": median(v), "runs": v} for k, v in runs.items()},
-            "whole_cpu_seconds": {k: {"median": median(v), "runs": v} for k, v in cpu.items()},
+            "whole_seconds": {
+                side: {k: {"median": median(v), "runs": v} for k, v in wall[side].items()} for side in sides
+            },
+            "whole_cpu_seconds": {
+                side: {k: {"median": median(v), "runs": v} for k, v in cpu[side].items()} for side in sides
+            },
             "search_timings_ms": inner,
             "breakdown_seconds": {
-                label: {k: {"median": median(v), "runs": v} for k, v in st.items()} for label, st in stages.items()
+                side: {
+                    label: {k: {"median": median(v), "runs": v} for k, v in st.items()}
+                    for label, st in stages[side].items()
+                }
+                for side in sides
             },
             "weights_file_bytes": files["weights"].stat().st_size,
         }
