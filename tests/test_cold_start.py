@@ -85,11 +85,30 @@ def _assert_same(got: cocatk.CocaModel, ref_model: torch.nn.Module, bf16: bool =
         assert torch.equal(got.image_tokens(images), ref.image_tokens(images))
 
 
-@pytest.mark.parametrize("config", [TINY_CONFIG, CLIP_TINY, SIGMOID_TINY], ids=["coca", "clip", "siglip"])
+#: A CLIP with a timm image tower (timm's own tiny test ViT): timm initialises with its own functions.
+TIMM_TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "image_size": 160},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def timm_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("configs") / "timm_tiny.json"
+    path.write_text(json.dumps(TIMM_TINY))
+    return path
+
+
+@pytest.mark.parametrize(
+    "config", [TINY_CONFIG, CLIP_TINY, SIGMOID_TINY, "timm"], ids=["coca", "clip", "siglip", "timm"]
+)
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".pt"])
-def test_mapped_load_equals_open_clip_load(tmp_path, monkeypatch, config, suffix):
+def test_mapped_load_equals_open_clip_load(tmp_path, monkeypatch, request, config, suffix):
     import open_clip
 
+    if config == "timm":
+        config = request.getfixturevalue("timm_config")
     random = cocatk.load_model(str(config), "none", device="cpu", precision="fp32")
     path = _save(random.model, tmp_path / f"weights{suffix}")
     calls = []
@@ -244,13 +263,8 @@ def test_a_command_line_search_leaves_out_transformers_and_timm(tmp_path):
 def test_deferred_extras_come_back_for_a_model_that_needs_them(tmp_path):
     """After a lean import, a timm image tower still builds, equal to a normal process's, and open_clip's classes
     keep their identity."""
-    config = {
-        "embed_dim": 32,
-        "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "image_size": 160},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
     path = tmp_path / "timm_tiny.json"
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(TIMM_TINY))
     code = (
         "import sys, json\n"
         "from cocatk._imports import defer_optional_imports, deferred\n"
@@ -291,20 +305,25 @@ def test_weights_digest_is_remembered_until_the_file_changes(tmp_path, monkeypat
 
     path = tmp_path / "big.bin"
     path.write_bytes(b"a" * models.DIGEST_CACHE_MIN_BYTES)
-    old = path.stat().st_mtime_ns - 10**10
-    os.utime(path, ns=(old, old))  # settled: changed more than the settle time ago
     calls = []
     real = models._sha256_file
     monkeypatch.setattr(models, "_sha256_file", lambda p: calls.append(p) or real(p))
     spec = models.resolve_model(str(TINY_CONFIG), str(path))
     first = spec.weights_id()
     assert first == "sha256:" + real(path) and len(calls) == 1
-    assert spec.weights_id() == first and len(calls) == 1  # remembered
+    assert spec.weights_id() == first and len(calls) == 2  # written just now: not remembered yet (could change
+    # again within the same timestamp tick)
+
+    monkeypatch.setattr(models, "_DIGEST_SETTLE_NS", 0)
+    assert spec.weights_id() == first and len(calls) == 3
+    assert spec.weights_id() == first and len(calls) == 3  # remembered
     assert (config.cache_dir() / "file-digests.json").is_file()
-    with open(path, "r+b") as f:  # same size, same mtime: the ctime still moves
+    mtime = path.stat().st_mtime_ns
+    with open(path, "r+b") as f:  # same size, and the mtime put back: the ctime still moves
         f.write(b"b")
-    os.utime(path, ns=(old, old))
+    os.utime(path, ns=(mtime, mtime))
     changed = spec.weights_id()
-    assert changed != first and changed == "sha256:" + real(path) and len(calls) == 2
+    assert changed != first and changed == "sha256:" + real(path) and len(calls) == 4
     (config.cache_dir() / "file-digests.json").write_text("{not json")
-    assert spec.weights_id() == changed  # a corrupt cache is ignored
+    assert spec.weights_id() == changed and len(calls) == 5  # a corrupt cache is ignored, then rewritten
+    assert spec.weights_id() == changed and len(calls) == 5
