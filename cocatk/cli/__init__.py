@@ -68,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         code = 1
     if argv is None:
+        # The command is done. The interpreter's last garbage collections would walk the millions of objects torch and
+        # open_clip leave (1.3-1.5 s of a 7 s search on 2 cores); frozen, they are skipped. Objects are still freed
+        # by reference counting, atexit handlers and the flush of stdout/stderr still run; only garbage cycles are
+        # left to the OS, as at any exit.
+        import gc
+
+        gc.freeze()
         sys.exit(code)
     return code
 
