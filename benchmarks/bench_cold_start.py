@@ -127,7 +127,8 @@ def _env(root: Path = ROOT) -> dict[str, str]:
 
 
 def _run(cmd: list[str], root: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(root), check=False)
+    # cwd too: `python -c` and `python -m` put the working directory first on sys.path, before PYTHONPATH
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(root), cwd=root, check=False)
 
 
 def _children_cpu() -> float:
