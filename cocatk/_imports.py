@@ -11,8 +11,9 @@ Imports from anywhere else (the BLIP reranker, a SigLIP tokenizer, open_clip's o
 touched. :func:`ensure_open_clip_extras` re-runs the affected open_clip modules once a model needs them
 (:func:`cocatk.models.resolve_model` and the model build call it with the model's config).
 
-Left off in such a process: open_clip's ``CoCa.generate`` (cocatk never calls it; it captions with its own decoder,
-and open_clip 3.3 with transformers >= 4.56 lacks it anyway).
+Left off in such a process until ``ensure_open_clip_extras()`` (no argument) is called: open_clip's ``CoCa.generate``
+(cocatk never calls it; it captions with its own decoder, and open_clip 3.3 with transformers >= 4.56 lacks it
+anyway).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Any
 
 #: Packages open_clip imports at its import time for some models only.
 DEFERRABLE = ("transformers", "timm")
-#: open_clip modules whose module-level import of a deferrable package was refused; re-run when a model needs them.
-_deferred: set[str] = set()
+#: open_clip module -> the deferrable packages its module-level code was refused; re-run when a model needs them.
+_deferred: dict[str, set[str]] = {}
 _lock = threading.Lock()
 
 
@@ -40,13 +41,17 @@ class _DeferFinder(importlib.abc.MetaPathFinder):
             return None
         importer = _importer()
         if importer is not None:
-            _deferred.add(importer)
+            _deferred.setdefault(importer, set()).add(top)
             raise ModuleNotFoundError(f"{top} deferred by cocatk (not needed by this model)", name=name)
         return None
 
 
 def _importer() -> str | None:
-    """The open_clip module whose module-level code runs this import, or None for any other importer."""
+    """The open_clip module whose module-level code runs this import, or None for any other importer.
+
+    Only open_clip's import-time imports are refused, and open_clip 3.3 makes all of them inside ``try: ... except
+    ImportError`` (``hf_model``, ``coca_model``, ``timm_model``); ``tokenizer`` imports transformers inside functions,
+    which goes through."""
     frame = sys._getframe(2)
     while frame is not None and frame.f_globals.get("__name__", "").startswith("importlib"):
         frame = frame.f_back  # importlib's own frames (frozen _bootstrap modules)
@@ -59,6 +64,9 @@ def _importer() -> str | None:
 def defer_optional_imports() -> None:
     """From now on, an ``import open_clip`` in this process leaves out transformers and timm (see the module docs).
 
+    The finder stays in ``sys.meta_path`` until :func:`ensure_open_clip_extras` gives a package back, so an open_clip
+    module imported later in the process (they all guard these imports) is left without them too.
+
     Has no effect when open_clip is already imported. Meant for the command line, where cocatk owns the process; a
     library user's own open_clip code would find them missing.
     """
@@ -69,38 +77,47 @@ def defer_optional_imports() -> None:
 
 
 def deferred() -> frozenset[str]:
-    """The open_clip modules imported without an optional dependency (empty in a library process)."""
+    """The open_clip modules imported without an optional package (empty in a library process)."""
     return frozenset(_deferred)
 
 
-def needs_extras(cfg: Mapping[str, Any] | None) -> bool:
-    """True when an open_clip model config uses timm (``timm_model_name``) or transformers (``hf_model_name``)."""
+def needs_extras(cfg: Mapping[str, Any] | None) -> set[str]:
+    """The optional packages an open_clip model config uses: timm for a timm image tower (``timm_model_name``),
+    transformers for a Hugging Face text tower (``hf_model_name``)."""
     cfg = cfg or {}
-    return "timm_model_name" in (cfg.get("vision_cfg") or {}) or "hf_model_name" in (cfg.get("text_cfg") or {})
+    needs = set()
+    if "timm_model_name" in (cfg.get("vision_cfg") or {}):
+        needs.add("timm")
+    if "hf_model_name" in (cfg.get("text_cfg") or {}):
+        needs.add("transformers")
+    return needs
 
 
 def ensure_open_clip_extras(cfg: Mapping[str, Any] | None = None) -> None:
-    """Give open_clip back the optional dependencies it was imported without, when ``cfg`` (None: any model) needs
-    them: re-runs the module-level imports of ``open_clip.timm_model`` and ``open_clip.hf_model``.
+    """Give open_clip back the optional packages it was imported without, those ``cfg`` uses (None: all): re-runs
+    the open_clip modules that were refused them (``timm_model`` for timm; ``hf_model`` and ``coca_model`` for
+    transformers).
 
     A reload re-executes a module in its own namespace, where its classes' methods look up ``timm``, ``AutoModel``
     and the rest, so they find the real packages afterwards. The classes keep their identity: the ones other modules
-    already hold (``open_clip.model``'s ``TimmModel``, ``HFTextEncoder``) are put back in place of their re-made
-    twins, so ``isinstance`` answers the same everywhere.
+    already hold (``open_clip.model``'s ``TimmModel`` and ``HFTextEncoder``, ``open_clip.CoCa``) are put back in
+    place of their re-made twins, so ``isinstance`` answers the same everywhere.
     """
-    if not _deferred or (cfg is not None and not needs_extras(cfg)):
+    wanted = set(DEFERRABLE) if cfg is None else needs_extras(cfg)
+    if not any(wanted & refused for refused in _deferred.values()):
         return
     with _lock:
         for finder in [f for f in sys.meta_path if isinstance(f, _DeferFinder)]:
-            sys.meta_path.remove(finder)
-        for name in ("open_clip.timm_model", "open_clip.hf_model"):
+            sys.meta_path.remove(finder)  # open_clip is imported by now: nothing is left to defer
+        for name, refused in list(_deferred.items()):
             module = sys.modules.get(name)
-            if name in _deferred and module is not None:
-                classes = {k: v for k, v in vars(module).items() if isinstance(v, type) and v.__module__ == name}
-                importlib.reload(module)
-                ns = vars(module)
-                # Put the old classes back where the reload re-made them (not where a stand-in, such as
-                # hf_model's PretrainedConfig, is now the real package's class).
-                remade = {k for k, v in ns.items() if isinstance(v, type) and v.__module__ == name}
-                ns.update({k: v for k, v in classes.items() if k in remade})
-                _deferred.discard(name)
+            if not wanted & refused or module is None:
+                continue
+            classes = {k: v for k, v in vars(module).items() if isinstance(v, type) and v.__module__ == name}
+            importlib.reload(module)
+            ns = vars(module)
+            # Put the old classes back where the reload re-made them (not where a stand-in, such as hf_model's
+            # PretrainedConfig, is now the real package's class).
+            remade = {k for k, v in ns.items() if isinstance(v, type) and v.__module__ == name}
+            ns.update({k: v for k, v in classes.items() if k in remade})
+            del _deferred[name]  # the reload tried every package again

@@ -276,8 +276,14 @@ def test_deferred_extras_come_back_for_a_model_that_needs_them(tmp_path):
         "import cocatk\n"
         f"m = cocatk.load_model({str(path)!r}, 'none', device='cpu', precision='fp32')\n"
         "import open_clip.timm_model as tm, open_clip.hf_model as hm\n"
-        "assert tm.timm is not None and tm.TimmModel is old_timm_model and hm.HFTextEncoder is old_hf\n"
-        "assert hm.transformers is not None and isinstance(m.model.visual, open_clip.timm_model.TimmModel)\n"
+        "assert tm.timm is not None and tm.TimmModel is old_timm_model\n"
+        "assert isinstance(m.model.visual, open_clip.timm_model.TimmModel)\n"
+        "assert hm.transformers is None and 'transformers' not in sys.modules  # not needed by this model\n"
+        "from cocatk._imports import ensure_open_clip_extras\n"
+        "old_coca = open_clip.CoCa\n"
+        "ensure_open_clip_extras()  # everything back\n"
+        "assert hm.transformers is not None and hm.HFTextEncoder is old_hf and not deferred()\n"
+        "assert open_clip.coca_model.CoCa is old_coca and open_clip.model.HFTextEncoder is old_hf\n"
         "print(json.dumps({'lean': lean, 'emb': m.encode_texts(['a dog']).tolist()}))\n"
     )
     out = json.loads(_run(code).strip().splitlines()[-1])
