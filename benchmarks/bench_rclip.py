@@ -22,8 +22,8 @@ from a *seeded random-weight* ``ViT-B-32-256`` created with open_clip in cocatk'
 tokenizer vocabulary open_clip ships (the file rclip's repository copies too). They are kept in
 ``<cache>/rclip-model`` and linked into a fresh ``RCLIP_DATADIR`` for every run, so rclip finds them and never
 touches the network (``HF_HUB_OFFLINE=1`` as well). Random weights give meaningless rankings, but the graph,
-shapes and dtype are the real model's, so the speed is the real model's; cocatk runs ``coca_ViT-B-32`` with
-``--pretrained none`` (seeded random weights) for the same reason.
+shapes and dtype are the real model's, so the speed is the real model's; cocatk runs ``coca_ViT-B-32`` with seeded
+random weights for the same reason, loaded from a local checkpoint file as a user's real weights are.
 
 **What is measured** (the photos are ``_photos.py``'s 12 MP set, generated once into the cache folder; all files are
 read once before timing so both tools find them in the page cache; one untimed warm-up run of each tool on 4 of
@@ -32,7 +32,9 @@ the photos fills the page cache with the model files and the bytecode caches unl
 - Indexing, fresh database each run, the two tools alternating, ``--reps`` times:
   ``_rclip_driver.py FOLDER`` under rclip's Python (``rclip.main.init_rclip``: what the ``rclip`` command runs
   before its search: open the database, check the model, ``ensure_index``) and
-  ``cocatk index FOLDER --model coca_ViT-B-32 --pretrained none --index TMP --device cpu --json``.
+  ``cocatk index FOLDER --model coca_ViT-B-32 --pretrained WEIGHTS --index TMP --device cpu --json``, where
+  WEIGHTS is a local 1 GB safetensors file of seeded random weights (built once, like a user's downloaded
+  checkpoint; ``--cocatk-weights none`` initialises random weights in every process instead).
   Per run: whole-process wall seconds (images / wall = the whole-process rate) and the in-loop rate: cocatk's
   own ``--json`` report (``encoded / seconds`` of ``Index.update``: scan, hash, decode, encode, SQLite, FAISS,
   checkpoint; the model is loaded before it), rclip's ``ensure_index`` timed inside the driver, less its lazy
@@ -261,8 +263,30 @@ def rclip_query_cmd(python: Path, no_indexing: bool) -> list[str]:
     return [*cmd, *(["-n"] if no_indexing else []), QUERY]
 
 
+#: cocatk's weights: a local checkpoint file (what a user has after the first download), set in main().
+COCATK_WEIGHTS: list[str] = ["none"]
+
+
+def ensure_cocatk_weights(cache: Path) -> Path:
+    """A safetensors file of seeded random coca_ViT-B-32 weights (1 GB, like the real checkpoint), built once: cocatk
+    then loads its model the way it does for a user, from a local file, not by random initialisation."""
+    path = cache / "cocatk-weights" / "open_clip_model.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"building {path} (seeded random {COCATK_MODEL} weights)", flush=True)
+        code = (
+            "import sys, cocatk\nfrom safetensors.torch import save_file\n"
+            f"m = cocatk.load_model({COCATK_MODEL!r}, 'none', device='cpu', precision='fp32')\n"
+            "save_file({k: v.contiguous() for k, v in m.model.state_dict().items()}, sys.argv[1] + '.tmp', "
+            "metadata={'format': 'pt'})\n"
+        )
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+        Path(str(path) + ".tmp").rename(path)
+    return path
+
+
 def cocatk_index_cmd(cocatk: str, folder: Path, index: Path, device: str) -> list[str]:
-    return [cocatk, "index", str(folder), "--model", COCATK_MODEL, "--pretrained", "none"] + [
+    return [cocatk, "index", str(folder), "--model", COCATK_MODEL, "--pretrained", COCATK_WEIGHTS[0]] + [
         "--index",
         str(index),
         "--device",
@@ -341,6 +365,12 @@ def main() -> None:
     ap.add_argument("--cocatk", default=None, help="the cocatk command (default: the one beside this Python)")
     ap.add_argument("--device", default="cpu", help="cocatk's --device (rclip runs on the CPU)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
+    ap.add_argument(
+        "--cocatk-weights",
+        default=None,
+        help="cocatk's --pretrained: a checkpoint file (default: seeded random weights saved once to a 1 GB file), "
+        "or none (random initialisation in every process)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="folder of the JSON record (default benchmarks/results)")
     args = ap.parse_args()
 
@@ -350,6 +380,8 @@ def main() -> None:
     if not Path(cocatk).is_file():
         cocatk = shutil.which("cocatk") or cocatk
     record: dict[str, Any] = {"machine": machine_info(), "n": n, "reps": reps, "query": QUERY}
+    COCATK_WEIGHTS[0] = args.cocatk_weights or str(ensure_cocatk_weights(args.cache))
+    record["cocatk_weights"] = COCATK_WEIGHTS[0]
 
     python = ensure_rclip_python(args.cache, args.rclip_python, args.rclip_spec)
     record["rclip_python"] = str(python)
