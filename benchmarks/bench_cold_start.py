@@ -55,12 +55,12 @@ def stamp(name, t):
     stages[name] = stages.get(name, 0.0) + time.perf_counter() - t
 t = time.perf_counter(); import cocatk.cli.app; stamp("import cocatk.cli", t)
 t = time.perf_counter(); import torch; stamp("import torch", t)
-import cocatk.models as M
-try:
+import os, cocatk, cocatk.models as M
+# What cocatk.cli.main() does in a real process, where this checkout has it. (A plain import would not tell: an
+# editable install's finder serves a module missing here from the installed checkout.)
+if os.path.exists(os.path.join(os.path.dirname(cocatk.__file__), "_imports.py")):
     from cocatk._imports import defer_optional_imports
-    defer_optional_imports()  # what cocatk.cli.main() does in a real process
-except ImportError:  # cocatk before the cold-start work
-    pass
+    defer_optional_imports()
 t = time.perf_counter(); import open_clip; stamp("import open_clip (+torchvision, transformers, timm)", t)
 t = time.perf_counter(); import faiss; stamp("import faiss", t)
 
