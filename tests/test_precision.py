@@ -72,14 +72,27 @@ def test_bf16_tower_keeps_a_float32_interface(demo_pair):
     import torch
 
     fp32, bf16 = demo_pair
+    x = torch.randn(3, 3, bf16.image_size, bf16.image_size)
+    bf16.encode_images(x)  # the image tower turns bf16 at its first use (a text-only search never casts it)
     assert bf16.cpu_bf16 and bf16.model.visual.conv1.weight.dtype == torch.bfloat16
     assert fp32.model.visual.conv1.weight.dtype == torch.float32  # separate model objects (cache keyed by precision)
-    x = torch.randn(3, 3, bf16.image_size, bf16.image_size)
     latent, tokens = bf16.model._encode_image(x)  # open_clip's own call path through the hooks
     assert latent.dtype == torch.float32 and tokens.dtype == torch.float32
     # the text tower and decoder the captioner uses directly stay fp32; queries use a bf16 copy
     assert bf16.model.text.token_embedding.weight.dtype == torch.float32
     assert bf16.model.text_decoder.text_projection.dtype == torch.float32
+    copy = bf16._text_tower()
+    assert copy is not bf16.model.text and copy.token_embedding.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters() if p.is_floating_point())
+    a, b = copy(bf16.tokenize(["a red circle"]))[0], bf16.model.text(bf16.tokenize(["a red circle"]))[0]
+    assert a.dtype == torch.float32 and torch.nn.functional.cosine_similarity(a, b).min() > 0.999
+
+
+def test_text_only_search_never_casts_the_image_tower():
+    m = load_model("demo", device="cpu", precision="bf16")
+    m2 = type(m)(**{f: getattr(m, f) for f in ("spec", "model", "preprocess", "tokenizer", "device", "precision")})
+    assert m2.encode_texts(["a red circle"]).shape == (1, m2.embed_dim)
+    assert not m2.__dict__.get("_visual_bf16")
 
 
 def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

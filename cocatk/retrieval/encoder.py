@@ -282,7 +282,8 @@ class ThreadTuner:
     The options under a cap are the cap, half of it and 1 (a few: each costs a probe). An option never measured is
     tried first (the larger first); then the fastest (moving average) runs, and every ``explore_every``-th batch
     re-measures the stalest other option (that measurement replaces its old figure), so a change of load (another job
-    starting or ending) is followed within ``explore_every`` batches. The first batch at each count is a warm-up (oneDNN builds its kernels) and is not counted.
+    starting or ending) is followed within ``explore_every`` batches. The first batch at each count is a warm-up
+    (oneDNN builds its kernels) and is not counted.
     """
 
     def __init__(self, explore_every: int = 6, alpha: float = 0.5) -> None:
