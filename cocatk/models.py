@@ -684,6 +684,26 @@ def _build(spec: ModelSpec, device: str, precision: str, notice: str | None = No
     )
 
 
+#: :meth:`ClipModel.encode_texts` of this many texts or fewer on a CPU runs on one torch thread (queries).
+_FEW_TEXTS = 4
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside, restored after (None: unchanged)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _bf16_island(module: Any) -> Any:
     """Store ``module``'s weights in bf16 behind a float32 interface: floating inputs are cast to bf16 on the way in
     and floating outputs (a tensor or a tuple of them) back to float32 on the way out, so its callers (open_clip's
@@ -1115,11 +1135,16 @@ class ClipModel:
             texts = [texts]
         bs = batch_size or self.text_batch_size
         out: list[np.ndarray] = []
-        for i in range(0, len(texts), bs):
-            ids = self.tokenize(texts[i : i + bs]).to(self.device)
-            with self._inference():
-                latent = self._encode_text_latent(ids)
-            out.append(torch.nn.functional.normalize(latent.float(), dim=-1).cpu().numpy())
+        # A query or two on a CPU runs on one thread: there a second spinning thread gains ~30 ms when the machine is
+        # idle and costs seconds when another program holds a core (coca_ViT-B-32, one query: 59 ms on one thread,
+        # 1.4 s on two beside another job; benchmarks/RESULTS.md section 5.1).
+        one_thread = self.device.startswith("cpu") and len(texts) <= _FEW_TEXTS
+        with _torch_threads(1 if one_thread else None):
+            for i in range(0, len(texts), bs):
+                ids = self.tokenize(texts[i : i + bs]).to(self.device)
+                with self._inference():
+                    latent = self._encode_text_latent(ids)
+                out.append(torch.nn.functional.normalize(latent.float(), dim=-1).cpu().numpy())
         if not out:
             return np.zeros((0, self.embed_dim), np.float32)
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)

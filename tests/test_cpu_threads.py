@@ -98,3 +98,26 @@ def test_thread_tuner_options_under_the_cap():
         tuner.observe(n, 1.0 / n)
     assert seen == {8, 4, 1}
     assert tuner.pick(1) == 1
+
+
+def test_a_text_query_runs_on_one_thread_and_restores(monkeypatch, tiny_model):
+    import numpy as np
+    import torch
+
+    seen = []
+    real = type(tiny_model)._encode_text_latent
+
+    def spy(self, ids):
+        seen.append(torch.get_num_threads())
+        return real(self, ids)
+
+    monkeypatch.setattr(type(tiny_model), "_encode_text_latent", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one = tiny_model.encode_texts(["a red circle"])
+        many = tiny_model.encode_texts(["a red circle"] + [f"thing {i}" for i in range(9)])
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        assert np.allclose(one[0], many[0], atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
