@@ -666,12 +666,11 @@ def _build(spec: ModelSpec, device: str, precision: str, notice: str | None = No
                 hint="pass the --model that the checkpoint was trained with",
             ) from e
     model = model.to(device).eval()
-    if device.startswith("cpu") and precision == "bf16":
-        tower = sum(p.numel() for p in model.visual.parameters())
-        if auto and tower < BF16_MIN_TOWER_PARAMS:
-            precision, notice = "fp32", None  # the right choice for a tiny model, not a fallback worth a notice
-        # else: the image tower becomes bf16 at its first use (ClipModel._image_tower_ready): a text-only search
-        # never pays the cast (0.2-0.45 s of a cold `cocatk search` on 2 cores).
+    if auto and device.startswith("cpu") and sum(p.numel() for p in model.visual.parameters()) < BF16_MIN_TOWER_PARAMS:
+        # fp32 is the right choice for a tiny model on any CPU: no fallback, no notice (the demo model on every run).
+        precision, notice = "fp32", None
+    # On a CPU in bf16 the image tower becomes bf16 at its first use (ClipModel._image_tower_ready): a text-only
+    # search never pays the cast (0.2-0.45 s of a cold `cocatk search` on 2 cores).
     cls = CocaModel if spec.has_decoder else ClipModel
     return cls(
         spec=spec,
@@ -689,19 +688,19 @@ _FEW_TEXTS = 4
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` inside, restored after (None: unchanged)."""
+def torch_threads(n: int | None = None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside (None: left as it is) and put back after, whatever the code
+    inside set it to."""
     import torch
 
     before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
+    if n is not None and n != before:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _bf16_island(module: Any) -> Any:
@@ -1139,7 +1138,7 @@ class ClipModel:
         # idle and costs seconds when another program holds a core (coca_ViT-B-32, one query: 59 ms on one thread,
         # 1.4 s on two beside another job; benchmarks/RESULTS.md section 5.1).
         one_thread = self.device.startswith("cpu") and len(texts) <= _FEW_TEXTS
-        with _torch_threads(1 if one_thread else None):
+        with torch_threads(1 if one_thread else None):
             for i in range(0, len(texts), bs):
                 ids = self.tokenize(texts[i : i + bs]).to(self.device)
                 with self._inference():

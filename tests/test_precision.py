@@ -52,14 +52,45 @@ def test_precision_env_var(monkeypatch):
     assert resolve_precision(None, "cpu") == ("fp32", None)
 
 
-def test_auto_keeps_a_tiny_tower_in_fp32(monkeypatch, tiny_model):
-    monkeypatch.setattr("cocatk.models.cpu_bf16_support", lambda: "amx")
+def _fresh(name, pretrained, precision):
+    """A model built now (not the per-process cache), with ``precision`` resolved as load_model does."""
+    from cocatk.models import _build, resolve_model
+
+    prec, notice = resolve_precision(precision, "cpu")
+    return _build(resolve_model(name, pretrained), "cpu", prec, notice, auto=precision == "auto")
+
+
+@pytest.mark.parametrize("support", ["amx", None])
+def test_auto_keeps_a_tiny_tower_in_fp32_without_a_notice(monkeypatch, support):
     from conftest import TINY_CONFIG
 
-    m = load_model(str(TINY_CONFIG), "none", device="cpu", precision="auto")
-    tower = sum(p.numel() for p in m.model.visual.parameters())
-    assert tower < BF16_MIN_TOWER_PARAMS
+    monkeypatch.setattr("cocatk.models.cpu_bf16_support", lambda: support)
+    m = _fresh(str(TINY_CONFIG), "none", "auto")
+    assert sum(p.numel() for p in m.model.visual.parameters()) < BF16_MIN_TOWER_PARAMS
     assert m.precision == "fp32" and m.precision_notice is None and not m.cpu_bf16
+
+
+def test_auto_on_a_cpu_without_amx_says_why_once_per_index_run(monkeypatch, tmp_path, capsys):
+    """A model big enough for bf16, on a CPU without AMX: fp32, and `cocatk index` says why on stderr, once."""
+    from conftest import TINY_CONFIG
+    from PIL import Image
+
+    from cocatk.cli import main
+
+    monkeypatch.setattr("cocatk.models.cpu_bf16_support", lambda: None)
+    monkeypatch.setattr("cocatk.models.BF16_MIN_TOWER_PARAMS", 0)  # the tiny test tower stands for a real one
+    m = _fresh(str(TINY_CONFIG), "none", "auto")
+    assert m.precision == "fp32" and "--precision bf16 forces it" in m.precision_notice
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 30), "red").save(photos / "a.png")
+    monkeypatch.setattr("cocatk.models._CACHE", {})  # build under the patches, not from an earlier test
+    code = main(["index", str(photos), "--index", str(tmp_path / "ix"), "--model", str(TINY_CONFIG)]
+                + ["--pretrained", "none", "--json"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.err.count("this CPU has no native bf16") == 1
+    assert '"precisions": [\n    "fp32"\n  ]' in captured.out
 
 
 # ---- the bf16 path ---------------------------------------------------------------------------------------------
@@ -89,10 +120,14 @@ def test_bf16_tower_keeps_a_float32_interface(demo_pair):
 
 
 def test_text_only_search_never_casts_the_image_tower():
-    m = load_model("demo", device="cpu", precision="bf16")
-    m2 = type(m)(**{f: getattr(m, f) for f in ("spec", "model", "preprocess", "tokenizer", "device", "precision")})
-    assert m2.encode_texts(["a red circle"]).shape == (1, m2.embed_dim)
-    assert not m2.__dict__.get("_visual_bf16")
+    import torch
+
+    m = _fresh("demo", None, "bf16")
+    assert m.cpu_bf16
+    assert m.encode_texts(["a red circle"]).shape == (1, m.embed_dim)
+    assert m.model.visual.conv1.weight.dtype == torch.float32  # untouched by a text query
+    m.encode_images(torch.zeros(1, 3, m.image_size, m.image_size))
+    assert m.model.visual.conv1.weight.dtype == torch.bfloat16
 
 
 def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

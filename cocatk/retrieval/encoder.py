@@ -195,6 +195,8 @@ class LocalEncoder:
     ) -> Iterator[Encoded]:
         import torch
 
+        from ..models import torch_threads
+
         self._tokens = tokens
         started: set[str] = set()  # contents queued for the model in this call: encoded once
         order: deque[Encoded] = deque()  # results not yielded yet, in job order
@@ -231,7 +233,7 @@ class LocalEncoder:
         cpu = self.model.device.startswith("cpu")
         self.thread_log: list[int] = []  # torch threads of each batch (benchmarks report them)
         self._tuner = ThreadTuner()
-        with _restore_threads(cpu):
+        with torch_threads() if cpu else contextlib.nullcontext():
             prepared = self._prepared(jobs, known)
             while True:
                 with timed("wait_decode"):
@@ -322,21 +324,6 @@ def _usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _restore_threads(cpu: bool) -> Iterator[None]:
-    """Put torch's thread count back after an encode that re-balanced it."""
-    if not cpu:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 __all__ = ["EncodeJob", "Encoded", "Encoder", "LocalEncoder", "StageTimer", "hash_bytes"]
