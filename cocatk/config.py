@@ -72,6 +72,12 @@ def default_precision() -> str | None:
     return os.environ.get("COCATK_PRECISION") or None
 
 
+def text_onnx_enabled() -> bool:
+    """``$COCATK_TEXT_ONNX`` (default on; ``0`` turns it off): `cocatk index` exports the text tower to ONNX so
+    that a cold text query runs without torch (:mod:`cocatk.textonnx`)."""
+    return os.environ.get("COCATK_TEXT_ONNX", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def debug_enabled() -> bool:
     """True when ``COCATK_DEBUG`` asks for tracebacks."""
     return os.environ.get("COCATK_DEBUG", "") not in ("", "0", "false", "no")

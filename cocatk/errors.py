@@ -128,3 +128,7 @@ class DecoderRequiredError(UsageError):
 
 class RerankerError(ModelError):
     """A rerank model (BLIP-ITM) cannot be loaded: extra not installed, weights or tokenizer not cached."""
+
+
+class ExportError(ModelError):
+    """A model part could not be exported (to ONNX) faithfully, or the export could not be written."""

@@ -1,0 +1,455 @@
+"""A text tower without torch, for cold text queries: open_clip's text tower exported to ONNX, run by ONNX Runtime.
+
+A text-only ``cocatk search`` used to spend ~5 of its ~6 seconds importing torch and open_clip on a 2-core CPU; the
+text tower itself takes ~60 ms (benchmarks/RESULTS.md section 5). So a process that already holds the model
+(``cocatk index``, or a search that had to load torch) exports the text tower once per model identity, and a later
+cold text query loads only numpy, ONNX Runtime and Hugging Face ``tokenizers``: the approach of rclip, which ships
+its towers as ONNX files.
+
+What is exported and checked:
+    * the graph: token ids (N, context_length) int64 -> L2-normalised float32 embeddings (N, D), traced in fp32 from
+      the same modules :meth:`cocatk.models.ClipModel.encode_texts` runs;
+    * the tokenizer: open_clip's own BPE tables (``SimpleTokenizer``'s vocabulary and merge ranks) rebuilt as a
+      ``tokenizers`` BPE with CLIP's pre-tokenising pattern; the text cleaning (ftfy, HTML entities, whitespace,
+      lower case) runs here in Python, as open_clip does;
+    * both against open_clip on :data:`PROBES` before anything is kept: equal token ids, and embeddings within
+      :data:`MAX_ABS_DIFF` of torch's. A model whose tokenizer is not open_clip's BPE (SigLIP's and other hub
+      tokenizers) is not exported; its queries keep the torch path.
+
+Cache: ``$COCATK_CACHE/text-onnx/<key>/`` holding ``text.onnx`` (graph), ``text.onnx.data`` (weights, memory-mapped
+by ONNX Runtime), ``tokenizer.json`` and ``meta.json``. The key hashes the model identity an index records (name,
+architecture, weights id) with the export format and open_clip's version. The folder is written under a temporary
+name and renamed into place, so a reader sees all of it or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import html
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import ClipModel
+
+#: Bumped when the files or their meaning change: older exports are then ignored (and re-made).
+FORMAT = 2
+GRAPH, WEIGHTS, TOKENIZER, META = "text.onnx", "text.onnx.data", "tokenizer.json", "meta.json"
+#: Largest |difference| allowed between an ONNX and a torch fp32 embedding component at export (measured 1.6e-7 on
+#: coca_ViT-B-32 and 9e-8 on the demo model: the same float32 arithmetic in another order).
+MAX_ABS_DIFF = 1e-4
+#: CLIP's pre-tokenising pattern after the special tokens (open_clip ``SimpleTokenizer.pat``), run by the same
+#: ``regex`` module with the same flags: the special tokens are words only where open_clip's scan meets them (a
+#: symbol just before ``<end_of_text>`` swallows its ``<``, as in open_clip), which an added-token pass would not
+#: reproduce.
+_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+#: Texts whose token ids and embeddings must match open_clip's at export: cleaning (entities, ftfy, whitespace,
+#: case), the pattern's classes (contractions, digits, punctuation runs, letters of other scripts), bytes outside
+#: the BPE's words (emoji), special tokens typed as text, and truncation at the context length.
+PROBES: tuple[str, ...] = (
+    "a red bicycle",
+    "A photo of a DOG.",
+    "two dogs playing in the snow at night",
+    "it's a cat's toy, isn't it? we'll see; they'd've",
+    "route 66 in 1999: 3.14159 km/h!!! (approx.)",
+    "  tabs\tand\nnewlines   and  spaces  ",
+    "fish &amp; chips &amp;amp; more &lt;b&gt;",
+    "Café naïve façade Ünïcödé résumé",
+    "東京の夜景 и москва ночью, قطة",
+    "a dog 🐕 and a cat 🐈‍⬛ with ❤️",
+    "â€™mojibake â€œquotesâ€\x9d",
+    "<start_of_text> typed <end_of_text> tokens",
+    "---///***+++===",
+    "word " * 100,
+    "x",
+)
+
+
+class TextOnnx:
+    """An exported text tower: tokenise, run, normalise; no torch. Open with :func:`open_text_onnx`.
+
+    It stands in for the model in a text-only search: :meth:`encode_texts`, :meth:`info` and :meth:`notices` answer
+    as :class:`cocatk.models.ClipModel`'s do (embeddings equal to torch fp32's within :data:`MAX_ABS_DIFF`).
+    """
+
+    backend = "onnxruntime"
+    device = "cpu"
+    precision = "fp32"
+
+    def __init__(self, folder: Path, meta: dict[str, Any]) -> None:
+        self.folder = folder
+        self.meta = meta
+        self._session: Any = None
+        self._tokenizer: Any = None
+        self._pattern: Any = None
+        self._lock = threading.Lock()
+
+    # ---- facts ---------------------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return int(self.meta["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["info"]["image_size"])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.meta["context_length"])
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta["info"]["kind"])
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.kind == "coca"
+
+    def info(self) -> dict[str, Any]:
+        """As :meth:`cocatk.models.ClipModel.info`, plus ``backend``."""
+        return {**self.meta["info"], "device": self.device, "precision": self.precision, "backend": self.backend}
+
+    def notices(self) -> list[str]:
+        return list(self.meta.get("notices", []))
+
+    # ---- work ----------------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Token ids (N, context_length) int64, equal to open_clip's tokenizer: [SOT, words..., EOT], truncated
+        with the EOT kept last, padded with 0."""
+        tok, pattern = self._load()[1:]
+        sot, eot, ctx = int(self.meta["sot"]), int(self.meta["eot"]), self.context_length
+        words = [pattern.findall(clean_text(t)) or [""] for t in texts]
+        encoded = tok.encode_batch(words, is_pretokenized=True, add_special_tokens=False)
+        out = np.zeros((len(texts), ctx), np.int64)
+        for row, enc in zip(out, encoded, strict=True):
+            ids = [sot, *enc.ids, eot]
+            if len(ids) > ctx:
+                ids = ids[:ctx]
+                ids[-1] = eot
+            row[: len(ids)] = ids
+        return out
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """L2-normalised float32 embeddings (N, D), as :meth:`cocatk.models.ClipModel.encode_texts`."""
+        if isinstance(texts, str):
+            texts = [texts]
+        session = self._load()[0]
+        out = [
+            session.run(None, {"ids": self.tokenize(texts[i : i + batch_size])})[0]
+            for i in range(0, len(texts), batch_size)
+        ]
+        if not out:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def _load(self) -> tuple[Any, Any, Any]:
+        with self._lock:
+            if self._session is None:
+                import onnxruntime as ort
+                import regex
+                from tokenizers import Tokenizer
+
+                opts = ort.SessionOptions()
+                # One thread, like torch's text queries: a query is ~60 ms, and a second spinning thread beside
+                # another program costs far more than it gains (benchmarks/RESULTS.md section 5.1).
+                opts.intra_op_num_threads = 1
+                opts.inter_op_num_threads = 1
+                opts.log_severity_level = 3  # ONNX Runtime's own warnings would reach the user's terminal
+                self._tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
+                specials = "|".join(regex.escape(t) for t in self.meta["specials"])
+                self._pattern = regex.compile(f"{specials}|{_PATTERN}", regex.IGNORECASE)
+                self._session = ort.InferenceSession(str(self.folder / GRAPH), opts, providers=["CPUExecutionProvider"])
+            return self._session, self._tokenizer, self._pattern
+
+
+def clean_text(text: str) -> str:
+    """open_clip's ``_clean_lower``: ftfy, HTML entities twice, whitespace collapsed, lower case.
+
+    ftfy (0.1 s to import) runs only where it can change something: on printable ASCII without ``&`` it is the
+    identity, and the two HTML passes too.
+    """
+    if not (text.isascii() and text.isprintable() and "&" not in text):
+        import ftfy
+
+        text = ftfy.fix_text(text)
+        text = html.unescape(html.unescape(text))
+    return " ".join(text.strip().split()).lower()
+
+
+def available() -> bool:
+    """True when ONNX Runtime and ``tokenizers`` can be imported (the query side's packages)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "tokenizers"))
+
+
+def cache_folder(identity: dict[str, str]) -> Path:
+    """Where the export of the model with this identity (as an index manifest records it) lives."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        oc = version("open_clip_torch")
+    except PackageNotFoundError:  # pragma: no cover - a source checkout of open_clip
+        oc = "unknown"
+    blob = json.dumps({"identity": identity, "format": FORMAT, "open_clip": oc}, sort_keys=True)
+    return config.cache_dir() / "text-onnx" / hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def read_meta(identity: dict[str, str]) -> dict[str, Any] | None:
+    """The cache's record for ``identity``: an export (``error`` absent), a model that cannot be exported (``error``
+    says why; it is not tried again), or None when no export was tried."""
+    try:
+        meta = json.loads((cache_folder(identity) / META).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("identity") != identity:
+        return None
+    return meta
+
+
+def open_text_onnx(identity: dict[str, str]) -> TextOnnx | None:
+    """The exported text tower of the model with ``identity``, or None when there is none (not exported yet, a model
+    that cannot be) or ONNX Runtime is not installed. Nothing heavy is loaded until the first query."""
+    meta = read_meta(identity)
+    if meta is None or "error" in meta or not available():
+        return None
+    return TextOnnx(cache_folder(identity), meta)
+
+
+def describe(identity: dict[str, str]) -> dict[str, Any]:
+    """What embeds a cold text query of the model with ``identity``, for ``cocatk info``: ``backend``
+    (``onnxruntime`` or ``torch``), and ``export`` (the folder) or ``why`` torch."""
+    meta = read_meta(identity)
+    if meta is None:
+        why = "not exported yet (the next `cocatk index` run exports it)"
+        if not config.text_onnx_enabled():
+            why = "export switched off ($COCATK_TEXT_ONNX=0)"
+        return {"backend": "torch", "why": why}
+    if "error" in meta:
+        return {"backend": "torch", "why": f"cannot be exported: {meta['error']}"}
+    if not available():
+        return {"backend": "torch", "why": "onnxruntime or tokenizers is not installed"}
+    return {"backend": "onnxruntime", "export": str(cache_folder(identity)), "max_abs_diff": meta.get("max_abs_diff")}
+
+
+def export_text_onnx(model: ClipModel) -> Path | None:
+    """Export ``model``'s text tower and tokenizer to the cache (see the module docstring), once per identity.
+
+    A model that cannot be exported faithfully (a tokenizer other than open_clip's BPE, a mismatch on
+    :data:`PROBES`) is recorded as such, so no later run pays for trying again.
+
+    Returns:
+        The cache folder, or None when the model cannot be exported (now or on an earlier try).
+
+    Raises:
+        ExportError: the export does not reproduce open_clip's tokens or embeddings (recorded; nothing else is
+            kept), or it cannot be written (disk full, read-only cache: not recorded, tried again next time).
+    """
+    from .errors import ExportError
+
+    identity = model.spec.identity()
+    folder = cache_folder(identity)
+    meta = read_meta(identity)
+    if meta is not None:
+        return None if "error" in meta else folder
+    tok = model.tokenizer
+    if (
+        type(tok).__name__ != "SimpleTokenizer"
+        or getattr(tok, "reduction_fn", None) is not None
+        or getattr(getattr(tok, "clean_fn", None), "__name__", "") != "_clean_lower"
+    ):
+        _publish(folder, {"format": FORMAT, "identity": identity, "error": f"tokenizer {type(tok).__name__}"})
+        return None
+    started = time.perf_counter()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError as e:
+        raise _write_error(folder, e) from e
+    try:
+        _write_graph(model, tmp)
+        _build_tokenizer(tok).save(str(tmp / TOKENIZER))
+        meta = {
+            "format": FORMAT,
+            "identity": identity,
+            "info": {k: v for k, v in model.info().items() if k not in ("device", "precision")},
+            "notices": model.notices(),
+            "embed_dim": model.embed_dim,
+            "context_length": model.context_length,
+            "sot": int(tok.sot_token_id),
+            "eot": int(tok.eot_token_id),
+            "specials": _specials(tok),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        try:
+            max_diff = _verify(model, TextOnnx(tmp, meta))
+        except ExportError as e:
+            _publish(folder, {"format": FORMAT, "identity": identity, "error": e.message})
+            raise
+        meta.update(max_abs_diff=max_diff, export_seconds=round(time.perf_counter() - started, 2))
+        meta["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        _rename_into_place(tmp, folder)
+    except OSError as e:
+        raise _write_error(folder, e) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _publish(folder: Path, meta: dict[str, Any]) -> None:
+    """Write a folder holding only ``meta`` (a model that cannot be exported), atomically; best effort."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        try:
+            (tmp / META).write_text(json.dumps(meta, indent=1))
+            _rename_into_place(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # not recorded: the next run tries again
+
+
+def _rename_into_place(tmp: Path, folder: Path) -> None:
+    """Move the finished ``tmp`` to ``folder``; a folder already there without a valid record (a crash before
+    this code wrote folders atomically, a hand edit) is replaced, a valid one (another process won) is kept."""
+    identity = json.loads((tmp / META).read_text())["identity"]
+    if folder.exists() and read_meta(identity) is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if read_meta(identity) is None:  # not another exporter's finished folder: a real failure
+            raise
+
+
+def _write_error(folder: Path, e: OSError) -> Exception:
+    from .errors import ExportError
+
+    return ExportError(
+        f"cannot write the ONNX text tower under {folder.parent}: {e.strerror or e}",
+        hint="free disk space or point $COCATK_CACHE at a writable folder",
+    )
+
+
+def remove_export(identity: dict[str, str]) -> bool:
+    """Delete the export of ``identity``; True when there was one."""
+    folder = cache_folder(identity)
+    if not folder.exists():
+        return False
+    shutil.rmtree(folder)
+    return True
+
+
+def _write_graph(model: ClipModel, folder: Path) -> None:
+    """Trace the fp32 text tower to ``folder``/text.onnx with its weights in text.onnx.data."""
+    import onnx
+    import torch
+
+    class _Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model.model  # registered, so the exporter sees the weights as initialisers
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.normalize(model.fp32_text_latent(ids).float(), dim=-1)
+
+    ids = model.tokenize(list(PROBES[:2]))
+    single = folder / "single.onnx"
+    # Without nn.MultiheadAttention's fused inference fast path (a towers without a mask takes it under no_grad):
+    # ONNX has no op for it. The switch is global; it is restored at once and changes speed only.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _stderr_to_devnull():
+            # The tracer's warnings are about shapes the graph keeps dynamic; one comes from C++ straight to fd 2.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _Tower().eval(), (ids.to(model.device),), str(single), input_names=["ids"], output_names=["emb"],
+                dynamic_axes={"ids": {0: "n"}, "emb": {0: "n"}}, opset_version=17, dynamo=False,
+            )  # fmt: skip
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    graph = onnx.load(str(single))
+    # Weights in one side file: ONNX Runtime maps it, so a cold query starts in ~0.35 s instead of ~0.65 s
+    # parsing a 250 MB protobuf (coca_ViT-B-32).
+    onnx.save_model(graph, str(folder / GRAPH), save_as_external_data=True, location=WEIGHTS, size_threshold=1024)
+    single.unlink()
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block (C++ writes there directly)."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _build_tokenizer(tok: Any) -> Any:
+    """open_clip's ``SimpleTokenizer`` as a ``tokenizers`` BPE (same vocabulary, merge ranks and pattern)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.__getitem__)
+    bpe = models.BPE(vocab=dict(tok.encoder), merges=merges, end_of_word_suffix="</w>", fuse_unk=False)
+    out = Tokenizer(bpe)
+    # Words come split by open_clip's pattern (TextOnnx.tokenize): here only bytes -> BPE symbols, as open_clip's
+    # byte encoder. A special token arrives as a whole word and is matched as one.
+    out.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    out.decoder = decoders.ByteLevel()
+    out.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in _specials(tok)])
+    return out
+
+
+def _specials(tok: Any) -> list[str]:
+    return [tok.decoder[i] for i in tok.all_special_ids]
+
+
+def _verify(model: ClipModel, onnx_model: TextOnnx) -> float:
+    """Check the export against open_clip on :data:`PROBES`; the largest embedding difference."""
+    from .errors import ExportError
+
+    ref_ids = np.asarray(model.tokenize(list(PROBES)))
+    ids = onnx_model.tokenize(PROBES)
+    bad = [p for p, a, b in zip(PROBES, ref_ids, ids, strict=True) if not np.array_equal(a, b)]
+    if bad:
+        raise ExportError(
+            f"the rebuilt tokenizer differs from open_clip's on {bad[0][:40]!r}",
+            hint="text queries keep the torch path; report this with `cocatk info --json`",
+        )
+    ref = embed_fp32(model, list(PROBES))
+    got = onnx_model.encode_texts(list(PROBES))
+    diff = float(np.abs(ref - got).max())
+    if not diff <= MAX_ABS_DIFF:
+        raise ExportError(
+            f"the ONNX text tower differs from torch's by {diff:.2e} (allowed {MAX_ABS_DIFF:.0e})",
+            hint="text queries keep the torch path; report this with `cocatk info --json`",
+        )
+    return diff
+
+
+def embed_fp32(model: ClipModel, texts: list[str]) -> np.ndarray:
+    """torch's fp32 text embeddings of ``texts``: the reference an export must match."""
+    import torch
+
+    with torch.inference_mode():
+        latent = model.fp32_text_latent(model.tokenize(texts).to(model.device))
+        return torch.nn.functional.normalize(latent.float(), dim=-1).cpu().numpy()
