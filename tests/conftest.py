@@ -14,7 +14,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # Tests use tiny models: one thread avoids OpenMP oversubscription stalls (10x slower decoder passes were measured
 # on this 2-core machine with other processes busy) and changes no result.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-for _var in ("COCATK_MODEL", "COCATK_PRETRAINED", "COCATK_DEVICE", "COCATK_INDEX", "COCATK_DEBUG"):
+for _var in ("COCATK_MODEL", "COCATK_PRETRAINED", "COCATK_DEVICE", "COCATK_INDEX", "COCATK_DEBUG", "COCATK_BACKEND"):
     os.environ.pop(_var, None)
 
 DATA = Path(__file__).parent / "data"
@@ -29,6 +29,8 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("COCATK_HOME", str(root / "cocatk"))
     monkeypatch.setenv("COCATK_CACHE", str(root / "cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(root / "hf"))
+    # No ONNX text tower export at the end of every index run (seconds each): tests/test_textonnx.py turns it on.
+    monkeypatch.setenv("COCATK_TEXT_ONNX", "0")
     return root
 
 

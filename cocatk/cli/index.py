@@ -252,7 +252,12 @@ def _print_summary(d: dict[str, Any]) -> None:
         f"  failed {failed}\n"
         f"  encoded {d['encoded']} images in {d['seconds']:.1f} s ({d['images_per_s']:.1f} images/s)"
         + (f" at {', '.join(d['precisions'])}" if d.get("precisions") else "")
-        + (f"; captioned {d['captioned']}" if d.get("captioned") else ""),
+        + (f"; captioned {d['captioned']}" if d.get("captioned") else "")
+        + (
+            f"\n  exported the text tower for queries without torch in {t:.1f} s (once per model)"
+            if d.get("text_export") == "exported" and (t := d["timings"].get("text_onnx")) is not None
+            else ""
+        ),
         highlight=False,
     )
 
@@ -292,6 +297,7 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
         ),
         ("embedding", f"{m.get('embed_dim')}-d, {m.get('metric')}, image size {m.get('image_size')}"),
         ("precision", ", ".join(m.get("precisions") or []) or "not recorded (fp32: built before indexes recorded it)"),
+        ("text queries", _text_queries_line(data.get("text_queries") or {})),
         ("faiss", f"{m.get('factory')} ({data['faiss_file'] or 'rebuilt from SQLite on next open'})"),
         ("images", f"{data['files']} files, {data['unique_contents']} distinct contents" if data["files"] else "none"),
         ("tokens", f"{'cached' if m.get('cache_tokens') else 'not cached'} ({data['token_cache_bytes'] / 1e6:.1f} MB)"),
@@ -310,6 +316,12 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
         out.print(f"  ... and {len(data['failures']) - 20} more (`cocatk info --json` lists all)", markup=False)
     if data["files"] == 0:
         out.print("this index is empty: add images with `cocatk index PATH`", style="dim", highlight=False)
+
+
+def _text_queries_line(t: dict[str, Any]) -> str:
+    if t.get("backend") == "onnxruntime":
+        return f"ONNX Runtime, without torch ({display_path(t['export'])})"
+    return f"torch: {t.get('why', 'unknown')}"
 
 
 def _captions_line(configs: dict[str, Any]) -> str:

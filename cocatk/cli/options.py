@@ -82,3 +82,12 @@ Reranker = Annotated[
         help="coca (caption log-likelihood) or blip-itm (BLIP's image-text matching, needs cocatk[blip]).",
     ),
 ]
+Backend = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        envvar="COCATK_BACKEND",
+        help="What embeds a text query: auto (the text tower exported to ONNX by `cocatk index`, without torch, when "
+        "the query is text alone and not reranked; else torch), onnx or torch.",
+    ),
+]

@@ -20,6 +20,7 @@ STAGE_LABELS = {
     "prior": "text priors",
     "images": "classifying",
     "zeroshot": "zero-shot",
+    "text-onnx": "exporting text tower",
 }
 
 

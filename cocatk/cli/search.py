@@ -65,6 +65,7 @@ def search(
     reranker: options.Reranker = "coca",
     rerank_model: options.RerankModel = None,
     rerank_pretrained: options.RerankPretrained = None,
+    backend: options.Backend = "auto",
 ) -> None:
     """Search the index with text (and/or an image); rerank by CoCa caption likelihood (or BLIP-ITM)."""
     from ..errors import UsageError
@@ -83,6 +84,7 @@ def search(
         reranker=reranker,
         rerank_model=rerank_model,
         rerank_pretrained=rerank_pretrained,
+        backend=backend,
         text=query,
         image=image,
         negative=tuple(negative or ()),

@@ -589,7 +589,31 @@ class Index:
 
                 rest = caption_index(self, caption, progress=progress)  # unchanged, moved or copied files
                 report.captioned += rest.captioned
-            return report
+        if encoder is None:  # a Ray run's driver holds no model: its next local run exports
+            self._prepare_text_onnx(report, progress)
+        return report
+
+    def _prepare_text_onnx(self, report: IndexReport, progress: ProgressCallback | None) -> None:
+        """Export the model's text tower for torch-free text queries (:mod:`cocatk.textonnx`) unless that was done
+        (or found impossible) before for this model; loads the model when this run did not need it. A failure is a
+        warning on the report: the index is complete, text queries keep the torch path."""
+        from .. import textonnx
+        from ..errors import ExportError
+
+        if not config.text_onnx_enabled() or self.is_empty or not textonnx.available():
+            return
+        if textonnx.read_meta(self.manifest["identity"]) is not None:
+            return
+        t0 = time.perf_counter()
+        if progress is not None:
+            progress("text-onnx", 0, None)
+        try:
+            done = textonnx.export_text_onnx(self.model)
+            report.text_export = "exported" if done is not None else None  # None: a model it cannot export
+        except ExportError as e:
+            report.warnings.append(f"{e.message}; text queries load torch")
+            report.text_export = "failed"
+        report.timings["text_onnx"] = round(time.perf_counter() - t0, 3)  # after the run: not part of `seconds`
 
     # ---- search ------------------------------------------------------------------------------------------------
     def search(
@@ -605,6 +629,7 @@ class Index:
         reranker: str = "coca",
         rerank_model: str | None = None,
         rerank_pretrained: str | None = None,
+        backend: str = "auto",
     ) -> list[Hit]:
         """Top-``n`` images for a text and/or image query, reranked by caption log-likelihood (text queries), or by
         BLIP-ITM (``reranker="blip-itm"``); ``rerank_model`` names a separate CoCa (or BLIP) for the rerank.
@@ -624,6 +649,7 @@ class Index:
             rerank_k=rerank_k,
             under=under,
             reranker=reranker,
+            backend=backend,
             rerank_model=rerank_model,
             rerank_pretrained=rerank_pretrained,
         ).hits
@@ -731,12 +757,15 @@ class Index:
     # ---- info and check ----------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Manifest, counts, roots, size on disk and failures, as plain data."""
+        from ..textonnx import describe
+
         failures = self.store.failures()
         size = _folder_bytes(self.dir)
         gen = self.store.generation
+        manifest = self.store.manifest()
         return {
             "index_dir": str(self.dir),
-            "manifest": self.store.manifest(),  # None: the first run never recorded a model (an empty index)
+            "manifest": manifest,  # None: the first run never recorded a model (an empty index)
             "files": self.store.count(),
             "unique_contents": int(self.store.conn.execute("SELECT COUNT(DISTINCT hash) FROM files").fetchone()[0]),
             "roots": self.store.roots(),
@@ -747,6 +776,8 @@ class Index:
             "captions": self.store.caption_configs(),
             "failed": dict(Counter(f["reason"] for f in failures)),
             "failures": [json_failure(f) for f in failures],
+            # What embeds a cold text query (cocatk.textonnx); None for an empty index.
+            "text_queries": describe(manifest["identity"]) if manifest else None,
         }
 
     def check(self) -> CheckReport:

@@ -241,6 +241,7 @@ def search_index(
     reranker: str = "coca",
     rerank_model: str | None = None,
     rerank_pretrained: str | None = None,
+    backend: str = "auto",
 ) -> SearchResult:
     """Search ``index``; see the module docstring. Queries without text are never reranked (there is no text).
 
@@ -259,6 +260,10 @@ def search_index(
             records, else the index's own model when it is a CoCa; a dual-encoder index without one is not
             reranked, with a warning saying what to pass). For ``blip-itm``: a hub repo or local folder (default
             ``Salesforce/blip-itm-base-coco``); ``rerank_pretrained="none"`` for random weights.
+        backend: what embeds a text query. ``"auto"``: when nothing will load torch anyway (a text-only query
+            that is not reranked, in a process whose torch model is not loaded yet), the index model's text tower
+            exported to ONNX (:mod:`cocatk.textonnx`, made by ``cocatk index``) if there is one, else torch.
+            ``"onnx"``: that export, required (stage 1 only; a rerank still loads torch). ``"torch"``: never it.
 
     Raises:
         UsageError: n < 1, rerank_k < 1, empty query, missing --under folder, an id that is not in the index,
@@ -293,7 +298,9 @@ def search_index(
         )
     if match is not None:
         selector = _match_ids(index, match, selector)
-    model = index.model
+    engine = _text_engine(index, backend, text, image is not None or like_id is not None or embedding is not None,
+                          rerank, reranker, rerank_model, rerank_pretrained)  # fmt: skip
+    model = engine or index.model
     vectors = index.vectors  # reads (or rebuilds) the FAISS file: part of loading, not of the search
     max_megapixels = index.manifest.get("max_megapixels")
     timings["load"] = time.perf_counter() - t0
@@ -311,7 +318,8 @@ def search_index(
     scorer: Any = None
     if do_rerank:
         t0 = time.perf_counter()
-        scorer = _load_reranker(index, model, reranker, rerank_model, rerank_pretrained)
+        scorer = _load_reranker(index, index.model if engine is not None and model.has_decoder else model,
+                                reranker, rerank_model, rerank_pretrained)  # fmt: skip
         timings["load"] += time.perf_counter() - t0
         if scorer is None:
             from ..models import DECODER_HINT
@@ -380,7 +388,9 @@ def search_index(
         tokens_from=source,
         warnings=warnings,
         reranker=reranker if do_rerank else None,
-        rerank_model=(scorer.info() if scorer is not model else None) if do_rerank else None,
+        rerank_model=(scorer.info() if scorer is not model and scorer is not index._model else None)
+        if do_rerank
+        else None,
     )
 
 
@@ -403,6 +413,63 @@ def _match_ids(index: Index, match: str, selector: np.ndarray | None) -> np.ndar
         hint = "run `cocatk caption` first" if index.store.caption_count() == 0 else "try other words"
         raise EmptyIndexError(f"no indexed image has a caption matching {match!r}", hint=hint)
     return ids
+
+
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def _text_engine(
+    index: Index,
+    backend: str,
+    text: str | None,
+    other_query: bool,
+    rerank: bool,
+    reranker: str,
+    rerank_model: str | None,
+    rerank_pretrained: str | None,
+) -> Any:
+    """The ONNX text tower that embeds this query instead of the torch model (see ``backend`` in
+    :func:`search_index`), or None for torch."""
+    from .. import textonnx
+
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}", hint=f"use one of: {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return None
+    if text is None or other_query:
+        if backend == "onnx":
+            raise UsageError(
+                "--backend onnx embeds text queries only", hint="drop --backend, or search with text alone"
+            )
+        return None
+    engine = textonnx.open_text_onnx(index.manifest["identity"])
+    if engine is not None and engine.embed_dim != index.dim:
+        engine = None  # as Index.model: an export of another width is not this index's model
+    if backend == "onnx":
+        if engine is None:
+            raise UsageError(
+                f"no ONNX text tower for the model of {index.dir}",
+                hint=f"run `cocatk index --index {index.dir}` once to export it (needs onnxruntime), or drop --backend",
+            )
+        return engine
+    # auto: only where it saves loading torch.
+    if engine is None or index._model is not None:
+        return None
+    if index._device not in (None, "auto", "cpu") or index._precision not in (None, "auto", "fp32"):
+        return None  # a device or precision asked for by name is torch's
+    if rerank:
+        # A rerank loads torch anyway, except on a dual-encoder index with no CoCa to rerank with (then the search
+        # only warns that it did not rerank).
+        no_scorer = (
+            reranker == "coca"
+            and rerank_model is None
+            and rerank_pretrained is None
+            and not engine.has_decoder
+            and index.rerank_spec is None
+        )
+        if not no_scorer:
+            return None
+    return engine
 
 
 def _load_reranker(index: Index, model: Any, reranker: str, name: str | None, pretrained: str | None) -> Any:

@@ -1,0 +1,266 @@
+"""The torch-free text query path (:mod:`cocatk.textonnx`): the export reproduces open_clip's tokens and torch's fp32
+embeddings, a search through it returns what the torch path returns, a cold text query imports no torch, and every
+way the export can be missing or fail leaves the index whole and the query on the torch path."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cocatk import load_model, textonnx
+from cocatk.errors import ExportError, UsageError
+from cocatk.retrieval import Index
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def _onnx_on(monkeypatch):
+    monkeypatch.setenv("COCATK_TEXT_ONNX", "1")  # conftest turns it off for the rest of the suite
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    """One cache folder for the module, so each model is exported once."""
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture
+def cache(onnx_cache, monkeypatch):
+    monkeypatch.setenv("COCATK_CACHE", str(onnx_cache))
+    return onnx_cache
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model("demo", device="cpu", precision="fp32")
+
+
+def _corpus() -> list[str]:
+    """Texts a tokenizer can get wrong: every ImageNet class in three templates, the export probes, and seeded random
+    strings over ASCII, Latin accents, CJK, Cyrillic, Arabic, emoji, entities and whitespace."""
+    from open_clip import IMAGENET_CLASSNAMES
+
+    texts = [t.format(c) for c in IMAGENET_CLASSNAMES for t in ("a photo of a {}.", "{}", "a {}'s toy, isn't it?")]
+    texts += list(textonnx.PROBES)
+    rng = random.Random(0)
+    pieces = [*"abcXYZ019 .,;:'!?-_/()[]&#\t\n", "&amp;", "&lt;", "é", "ñ", "ß", "İ", "東京", "ночь", "قطة", "🐕",
+              "\u200d", "\xa0", "ﬁ", "Ａ", "'s", "'LL", "â€™", "<end_of_text>"]  # fmt: skip
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) for _ in range(400)]
+    return texts
+
+
+def test_tokenizer_equals_open_clips(demo, cache):
+    folder = textonnx.export_text_onnx(demo)
+    assert folder is not None
+    engine = textonnx.open_text_onnx(demo.spec.identity())
+    texts = _corpus()
+    ref = demo.tokenize(texts).numpy()
+    got = engine.tokenize(texts)
+    bad = [t for t, a, b in zip(texts, ref, got, strict=True) if not np.array_equal(a, b)]
+    assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("config", ["demo", "coca_tiny.json", "clip_tiny.json", "sigmoid_tiny.json"])
+def test_embeddings_equal_torch_fp32(cache, config):
+    """CoCa (its CLS-token text tower), CLIP (EOT pooling) and a sigmoid model (last-token pooling)."""
+    model = load_model(config, device="cpu", precision="fp32") if config == "demo" else (
+        load_model(str(DATA / config), "none", device="cpu", precision="fp32")
+    )  # fmt: skip
+    assert textonnx.export_text_onnx(model) is not None
+    engine = textonnx.open_text_onnx(model.spec.identity())
+    texts = ["a red bicycle", "two dogs on a beach at sunset", "!", "word " * 90, "Café 東京 🐕"]
+    a, b = model.encode_texts(texts), engine.encode_texts(texts)
+    assert a.shape == b.shape and b.dtype == np.float32 and b.flags.c_contiguous
+    assert np.abs(a - b).max() <= 1e-5
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-6)
+    assert engine.encode_texts([]).shape == (0, model.embed_dim)
+    meta = textonnx.read_meta(model.spec.identity())
+    assert meta["max_abs_diff"] <= textonnx.MAX_ABS_DIFF
+    assert engine.info() == {**model.info(), "backend": "onnxruntime"}
+    assert engine.notices() == model.notices()
+
+
+@pytest.fixture(scope="module")
+def demo_index(tmp_path_factory, onnx_cache):
+    """A demo index built by Index.update with the export on (it exports at the end of the run)."""
+    from cocatk.demo.scenes import generate_folder
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("COCATK_CACHE", str(onnx_cache))
+    mp.setenv("COCATK_TEXT_ONNX", "1")
+    try:
+        root = tmp_path_factory.mktemp("demo-onnx")
+        records = generate_folder(root / "photos", n=60, seed=5, min_size=96, max_size=160)
+        ix = Index.open(root / "index", model="demo", device="cpu", precision="fp32", create=True)
+        report = ix.update([root / "photos"], workers=0)
+        ix.close()
+    finally:
+        mp.undo()
+    assert not report.warnings and report.text_export in ("exported", None)  # None: an earlier test exported demo
+    return root / "index", sorted({r["caption"] for r in records})[:10]
+
+
+def test_index_exports_and_search_matches_torch(demo_index, cache):
+    from cocatk.retrieval.search import search_index
+
+    folder, queries = demo_index
+    identity = json.loads((folder / "manifest.json").read_text())["identity"]
+    assert textonnx.read_meta(identity)["identity"] == identity
+    for q in queries:
+        with Index.open(folder, precision="fp32") as ix:
+            auto = search_index(ix, q, n=10, rerank=False)
+        with Index.open(folder, precision="fp32") as ix:
+            torch_ = ix.search(q, n=10, rerank=False, backend="torch")
+        assert auto.model["backend"] == "onnxruntime"
+        assert [h.id for h in auto.hits] == [h.id for h in torch_]
+        assert np.allclose([h.similarity for h in auto.hits], [h.similarity for h in torch_], atol=1e-5)
+
+
+def test_auto_keeps_torch_where_torch_loads_anyway(demo_index, cache):
+    from cocatk.retrieval.search import search_index
+
+    folder, queries = demo_index
+    with Index.open(folder) as ix:
+        assert search_index(ix, queries[0], n=3, rerank=True).model.get("backend") is None  # the rerank loads torch
+        assert search_index(ix, queries[0], n=3, rerank=False).model.get("backend") is None  # torch is loaded now
+    with Index.open(folder, precision="bf16") as ix:  # a precision asked for by name is torch's
+        assert search_index(ix, queries[0], n=3, rerank=False).model.get("backend") is None
+    with Index.open(folder) as ix:  # backend onnx with a rerank: stage 1 through ONNX, the rerank through torch
+        r = search_index(ix, queries[0], n=3, rerank=True, backend="onnx")
+        assert r.reranked and r.model["backend"] == "onnxruntime" and r.rerank_model is None
+
+
+def test_backend_errors(demo_index, cache, tmp_path, monkeypatch):
+    from cocatk.retrieval.search import search_index
+
+    folder, queries = demo_index
+    with Index.open(folder) as ix:
+        with pytest.raises(UsageError, match="unknown backend"):
+            search_index(ix, queries[0], backend="tensorrt")
+        with pytest.raises(UsageError, match="text queries only"):
+            search_index(ix, like_id=1, backend="onnx")
+    monkeypatch.setenv("COCATK_CACHE", str(tmp_path / "empty-cache"))
+    with Index.open(folder) as ix, pytest.raises(UsageError, match="cocatk index"):
+        search_index(ix, queries[0], rerank=False, backend="onnx")
+
+
+def test_cold_text_query_imports_no_torch(demo_index, cache):
+    """A whole `cocatk search --no-rerank` process: the hits of the torch path, and torch never imported."""
+    folder, queries = demo_index
+    code = (
+        "import sys, json\n"
+        "from cocatk.cli import main\n"
+        f"rc = main(['search', {queries[0]!r}, '--index', {str(folder)!r}, '--no-rerank', '--json', '-n', '5'])\n"
+        "print('TORCH', 'torch' in sys.modules, 'open_clip' in sys.modules, rc, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "COCATK_CACHE": str(cache), "COCATK_PRECISION": "fp32"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "TORCH False False 0" in r.stderr, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"]["backend"] == "onnxruntime"
+    with Index.open(folder, precision="fp32") as ix:
+        ref = ix.search(queries[0], n=5, rerank=False, backend="torch")
+    assert [h["id"] for h in out["hits"]] == [h.id for h in ref]
+
+
+def test_unsupported_tokenizer_is_recorded_and_skipped(cache, monkeypatch):
+    import open_clip.tokenizer as oct
+
+    model = load_model(str(DATA / "clip_tiny.json"), "none", device="cpu")
+    monkeypatch.setattr(model.tokenizer, "clean_fn", oct._clean_whitespace)
+    monkeypatch.setattr(textonnx, "cache_folder", lambda identity: cache / "unsupported")
+    assert textonnx.export_text_onnx(model) is None
+    assert "tokenizer" in textonnx.read_meta(model.spec.identity())["error"]
+    assert textonnx.open_text_onnx(model.spec.identity()) is None
+    assert textonnx.export_text_onnx(model) is None  # recorded: not tried again
+
+
+def test_failed_check_is_a_warning_and_the_index_is_whole(tmp_path, monkeypatch):
+    """An export that does not match torch is refused (nothing kept but the record), the run's report says so in one
+    line, the index is complete, and text queries keep the torch path."""
+    from cocatk.demo.scenes import generate_folder
+
+    monkeypatch.setattr(textonnx, "MAX_ABS_DIFF", -1.0)
+    generate_folder(tmp_path / "photos", n=6, seed=1, min_size=64, max_size=96)
+    with Index.open(tmp_path / "index", model=str(DATA / "coca_tiny.json"), pretrained="none", create=True) as ix:
+        report = ix.update([tmp_path / "photos"], workers=0)
+        assert report.encoded == 6 and ix.ntotal == 6
+        assert len(report.warnings) == 1 and "differs from torch" in report.warnings[0]
+        assert report.text_export == "failed"
+        identity = ix.manifest["identity"]
+        folder = textonnx.cache_folder(identity)
+        assert sorted(p.name for p in folder.iterdir()) == ["meta.json"]
+        assert ix.search("a red circle", n=3, rerank=False).__len__() == 3
+    with Index.open(tmp_path / "index") as ix:
+        report = ix.update(workers=0)  # recorded: no second try
+        assert not report.warnings and "text_onnx" not in report.timings and report.text_export is None
+
+
+def test_unwritable_cache_is_an_export_error_and_not_recorded(tmp_path, monkeypatch):
+    if os.geteuid() == 0:
+        monkeypatch.setattr(textonnx, "_write_graph", _raise_oserror)
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+    monkeypatch.setenv("COCATK_CACHE", str(tmp_path / "ro"))
+    model = load_model(str(DATA / "coca_tiny.json"), "none", device="cpu")
+    with pytest.raises(ExportError, match="COCATK_CACHE"):
+        textonnx.export_text_onnx(model)
+    assert textonnx.read_meta(model.spec.identity()) is None  # a full disk is not a verdict on the model
+
+
+def _raise_oserror(model, folder):
+    raise OSError(28, "No space left on device")
+
+
+def test_corrupt_record_reads_as_none_and_is_redone(cache, monkeypatch, tmp_path):
+    model = load_model(str(DATA / "coca_tiny.json"), "none", device="cpu")
+    monkeypatch.setattr(textonnx, "cache_folder", lambda identity: tmp_path / "x")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "meta.json").write_text("{not json")
+    (tmp_path / "x" / "text.onnx").write_text("half a file")
+    assert textonnx.read_meta(model.spec.identity()) is None
+    assert textonnx.open_text_onnx(model.spec.identity()) is None
+    assert textonnx.export_text_onnx(model) == tmp_path / "x"
+    engine = textonnx.open_text_onnx(model.spec.identity())
+    assert np.abs(engine.encode_texts(["a cat"]) - model.encode_texts(["a cat"])).max() <= 1e-5
+
+
+def test_switched_off(tmp_path, monkeypatch):
+    from cocatk.demo.scenes import generate_folder
+
+    monkeypatch.setenv("COCATK_TEXT_ONNX", "0")
+    generate_folder(tmp_path / "photos", n=3, seed=1, min_size=64, max_size=96)
+    with Index.open(tmp_path / "index", model=str(DATA / "coca_tiny.json"), pretrained="none", create=True) as ix:
+        ix.update([tmp_path / "photos"], workers=0)
+        assert textonnx.read_meta(ix.manifest["identity"]) is None
+
+
+def test_cli_index_info_search(tmp_path, capsys):
+    """`cocatk index` says it exported, `cocatk info` says which path text queries take, `cocatk search` reports
+    the backend it ran."""
+    from cocatk.cli import main
+    from cocatk.demo.scenes import generate_folder
+
+    generate_folder(tmp_path / "photos", n=4, seed=2, min_size=64, max_size=96)
+    index = str(tmp_path / "index")
+    model = ["--model", str(DATA / "coca_tiny.json"), "--pretrained", "none"]
+    assert main(["index", str(tmp_path / "photos"), "--index", index, *model]) == 0
+    assert "exported the text tower for queries without torch" in capsys.readouterr().out
+    assert main(["info", "--index", index]) == 0
+    assert "text queries  ONNX Runtime, without torch" in capsys.readouterr().out
+    assert main(["info", "--index", index, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text_queries"]["backend"] == "onnxruntime"
+    assert main(["search", "a red circle", "--index", index, "--no-rerank", "--json", "--backend", "onnx"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["backend"] == "onnxruntime"
+    assert main(["search", "a red circle", "--index", index, "--json", "--backend", "bogus"]) == 2
+    assert "unknown backend 'bogus'" in capsys.readouterr().err
+    assert main(["index", str(tmp_path / "photos"), "--index", index, *model]) == 0
+    assert "exported" not in capsys.readouterr().out  # once per model
