@@ -54,14 +54,18 @@ stages = {}
 def stamp(name, t):
     stages[name] = stages.get(name, 0.0) + time.perf_counter() - t
 t = time.perf_counter(); import cocatk.cli.app; stamp("import cocatk.cli", t)
-t = time.perf_counter(); import torch; stamp("import torch", t)
+# argv[4] == "1": this run loads torch (a rerank, --backend torch, or a checkout without the ONNX text path), so its
+# imports are hoisted here and timed; else they are left out, as the command itself leaves them out.
+HOIST = sys.argv[4] == "1"
 import os, cocatk, cocatk.models as M
-# What cocatk.cli.main() does in a real process, where this checkout has it. (A plain import would not tell: an
-# editable install's finder serves a module missing here from the installed checkout.)
-if os.path.exists(os.path.join(os.path.dirname(cocatk.__file__), "_imports.py")):
-    from cocatk._imports import defer_optional_imports
-    defer_optional_imports()
-t = time.perf_counter(); import open_clip; stamp("import open_clip (+torchvision, transformers, timm)", t)
+if HOIST:
+    t = time.perf_counter(); import torch; stamp("import torch", t)
+    # What cocatk.cli.main() does in a real process, where this checkout has it. (A plain import would not tell: an
+    # editable install's finder serves a module missing here from the installed checkout.)
+    if os.path.exists(os.path.join(os.path.dirname(cocatk.__file__), "_imports.py")):
+        from cocatk._imports import defer_optional_imports
+        defer_optional_imports()
+    t = time.perf_counter(); import open_clip; stamp("import open_clip (+torchvision, transformers, timm)", t)
 t = time.perf_counter(); import faiss; stamp("import faiss", t)
 
 STACK = []  # [name, start, seconds spent in wrapped callees]: each stage counts its own time only
@@ -87,11 +91,17 @@ def bf16_label(stack):
     inside = stack[-1][0] if stack else ""
     return inside if inside.startswith("bf16 copy") else "bf16 cast of the image tower"
 
-import open_clip
 from cocatk.retrieval import vectors as V
+if HOIST:
+    import open_clip
+    wrap(open_clip, "create_model_and_transforms", "model construction")
+    wrap(open_clip, "load_checkpoint", "weight loading")
+if os.path.exists(os.path.join(os.path.dirname(cocatk.__file__), "textonnx.py")):
+    import cocatk.textonnx as X
+    wrap(X, "open_text_onnx", "ONNX export lookup")
+    wrap(X.TextOnnx, "_load", "ONNX Runtime session + tokenizer (import, load)")
+    wrap(X.TextOnnx, "encode_texts", "text embedding")
 wrap(M, "load_tokenizer", "tokenizer")
-wrap(open_clip, "create_model_and_transforms", "model construction")
-wrap(open_clip, "load_checkpoint", "weight loading")
 wrap(M, "_load_checkpoint", "weight loading")
 wrap(M, "_bf16_island", bf16_label)
 wrap(M.ClipModel, "_bf16_copy", "bf16 copy of the text tower (first query)")
@@ -105,6 +115,7 @@ wrap(S, "candidate_tokens", "rerank: decode files + image tower")
 wrap(M.CocaModel, "caption_loglik", "rerank: caption likelihood")
 import cocatk.cli as C
 args = ["search", sys.argv[2], "--index", sys.argv[1], "--json"] + ([] if sys.argv[3] == "1" else ["--no-rerank"])
+args += sys.argv[5:]
 t = time.perf_counter()
 with contextlib.redirect_stdout(io.StringIO()) as out:
     code = C.main(args)
@@ -115,6 +126,7 @@ json.loads(out.getvalue())  # the command printed its JSON document
 inner = sum(v for k, v in stages.items() if not k.startswith("import"))
 stages["other (CLI, SQLite, manifest, JSON)"] = command - inner
 stages["total"] = time.perf_counter() - T0
+stages["torch imported (1 = yes)"] = float("torch" in sys.modules)
 print(json.dumps(stages))
 """
 
@@ -169,6 +181,10 @@ def prepare(cache: Path, photos: int) -> dict[str, Path]:
             proc = _run([sys.executable, "-m", "cocatk", "index", str(folder), "--index", str(idx), *model_args])
             if proc.returncode:
                 sys.exit(proc.stderr)
+        else:  # an index from before the ONNX text tower: its next run exports it (a no-op when done)
+            proc = _run([sys.executable, "-m", "cocatk", "index", "--index", str(idx), "--json"])
+            if proc.returncode:
+                sys.exit(proc.stderr)
         out[name] = idx
     return out
 
@@ -182,9 +198,9 @@ def warm_page_cache(paths: list[Path]) -> None:
                     pass
 
 
-def whole(index: Path, rerank: bool, root: Path) -> tuple[float, float, dict[str, float]]:
-    """(wall seconds, CPU seconds, the search's own timings_ms) of one fresh ``cocatk search`` process."""
-    cmd = [sys.executable, "-m", "cocatk", "search", QUERY, "--index", str(index), "--json"]
+def whole(index: Path, rerank: bool, root: Path, extra: tuple[str, ...] = ()) -> tuple[float, float, dict[str, Any]]:
+    """(wall seconds, CPU seconds, the search's own timings_ms and backend) of one fresh ``cocatk search``."""
+    cmd = [sys.executable, "-m", "cocatk", "search", QUERY, "--index", str(index), "--json", *extra]
     if not rerank:
         cmd.append("--no-rerank")
     cpu = _children_cpu()
@@ -193,11 +209,18 @@ def whole(index: Path, rerank: bool, root: Path) -> tuple[float, float, dict[str
     seconds = time.perf_counter() - t
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    return seconds, _children_cpu() - cpu, json.loads(proc.stdout)["timings_ms"]
+    out = json.loads(proc.stdout)
+    return seconds, _children_cpu() - cpu, {**out["timings_ms"], "backend": out["model"].get("backend", "torch")}
 
 
-def breakdown(index: Path, rerank: bool, root: Path) -> dict[str, float]:
-    proc = _run([sys.executable, "-c", _DRIVER, str(index), QUERY, "1" if rerank else "0"], root)
+def _has_text_onnx(root: Path) -> bool:
+    return (root / "cocatk" / "textonnx.py").is_file()
+
+
+def breakdown(index: Path, rerank: bool, root: Path, extra: tuple[str, ...] = ()) -> dict[str, float]:
+    hoist = rerank or "torch" in extra or not _has_text_onnx(root)
+    cmd = [sys.executable, "-c", _DRIVER, str(index), QUERY, "1" if rerank else "0", "1" if hoist else "0", *extra]
+    proc = _run(cmd, root)
     if proc.returncode:
         sys.exit(f"breakdown driver failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -250,12 +273,18 @@ def main() -> None:
         for _ in range(2):
             whole(files["b32-file"], False, root)
             whole(files["b32-file"], True, root)
+            whole(files["demo"], False, root)
 
-    cases = [
-        (f"{name} {'rerank' if rr else 'no-rerank'}", files[name], rr)
+    # (label, index, rerank, extra arguments): a text query without rerank takes the ONNX text tower by default
+    # where the checkout has it; "--backend torch" is the same query through torch, in the same run.
+    cases: list[tuple[str, Path, bool, tuple[str, ...]]] = [
+        (f"{name} {'rerank' if rr else 'no-rerank'}", files[name], rr, ())
         for name in ("b32-file", "demo")
         for rr in (False, True)
     ]
+    if _has_text_onnx(ROOT):
+        cases += [(f"{name} no-rerank --backend torch", files[name], False, ("--backend", "torch"))
+                  for name in ("b32-file", "demo")]  # fmt: skip
     simple = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "cocatk --help": [sys.executable, "-m", "cocatk", "--help"],
@@ -271,27 +300,32 @@ def main() -> None:
                 seconds, cpu_s = timed(cmd, root)
                 wall[side].setdefault(label, []).append(seconds)
                 cpu[side].setdefault(label, []).append(cpu_s)
-        for label, idx, rr in cases:
+        for label, idx, rr, extra in cases:
             for side, root in order:
-                seconds, cpu_s, timings = whole(idx, rr, root)
+                if extra and not _has_text_onnx(root):
+                    continue  # a checkout without --backend
+                seconds, cpu_s, timings = whole(idx, rr, root, extra)
                 wall[side].setdefault(label, []).append(seconds)
                 cpu[side].setdefault(label, []).append(cpu_s)
                 inner[side].setdefault(label, []).append(timings)
-        for label, idx, rr in cases:
+        for label, idx, rr, extra in cases:
             if label != "demo rerank":
                 for side, root in order:
-                    for k, v in breakdown(idx, rr, root).items():
+                    if extra and not _has_text_onnx(root):
+                        continue
+                    for k, v in breakdown(idx, rr, root, extra).items():
                         stages[side].setdefault(label, {}).setdefault(k, []).append(v)
 
     sides = list(roots)
     cols = [f"{side} wall s" for side in sides] + [f"{side} CPU s" for side in sides]
     rows = []
+    nan = [float("nan")]
     for label in wall["this"]:
         rows.append(
             [label]
-            + [median(wall[side][label]) for side in sides]
-            + [median(cpu[side][label]) for side in sides]
-            + ([median(wall["this"][label]) / median(wall["baseline"][label])] if "baseline" in roots else [])
+            + [median(wall[side].get(label, nan)) for side in sides]
+            + [median(cpu[side].get(label, nan)) for side in sides]
+            + ([median(wall["this"][label]) / median(wall["baseline"].get(label, nan))] if "baseline" in roots else [])
         )
     ratio = ["this / baseline"] if "baseline" in roots else []
     print_table(
