@@ -155,7 +155,18 @@ class TextOnnx:
             return np.zeros((0, self.embed_dim), np.float32)
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
+    def load(self) -> TextOnnx:
+        """Load the graph and the tokenizer now (else the first query does); returns self.
+
+        Raises:
+            ExportError: the files cannot be loaded (truncated, edited, an ONNX Runtime too old for the graph).
+        """
+        self._load()
+        return self
+
     def _load(self) -> tuple[Any, Any, Any]:
+        from .errors import ExportError
+
         with self._lock:
             if self._session is None:
                 import onnxruntime as ort
@@ -168,10 +179,20 @@ class TextOnnx:
                 opts.intra_op_num_threads = 1
                 opts.inter_op_num_threads = 1
                 opts.log_severity_level = 3  # ONNX Runtime's own warnings would reach the user's terminal
-                self._tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
-                specials = "|".join(regex.escape(t) for t in self.meta["specials"])
-                self._pattern = regex.compile(f"{specials}|{_PATTERN}", regex.IGNORECASE)
-                self._session = ort.InferenceSession(str(self.folder / GRAPH), opts, providers=["CPUExecutionProvider"])
+                # No weight pre-packing: the session opens in 0.18 s instead of 0.38 s (coca_ViT-B-32) for 25 ms more
+                # per query (0.11 s against 0.085 s), a gain for the cold query this path exists for.
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+                try:
+                    tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
+                    specials = "|".join(regex.escape(t) for t in self.meta["specials"])
+                    pattern = regex.compile(f"{specials}|{_PATTERN}", regex.IGNORECASE)
+                    session = ort.InferenceSession(str(self.folder / GRAPH), opts, providers=["CPUExecutionProvider"])
+                except Exception as e:  # ONNX Runtime and tokenizers raise their own types (protobuf, I/O, parse)
+                    raise ExportError(
+                        f"the ONNX text tower in {self.folder} cannot be loaded ({str(e).splitlines()[0][:120]})",
+                        hint=f"delete {self.folder}: the next `cocatk index` exports it again; or use --backend torch",
+                    ) from e
+                self._tokenizer, self._pattern, self._session = tokenizer, pattern, session
             return self._session, self._tokenizer, self._pattern
 
 

@@ -264,3 +264,26 @@ def test_cli_index_info_search(tmp_path, capsys):
     assert "unknown backend 'bogus'" in capsys.readouterr().err
     assert main(["index", str(tmp_path / "photos"), "--index", index, *model]) == 0
     assert "exported" not in capsys.readouterr().out  # once per model
+
+
+def test_broken_export_falls_back_to_torch_and_is_removed(tmp_path, monkeypatch):
+    """A truncated weights file: auto answers through torch with a one-line warning and removes the export (the next
+    index run makes it again); --backend onnx fails with the fix."""
+    from cocatk.demo.scenes import generate_folder
+    from cocatk.retrieval.search import search_index
+
+    generate_folder(tmp_path / "photos", n=4, seed=3, min_size=64, max_size=96)
+    with Index.open(tmp_path / "index", model=str(DATA / "coca_tiny.json"), pretrained="none", create=True) as ix:
+        assert ix.update([tmp_path / "photos"], workers=0).text_export == "exported"
+        identity = ix.manifest["identity"]
+    weights = textonnx.cache_folder(identity) / textonnx.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with Index.open(tmp_path / "index") as ix, pytest.raises(ExportError, match="cannot be loaded"):
+        search_index(ix, "a red circle", rerank=False, backend="onnx")
+    with Index.open(tmp_path / "index") as ix:
+        r = search_index(ix, "a red circle", n=2, rerank=False)
+        assert r.model.get("backend") is None and len(r.hits) == 2
+        assert any("cannot be loaded" in w and "exports it again" in w for w in r.warnings)
+    assert textonnx.read_meta(identity) is None
+    with Index.open(tmp_path / "index") as ix:
+        assert ix.update(workers=0).text_export == "exported"

@@ -298,8 +298,10 @@ def search_index(
         )
     if match is not None:
         selector = _match_ids(index, match, selector)
-    engine = _text_engine(index, backend, text, image is not None or like_id is not None or embedding is not None,
-                          rerank, reranker, rerank_model, rerank_pretrained)  # fmt: skip
+    engine, engine_warning = _text_engine(
+        index, backend, text, image is not None or like_id is not None or embedding is not None,
+        rerank, reranker, rerank_model, rerank_pretrained,
+    )  # fmt: skip
     model = engine or index.model
     vectors = index.vectors  # reads (or rebuilds) the FAISS file: part of loading, not of the search
     max_megapixels = index.manifest.get("max_megapixels")
@@ -314,7 +316,7 @@ def search_index(
     timings["embed"] = time.perf_counter() - t0
 
     do_rerank = bool(rerank and text is not None)
-    warnings = list(model.notices())
+    warnings = list(model.notices()) + ([engine_warning] if engine_warning else [])
     scorer: Any = None
     if do_rerank:
         t0 = time.perf_counter()
@@ -427,13 +429,39 @@ def _text_engine(
     reranker: str,
     rerank_model: str | None,
     rerank_pretrained: str | None,
-) -> Any:
-    """The ONNX text tower that embeds this query instead of the torch model (see ``backend`` in
-    :func:`search_index`), or None for torch."""
+) -> tuple[Any, str | None]:
+    """The ONNX text tower, loaded, that embeds this query instead of the torch model (see ``backend`` in
+    :func:`search_index`), or None for torch; and a warning when a broken export was set aside."""
     from .. import textonnx
+    from ..errors import ExportError
 
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", hint=f"use one of: {', '.join(BACKENDS)}")
+    engine = _onnx_candidate(index, backend, text, other_query, rerank, reranker, rerank_model, rerank_pretrained)
+    if engine is None:
+        return None, None
+    try:
+        return engine.load(), None
+    except ExportError as e:
+        if backend == "onnx":
+            raise
+        # A cache that cannot be loaded is set aside: this query takes torch, the next `cocatk index` exports again.
+        textonnx.remove_export(index.manifest["identity"])
+        return None, f"{e.message}: removed; the next `cocatk index` exports it again"
+
+
+def _onnx_candidate(
+    index: Index,
+    backend: str,
+    text: str | None,
+    other_query: bool,
+    rerank: bool,
+    reranker: str,
+    rerank_model: str | None,
+    rerank_pretrained: str | None,
+) -> Any:
+    from .. import textonnx
+
     if backend == "torch":
         return None
     if text is None or other_query:
