@@ -132,3 +132,11 @@ class RerankerError(ModelError):
 
 class ExportError(ModelError):
     """A model part could not be exported (to ONNX) faithfully, or the export could not be written."""
+
+
+class ExportMismatchError(ExportError):
+    """An export that does not reproduce the model (other token ids, embeddings too far from torch's)."""
+
+
+class ExportUnreadableError(ExportError):
+    """An export's files cannot be loaded (truncated, edited, written by an incompatible version)."""

@@ -1066,10 +1066,11 @@ class ClipModel:
     def _encode_text_latent(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(ids, normalize=False)
 
-    def fp32_text_latent(self, ids: torch.Tensor) -> torch.Tensor:
-        """The text tower's unnormalised output from the fp32 modules (never a bf16 copy): what an export traces
-        (:mod:`cocatk.textonnx`). Runs in the caller's grad mode."""
-        return self.model.encode_text(ids, normalize=False)
+    def fp32_text_latent(self, ids: torch.Tensor, module: Any = None) -> torch.Tensor:
+        """The text tower's unnormalised output from the fp32 modules (never a bf16 copy), or from ``module``, a copy
+        of :attr:`model` (a CPU copy of a GPU model): what an export traces (:mod:`cocatk.textonnx`). Runs in the
+        caller's grad mode."""
+        return (module or self.model).encode_text(ids, normalize=False)
 
     # ---- public heads --------------------------------------------------------------------------------------
     def encode_images(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
@@ -1185,8 +1186,8 @@ class CocaModel(ClipModel):
         latent, _ = self._text_tower()(ids)  # open_clip's CoCa._encode_text(ids, normalize=False)
         return latent
 
-    def fp32_text_latent(self, ids: torch.Tensor) -> torch.Tensor:
-        latent, _ = self.model.text(ids)
+    def fp32_text_latent(self, ids: torch.Tensor, module: Any = None) -> torch.Tensor:
+        latent, _ = (module or self.model).text(ids)
         return latent
 
     def _caption_ids(self, text: str) -> torch.Tensor:

@@ -159,20 +159,29 @@ class TextOnnx:
         """Load the graph and the tokenizer now (else the first query does); returns self.
 
         Raises:
-            ExportError: the files cannot be loaded (truncated, edited, an ONNX Runtime too old for the graph).
+            ExportUnreadableError: the files cannot be loaded (truncated, edited, an ONNX Runtime too old for the
+                graph). ExportError: ONNX Runtime or tokenizers cannot be imported.
         """
         self._load()
         return self
 
     def _load(self) -> tuple[Any, Any, Any]:
-        from .errors import ExportError
+        from .errors import ExportError, ExportUnreadableError
 
         with self._lock:
             if self._session is None:
-                import onnxruntime as ort
-                import regex
-                from tokenizers import Tokenizer
-
+                # As open_clip does: a later fork (a DataLoader, Ray) would otherwise warn about the Rust threads.
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+                try:
+                    import onnxruntime as ort
+                    import regex
+                    from tokenizers import Tokenizer
+                except Exception as e:  # installed but broken (an ABI mismatch, a missing shared library)
+                    raise ExportError(
+                        f"ONNX Runtime or tokenizers cannot be imported ({type(e).__name__}: {str(e)[:120]})",
+                        hint="reinstall them (`pip install --force-reinstall onnxruntime tokenizers`), or use "
+                        "--backend torch",
+                    ) from e
                 opts = ort.SessionOptions()
                 # One thread, like torch's text queries: a query is ~60 ms, and a second spinning thread beside
                 # another program costs far more than it gains (benchmarks/RESULTS.md section 5.1).
@@ -188,7 +197,7 @@ class TextOnnx:
                     pattern = regex.compile(f"{specials}|{_PATTERN}", regex.IGNORECASE)
                     session = ort.InferenceSession(str(self.folder / GRAPH), opts, providers=["CPUExecutionProvider"])
                 except Exception as e:  # ONNX Runtime and tokenizers raise their own types (protobuf, I/O, parse)
-                    raise ExportError(
+                    raise ExportUnreadableError(
                         f"the ONNX text tower in {self.folder} cannot be loaded ({str(e).splitlines()[0][:120]})",
                         hint=f"delete {self.folder}: the next `cocatk index` exports it again; or use --backend torch",
                     ) from e
@@ -266,46 +275,86 @@ def describe(identity: dict[str, str]) -> dict[str, Any]:
     return {"backend": "onnxruntime", "export": str(cache_folder(identity)), "max_abs_diff": meta.get("max_abs_diff")}
 
 
-def export_text_onnx(model: ClipModel) -> Path | None:
+def needs_export(identity: dict[str, str]) -> bool:
+    """True when no export of ``identity`` was tried, or a failed one was made with other package versions (torch,
+    onnx, ONNX Runtime, tokenizers: a newer one may succeed)."""
+    meta = read_meta(identity)
+    return meta is None or ("error" in meta and meta.get("versions") != _versions())
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "onnx", "onnxruntime", "tokenizers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def export_text_onnx(model: ClipModel, identity: dict[str, str] | None = None) -> Path | None:
     """Export ``model``'s text tower and tokenizer to the cache (see the module docstring), once per identity.
 
-    A model that cannot be exported faithfully (a tokenizer other than open_clip's BPE, a mismatch on
-    :data:`PROBES`) is recorded as such, so no later run pays for trying again.
+    A model that cannot be exported faithfully (a tokenizer other than open_clip's BPE, an op the exporter lacks, a
+    mismatch on :data:`PROBES`) is recorded as such with the package versions, so no later run pays for trying
+    again until one of them changes. The export traces and checks a float32 CPU copy when the model sits on a GPU.
+
+    Args:
+        identity: the identity an index recorded for this model (default the model's own). When the model's differs
+            (a weights file changed since the index was built), nothing is exported.
 
     Returns:
         The cache folder, or None when the model cannot be exported (now or on an earlier try).
 
     Raises:
-        ExportError: the export does not reproduce open_clip's tokens or embeddings (recorded; nothing else is
-            kept), or it cannot be written (disk full, read-only cache: not recorded, tried again next time).
+        ExportError: the export failed (recorded when it is the model's doing, see above), or it cannot be written
+            (disk full, read-only cache: not recorded, tried again next time).
     """
-    from .errors import ExportError
+    from .errors import ExportError, ExportMismatchError
 
-    identity = model.spec.identity()
-    folder = cache_folder(identity)
-    meta = read_meta(identity)
-    if meta is not None:
-        return None if "error" in meta else folder
+    own = model.spec.identity()
+    if identity is not None and identity != own:
+        raise ExportError(
+            f"the weights of {own.get('model')} changed since the index was built ({identity.get('weights')} then, "
+            f"{own.get('weights')} now)",
+            hint="rebuild the index with `cocatk index --rebuild`, or restore the weights file",
+        )
+    folder = cache_folder(own)
+    if not needs_export(own):
+        meta = read_meta(own)
+        return None if meta is None or "error" in meta else folder
     tok = model.tokenizer
     if (
         type(tok).__name__ != "SimpleTokenizer"
         or getattr(tok, "reduction_fn", None) is not None
         or getattr(getattr(tok, "clean_fn", None), "__name__", "") != "_clean_lower"
     ):
-        _publish(folder, {"format": FORMAT, "identity": identity, "error": f"tokenizer {type(tok).__name__}"})
+        _record_failure(folder, own, f"tokenizer {type(tok).__name__} is not open_clip's lower-case BPE")
         return None
     started = time.perf_counter()
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(folder.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     except OSError as e:
         raise _write_error(folder, e) from e
     try:
-        _write_graph(model, tmp)
-        _build_tokenizer(tok).save(str(tmp / TOKENIZER))
+        latent, module, device = _fp32_cpu_text(model)
+        try:
+            _write_graph(latent, module, model.tokenize(list(PROBES[:2])), tmp)
+            _build_tokenizer(tok).save(str(tmp / TOKENIZER))
+        except OSError:
+            raise
+        except Exception as e:  # the exporter's and onnx's own errors: an op without ONNX form, a graph too big
+            reason = f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            _record_failure(folder, own, reason)
+            hint = "text queries keep the torch path; report this with `cocatk info --json`"
+            raise ExportError(reason, hint=hint) from e
         meta = {
             "format": FORMAT,
-            "identity": identity,
+            "identity": own,
             "info": {k: v for k, v in model.info().items() if k not in ("device", "precision")},
             "notices": model.notices(),
             "embed_dim": model.embed_dim,
@@ -313,12 +362,14 @@ def export_text_onnx(model: ClipModel) -> Path | None:
             "sot": int(tok.sot_token_id),
             "eot": int(tok.eot_token_id),
             "specials": _specials(tok),
+            "traced_on": device,
+            "versions": _versions(),
         }
         (tmp / META).write_text(json.dumps(meta, indent=1))
         try:
-            max_diff = _verify(model, TextOnnx(tmp, meta))
-        except ExportError as e:
-            _publish(folder, {"format": FORMAT, "identity": identity, "error": e.message})
+            max_diff = _verify(model, latent, TextOnnx(tmp, meta).load())
+        except ExportMismatchError as e:  # the model's doing (a session that cannot load is the environment's)
+            _record_failure(folder, own, e.message)
             raise
         meta.update(max_abs_diff=max_diff, export_seconds=round(time.perf_counter() - started, 2))
         meta["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -328,7 +379,37 @@ def export_text_onnx(model: ClipModel) -> Path | None:
         raise _write_error(folder, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    done = read_meta(own)
+    return folder if done is not None and "error" not in done else None
+
+
+def _fp32_cpu_text(model: ClipModel) -> tuple[Any, Any, str]:
+    """``ids -> unnormalised latent`` from float32 modules on the CPU (what ONNX Runtime will run), the open_clip
+    module holding their weights, and where the model sits. A model on a GPU is copied to the CPU for the export
+    (once per model; the copy is dropped after)."""
+    import copy
+
+    if model.device.startswith("cpu"):
+        return model.fp32_text_latent, model.model, model.device
+    module = copy.deepcopy(model.model).float().cpu()
+    return (lambda ids: model.fp32_text_latent(ids, module=module)), module, model.device
+
+
+def _record_failure(folder: Path, identity: dict[str, str], reason: str) -> None:
+    _publish(folder, {"format": FORMAT, "identity": identity, "error": reason, "versions": _versions()})
+
+
+#: A temporary export folder older than this is a killed export's: swept at the next export.
+_STALE_SECONDS = 3600
+
+
+def _sweep(parent: Path) -> None:
+    """Remove temporary folders (``.<key>-*``) that killed exports left behind."""
+    now = time.time()
+    for p in parent.glob(".*-*"):
+        with contextlib.suppress(OSError):
+            if p.is_dir() and now - p.stat().st_mtime > _STALE_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _publish(folder: Path, meta: dict[str, Any]) -> None:
@@ -346,15 +427,17 @@ def _publish(folder: Path, meta: dict[str, Any]) -> None:
 
 
 def _rename_into_place(tmp: Path, folder: Path) -> None:
-    """Move the finished ``tmp`` to ``folder``; a folder already there without a valid record (a crash before
-    this code wrote folders atomically, a hand edit) is replaced, a valid one (another process won) is kept."""
-    identity = json.loads((tmp / META).read_text())["identity"]
-    if folder.exists() and read_meta(identity) is None:
+    """Move the finished ``tmp`` to ``folder``. A folder already there is replaced when it holds no valid record (a
+    hand edit, a crash of older code) or a failure record while ``tmp`` holds an export; a valid export there
+    (another process won) is kept."""
+    mine = json.loads((tmp / META).read_text())
+    there = read_meta(mine["identity"])
+    if folder.exists() and (there is None or ("error" in there and "error" not in mine)):
         shutil.rmtree(folder, ignore_errors=True)
     try:
         os.rename(tmp, folder)
     except OSError:
-        if read_meta(identity) is None:  # not another exporter's finished folder: a real failure
+        if read_meta(mine["identity"]) is None:  # not another exporter's finished folder: a real failure
             raise
 
 
@@ -368,31 +451,32 @@ def _write_error(folder: Path, e: OSError) -> Exception:
 
 
 def remove_export(identity: dict[str, str]) -> bool:
-    """Delete the export of ``identity``; True when there was one."""
+    """Delete the export of ``identity`` (best effort: another process may be doing the same); True when it is
+    gone."""
     folder = cache_folder(identity)
-    if not folder.exists():
-        return False
-    shutil.rmtree(folder)
-    return True
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()
 
 
-def _write_graph(model: ClipModel, folder: Path) -> None:
-    """Trace the fp32 text tower to ``folder``/text.onnx with its weights in text.onnx.data."""
+def _write_graph(latent: Any, module: Any, ids: Any, folder: Path) -> None:
+    """Trace ``ids -> normalize(latent(ids))`` (float32, CPU; ``module`` holds the weights) to ``folder``/text.onnx,
+    weights in text.onnx.data."""
     import onnx
     import torch
 
     class _Tower(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model.model  # registered, so the exporter sees the weights as initialisers
+            self.model = module  # registered, so the exporter sees the weights as initialisers, not constants
 
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.normalize(model.fp32_text_latent(ids).float(), dim=-1)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.normalize(latent(x).float(), dim=-1)
 
-    ids = model.tokenize(list(PROBES[:2]))
-    single = folder / "single.onnx"
-    # Without nn.MultiheadAttention's fused inference fast path (a towers without a mask takes it under no_grad):
-    # ONNX has no op for it. The switch is global; it is restored at once and changes speed only.
+    trace = folder / "trace"  # the exporter may write side files of its own (towers over 2 GB): all dropped below
+    trace.mkdir()
+    single = trace / "single.onnx"
+    # Without nn.MultiheadAttention's fused inference fast path (a tower without a mask takes it under no_grad):
+    # ONNX has no op for it. The switch is process-wide; it is restored at once and changes speed only.
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
@@ -400,7 +484,7 @@ def _write_graph(model: ClipModel, folder: Path) -> None:
             # The tracer's warnings are about shapes the graph keeps dynamic; one comes from C++ straight to fd 2.
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _Tower().eval(), (ids.to(model.device),), str(single), input_names=["ids"], output_names=["emb"],
+                _Tower().eval(), (ids,), str(single), input_names=["ids"], output_names=["emb"],
                 dynamic_axes={"ids": {0: "n"}, "emb": {0: "n"}}, opset_version=17, dynamo=False,
             )  # fmt: skip
     finally:
@@ -409,7 +493,7 @@ def _write_graph(model: ClipModel, folder: Path) -> None:
     # Weights in one side file: ONNX Runtime maps it, so a cold query starts in ~0.35 s instead of ~0.65 s
     # parsing a 250 MB protobuf (coca_ViT-B-32).
     onnx.save_model(graph, str(folder / GRAPH), save_as_external_data=True, location=WEIGHTS, size_threshold=1024)
-    single.unlink()
+    shutil.rmtree(trace)
 
 
 @contextlib.contextmanager
@@ -444,33 +528,32 @@ def _specials(tok: Any) -> list[str]:
     return [tok.decoder[i] for i in tok.all_special_ids]
 
 
-def _verify(model: ClipModel, onnx_model: TextOnnx) -> float:
-    """Check the export against open_clip on :data:`PROBES`; the largest embedding difference."""
-    from .errors import ExportError
+def _verify(model: ClipModel, latent: Any, onnx_model: TextOnnx) -> float:
+    """Check the export against open_clip on :data:`PROBES` (as one batch, and the first alone, as a query runs); the
+    largest embedding difference.
+
+    Raises:
+        ExportMismatchError: other token ids, or embeddings further than :data:`MAX_ABS_DIFF` from torch's.
+    """
+    import torch
+
+    from .errors import ExportMismatchError
 
     ref_ids = np.asarray(model.tokenize(list(PROBES)))
     ids = onnx_model.tokenize(PROBES)
     bad = [p for p, a, b in zip(PROBES, ref_ids, ids, strict=True) if not np.array_equal(a, b)]
     if bad:
-        raise ExportError(
+        raise ExportMismatchError(
             f"the rebuilt tokenizer differs from open_clip's on {bad[0][:40]!r}",
             hint="text queries keep the torch path; report this with `cocatk info --json`",
         )
-    ref = embed_fp32(model, list(PROBES))
-    got = onnx_model.encode_texts(list(PROBES))
-    diff = float(np.abs(ref - got).max())
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(latent(torch.from_numpy(ref_ids)).float(), dim=-1).numpy()
+    got = np.concatenate([onnx_model.encode_texts(list(PROBES)), onnx_model.encode_texts(list(PROBES[:1]))])
+    diff = float(np.abs(np.concatenate([ref, ref[:1]]) - got).max())
     if not diff <= MAX_ABS_DIFF:
-        raise ExportError(
+        raise ExportMismatchError(
             f"the ONNX text tower differs from torch's by {diff:.2e} (allowed {MAX_ABS_DIFF:.0e})",
             hint="text queries keep the torch path; report this with `cocatk info --json`",
         )
     return diff
-
-
-def embed_fp32(model: ClipModel, texts: list[str]) -> np.ndarray:
-    """torch's fp32 text embeddings of ``texts``: the reference an export must match."""
-    import torch
-
-    with torch.inference_mode():
-        latent = model.fp32_text_latent(model.tokenize(texts).to(model.device))
-        return torch.nn.functional.normalize(latent.float(), dim=-1).cpu().numpy()

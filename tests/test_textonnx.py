@@ -133,6 +133,14 @@ def test_auto_keeps_torch_where_torch_loads_anyway(demo_index, cache):
         assert search_index(ix, queries[0], n=3, rerank=False).model.get("backend") is None  # torch is loaded now
     with Index.open(folder, precision="bf16") as ix:  # a precision asked for by name is torch's
         assert search_index(ix, queries[0], n=3, rerank=False).model.get("backend") is None
+    for var, value in (("COCATK_PRECISION", "bf16"), ("COCATK_DEVICE", "cuda")):  # or named in the environment
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(var, value)
+            with Index.open(folder) as ix:
+                assert textonnx.open_text_onnx(ix.manifest["identity"]) is not None
+                from cocatk.retrieval.search import _onnx_candidate
+
+                assert _onnx_candidate(ix, "auto", queries[0], False, False, "coca", None, None) is None
     with Index.open(folder) as ix:  # backend onnx with a rerank: stage 1 through ONNX, the rerank through torch
         r = search_index(ix, queries[0], n=3, rerank=True, backend="onnx")
         assert r.reranked and r.model["backend"] == "onnxruntime" and r.rerank_model is None
@@ -145,8 +153,8 @@ def test_backend_errors(demo_index, cache, tmp_path, monkeypatch):
     with Index.open(folder) as ix:
         with pytest.raises(UsageError, match="unknown backend"):
             search_index(ix, queries[0], backend="tensorrt")
-        with pytest.raises(UsageError, match="text queries only"):
-            search_index(ix, like_id=1, backend="onnx")
+        # the backend is about text alone: a stored-vector query ignores it ($COCATK_BACKEND=onnx must not break it)
+        assert search_index(ix, like_id=1, n=2, backend="onnx").model.get("backend") is None
     monkeypatch.setenv("COCATK_CACHE", str(tmp_path / "empty-cache"))
     with Index.open(folder) as ix, pytest.raises(UsageError, match="cocatk index"):
         search_index(ix, queries[0], rerank=False, backend="onnx")
@@ -216,7 +224,7 @@ def test_unwritable_cache_is_an_export_error_and_not_recorded(tmp_path, monkeypa
     assert textonnx.read_meta(model.spec.identity()) is None  # a full disk is not a verdict on the model
 
 
-def _raise_oserror(model, folder):
+def _raise_oserror(*args):
     raise OSError(28, "No space left on device")
 
 
@@ -287,3 +295,66 @@ def test_broken_export_falls_back_to_torch_and_is_removed(tmp_path, monkeypatch)
     assert textonnx.read_meta(identity) is None
     with Index.open(tmp_path / "index") as ix:
         assert ix.update(workers=0).text_export == "exported"
+
+
+def test_exporter_failure_is_recorded_with_versions_and_retried_when_they_change(cache, monkeypatch, tmp_path):
+    """An error of the exporter itself (not an OSError) is an ExportError, recorded with the package versions: not
+    tried again until one of them changes."""
+    model = load_model(str(DATA / "clip_tiny.json"), "none", device="cpu")
+    monkeypatch.setattr(textonnx, "cache_folder", lambda identity: tmp_path / "x")
+
+    def boom(*args):
+        raise RuntimeError("Exporting the operator 'aten::frobnicate' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(textonnx, "_write_graph", boom)
+    with pytest.raises(ExportError, match="aten::frobnicate"):
+        textonnx.export_text_onnx(model)
+    meta = textonnx.read_meta(model.spec.identity())
+    assert "frobnicate" in meta["error"] and meta["versions"]["onnxruntime"] != "absent"
+    assert not textonnx.needs_export(model.spec.identity())
+    assert textonnx.export_text_onnx(model) is None  # recorded: not tried again
+    monkeypatch.setattr(textonnx, "_versions", lambda: {**meta["versions"], "torch": "9.9"})
+    assert textonnx.needs_export(model.spec.identity())
+    monkeypatch.undo()
+    monkeypatch.setattr(textonnx, "cache_folder", lambda identity: tmp_path / "x")
+    monkeypatch.setattr(textonnx, "_versions", lambda: {**meta["versions"], "torch": "9.9"})
+    assert textonnx.export_text_onnx(model) == tmp_path / "x"  # the newer versions export it
+
+
+def test_weights_changed_since_indexing_is_not_exported(tmp_path, monkeypatch):
+    monkeypatch.setenv("COCATK_CACHE", str(tmp_path))
+    model = load_model(str(DATA / "coca_tiny.json"), "none", device="cpu")
+    recorded = {**model.spec.identity(), "weights": "sha256:0000"}
+    with pytest.raises(ExportError, match="changed since the index was built"):
+        textonnx.export_text_onnx(model, recorded)
+    assert textonnx.read_meta(model.spec.identity()) is None and textonnx.read_meta(recorded) is None
+
+
+def test_a_gpu_model_is_exported_from_a_cpu_copy(cache, monkeypatch, tmp_path):
+    """The export path for a model on a GPU traces a float32 CPU copy (here the model is on the CPU and only claims
+    a GPU, which exercises the copy)."""
+    model = load_model(str(DATA / "coca_tiny.json"), "none", device="cpu")
+    monkeypatch.setattr(textonnx, "cache_folder", lambda identity: tmp_path / "gpu")
+    monkeypatch.setattr(model, "device", "cuda:0")
+    latent, module, device = textonnx._fp32_cpu_text(model)
+    assert device == "cuda:0" and module is not model.model
+    assert textonnx.export_text_onnx(model) is not None
+    meta = textonnx.read_meta(model.spec.identity())
+    assert meta["traced_on"] == "cuda:0" and meta["max_abs_diff"] <= 1e-5
+
+
+def test_broken_onnxruntime_install_keeps_torch_and_the_export(demo_index, cache, monkeypatch, tmp_path):
+    from cocatk.retrieval.search import search_index
+
+    folder, queries = demo_index
+    # An installed onnxruntime whose import fails (as with a missing shared library).
+    (tmp_path / "onnxruntime").mkdir()
+    (tmp_path / "onnxruntime" / "__init__.py").write_text("raise ImportError('libonnxruntime.so: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "onnxruntime" or m.startswith("onnxruntime.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with Index.open(folder) as ix:
+        r = search_index(ix, queries[0], n=3, rerank=False)
+        identity = ix.manifest["identity"]
+    assert r.model.get("backend") is None and any("cannot be imported" in w for w in r.warnings)
+    assert textonnx.read_meta(identity) is not None  # the files were fine: kept

@@ -107,8 +107,9 @@ def test_an_index_with_a_refine_factory_stays_right_through_deletes(tmp_path: Pa
 
 def test_search_params_defaults_env_and_errors(monkeypatch) -> None:
     assert default_search_params("Flat") == {}
-    assert default_search_params("IVF4096,PQ64x4fs,RFlat") == {"nprobe": 256.0, "k_factor": 32.0}
-    assert default_search_params("IVF256,Flat") == {"nprobe": 16.0}
+    assert default_search_params("IVF4096,PQ64x4fs,RFlat") == {"nprobe": 256.0, "k_factor": 128.0}
+    assert default_search_params("IVF1024,PQ96x4fs,RFlat") == {"nprobe": 128.0, "k_factor": 128.0}
+    assert default_search_params("IVF256,Flat") == {"nprobe": 32.0}
     assert default_search_params("HNSW32") == {"efSearch": 128.0}
     monkeypatch.setenv(PARAMS_ENV, "nprobe=8, k_factor=4")
     assert default_search_params("IVF4096,PQ64,RFlat") == {"nprobe": 8.0, "k_factor": 4.0}

@@ -598,19 +598,20 @@ class Index:
         (or found impossible) before for this model; loads the model when this run did not need it. A failure is a
         warning on the report: the index is complete, text queries keep the torch path."""
         from .. import textonnx
-        from ..errors import ExportError
+        from ..errors import CocatkError
 
         if not config.text_onnx_enabled() or self.is_empty or not textonnx.available():
             return
-        if textonnx.read_meta(self.manifest["identity"]) is not None:
+        identity = self.manifest["identity"]
+        if not textonnx.needs_export(identity):
             return
         t0 = time.perf_counter()
         if progress is not None:
             progress("text-onnx", 0, None)
         try:
-            done = textonnx.export_text_onnx(self.model)
+            done = textonnx.export_text_onnx(self.model, identity)
             report.text_export = "exported" if done is not None else None  # None: a model it cannot export
-        except ExportError as e:
+        except CocatkError as e:  # the export's, or the model's when this run had to load it
             report.warnings.append(f"{e.message}; text queries load torch")
             report.text_export = "failed"
         report.timings["text_onnx"] = round(time.perf_counter() - t0, 3)  # after the run: not part of `seconds`

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import config
 from ..errors import EmptyIndexError, ImageError, UsageError
 from ..paths import display_path, json_path, text_path
 
@@ -260,10 +261,13 @@ def search_index(
             records, else the index's own model when it is a CoCa; a dual-encoder index without one is not
             reranked, with a warning saying what to pass). For ``blip-itm``: a hub repo or local folder (default
             ``Salesforce/blip-itm-base-coco``); ``rerank_pretrained="none"`` for random weights.
-        backend: what embeds a text query. ``"auto"``: when nothing will load torch anyway (a text-only query
-            that is not reranked, in a process whose torch model is not loaded yet), the index model's text tower
-            exported to ONNX (:mod:`cocatk.textonnx`, made by ``cocatk index``) if there is one, else torch.
-            ``"onnx"``: that export, required (stage 1 only; a rerank still loads torch). ``"torch"``: never it.
+        backend: what embeds a text query (image and stored-vector queries are always torch's). ``"auto"``: when
+            nothing will load torch anyway (a text-only query that is not reranked, in a process whose torch model is
+            not loaded yet, with no device or precision named), the index model's text tower exported to ONNX
+            (:mod:`cocatk.textonnx`, made by ``cocatk index``) if there is one, else torch. It embeds in float32 on
+            the CPU: on a GPU or an AMX CPU, where torch would run bf16, it is the closer of the two to fp32.
+            ``"onnx"``: that export, required for a text-only query (stage 1 only; a rerank still loads torch).
+            ``"torch"``: never it.
 
     Raises:
         UsageError: n < 1, rerank_k < 1, empty query, missing --under folder, an id that is not in the index,
@@ -433,7 +437,7 @@ def _text_engine(
     """The ONNX text tower, loaded, that embeds this query instead of the torch model (see ``backend`` in
     :func:`search_index`), or None for torch; and a warning when a broken export was set aside."""
     from .. import textonnx
-    from ..errors import ExportError
+    from ..errors import ExportError, ExportUnreadableError
 
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", hint=f"use one of: {', '.join(BACKENDS)}")
@@ -445,9 +449,11 @@ def _text_engine(
     except ExportError as e:
         if backend == "onnx":
             raise
-        # A cache that cannot be loaded is set aside: this query takes torch, the next `cocatk index` exports again.
-        textonnx.remove_export(index.manifest["identity"])
-        return None, f"{e.message}: removed; the next `cocatk index` exports it again"
+        if isinstance(e, ExportUnreadableError):
+            # Files that cannot be loaded are set aside: the next `cocatk index` exports again.
+            textonnx.remove_export(index.manifest["identity"])
+            return None, f"{e.message}: removed; the next `cocatk index` exports it again"
+        return None, f"{e.message}; this query used torch ({e.hint})"
 
 
 def _onnx_candidate(
@@ -462,14 +468,8 @@ def _onnx_candidate(
 ) -> Any:
     from .. import textonnx
 
-    if backend == "torch":
-        return None
-    if text is None or other_query:
-        if backend == "onnx":
-            raise UsageError(
-                "--backend onnx embeds text queries only", hint="drop --backend, or search with text alone"
-            )
-        return None
+    if backend == "torch" or text is None or other_query:
+        return None  # the backend chooses how a text alone is embedded: images and stored vectors are torch's
     engine = textonnx.open_text_onnx(index.manifest["identity"])
     if engine is not None and engine.embed_dim != index.dim:
         engine = None  # as Index.model: an export of another width is not this index's model
@@ -483,8 +483,10 @@ def _onnx_candidate(
     # auto: only where it saves loading torch.
     if engine is None or index._model is not None:
         return None
-    if index._device not in (None, "auto", "cpu") or index._precision not in (None, "auto", "fp32"):
-        return None  # a device or precision asked for by name is torch's
+    device = index._device or config.default_device()
+    precision = index._precision or config.default_precision()
+    if device not in (None, "auto", "cpu") or precision not in (None, "auto", "fp32"):
+        return None  # a device or precision asked for by name (or in $COCATK_DEVICE / $COCATK_PRECISION) is torch's
     if rerank:
         # A rerank loads torch anyway, except on a dual-encoder index with no CoCa to rerank with (then the search
         # only warns that it did not rerank).
