@@ -1,14 +1,18 @@
 """`cocatk index --ray` against the local encoder on the same folder and the same machine; and the single writer's
 commit rate (how many vectors per second the driver can commit, whatever encodes them).
 
-    python benchmarks/bench_ray.py                      # 200 photos (640x480 JPEG), coca_ViT-B-32 random weights
-    python benchmarks/bench_ray.py --n 60 --model tests/data/coca_tiny.json
+    python benchmarks/bench_ray.py --n 2000             # 2000 photos (640x480 JPEG), coca_ViT-B-32 random weights
+    python benchmarks/bench_ray.py --n 60 --model tests/data/coca_tiny.json --reps 1
     python benchmarks/bench_ray.py --writer 20000       # only the writer: 20k files through a model-free encoder
 
-- ``local``: ``Index.update`` with the default LocalEncoder (decode threads + the model in process).
-- ``ray``: ``Index.update(encoder=RayEncoder(...))`` into a fresh index, Ray started by the run (``ray_start`` is
-  included in the total: it is what `cocatk index --ray local` pays) and, separately, the time with Ray already up.
-  The model is loaded once in each actor (included), and once in the local process before the clock starts.
+- ``local``: ``Index.update`` with the default LocalEncoder (decode threads + the model in process), with no Ray
+  process on the machine.
+- ``ray_cold``: ``Index.update(encoder=RayEncoder(...))`` into a fresh index, Ray started by the run (``ray_start``
+  is included in the total: it is what `cocatk index --ray local` pays); ``ray_warm``: a second run in the same Ray
+  session (Ray already up, the actors start again); then Ray is shut down. ``--reps`` alternations, medians.
+  ``ray_warm_1thread`` (last repetition): the actor's torch held to the one CPU it reserves, the behaviour before
+  per-batch thread tuning. The model is loaded once in each actor (included), and once in the local process before
+  the clock starts. The ONNX text export that follows a first index run is switched off (it is not encoding).
 - ``writer``: an encoder that returns a seeded random unit vector per file without decoding anything, so the
   figure is scan + hash + SQLite rows + FAISS adds + checkpoints: the ceiling of one driver.
 
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import machine_info, print_table, write_record
+from _common import machine_info, median, print_table, write_record
 
 
 def make_photos(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> None:
@@ -82,7 +86,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--model", default="coca_ViT-B-32")
     ap.add_argument("--writer", type=int, default=0, help="only the writer benchmark, with this many files")
+    ap.add_argument("--reps", type=int, default=3, help="alternating repetitions of local / Ray (medians)")
     args = ap.parse_args()
+    # The one-time ONNX text export after a first index run is not encoding: keep it out of every run.
+    os.environ["COCATK_TEXT_ONNX"] = "0"
 
     from cocatk.models import load_model
     from cocatk.retrieval import Index
@@ -102,43 +109,62 @@ def main() -> None:
         photos = tmp / "photos"
         make_photos(photos, args.n)
         load_model(args.model, "none", device="cpu")
-        runs: dict[str, dict[str, Any]] = {}
+        runs: dict[str, list[dict[str, Any]]] = {}
 
         def run(name: str, encoder: Any = None) -> None:
-            ix = Index.open(tmp / name, model=args.model, pretrained="none", device="cpu", create=True)
+            folder = tmp / f"{name}-{len(runs.get(name, []))}"
+            ix = Index.open(folder, model=args.model, pretrained="none", device="cpu", create=True)
             enc = encoder(ix) if encoder else None
             t = time.perf_counter()
             r = ix.update([photos], encoder=enc)
-            runs[name] = {"seconds": time.perf_counter() - t, "encoded": r.encoded, "timings": r.timings}
+            out = {
+                "seconds": time.perf_counter() - t,
+                "encoded": r.encoded,
+                "timings": r.timings,
+                "load": os.getloadavg(),
+            }
             if enc is not None:
-                runs[name]["plan"] = enc.plan
-            print(name, runs[name], flush=True)
+                out["plan"] = enc.plan
+            runs.setdefault(name, []).append(out)
+            ix.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            print(name, {k: v for k, v in out.items() if k != "timings"}, flush=True)
 
-        run("local")
-        run("ray_cold", lambda ix: RayEncoder(args.model, "none"))  # starts Ray: what `--ray local` pays
-        run("ray_warm", lambda ix: RayEncoder(args.model, "none"))  # Ray already up, actors start again
-        run("local_again")
-        local = (runs["local"]["seconds"] + runs["local_again"]["seconds"]) / 2
+        import ray
+
+        # Alternating, so a change of load hits both: local (no Ray process on the machine), then a Ray session
+        # started by the run (`--ray local` as a user runs it: Ray's start included), a second run in the same
+        # session (Ray already up; the actors start again), and Ray shut down before the next local run.
+        for rep in range(args.reps):
+            run("local")
+            run("ray_cold", lambda ix: RayEncoder(args.model, "none"))
+            run("ray_warm", lambda ix: RayEncoder(args.model, "none"))
+            if rep == args.reps - 1:  # the actor's torch held to its one reserved CPU (before per-batch tuning)
+                run("ray_warm_1thread", lambda ix: RayEncoder(args.model, "none", thread_cap=1))
+            ray.shutdown()
+        local = median([r["seconds"] for r in runs["local"]])
         rows = []
-        for name in ("local", "local_again", "ray_cold", "ray_warm"):
-            s = runs[name]["seconds"]
-            t = runs[name]["timings"]
+        for name, rs in runs.items():
+            s = median([r["seconds"] for r in rs])
+            t = rs[0]["timings"]
             rows.append(
                 [
                     name,
+                    len(rs),
+                    " / ".join(f"{r['seconds']:.1f}" for r in rs),
                     f"{s:.1f}",
                     f"{args.n / s:.1f}",
                     f"{100 * (s - local) / local:+.0f} %",
-                    f"{t.get('ray_start', 0):.1f}",
+                    f"{median([r['timings'].get('ray_start', 0) for r in rs]):.1f}",
                     f"{t.get('ray', t.get('model', 0) + t.get('wait_decode', 0)):.1f}",
                 ]
             )
         print_table(
-            f"{args.n} photos 640x480, {args.model} (random weights) on the CPU",
-            ["run", "seconds", "images/s", "vs local", "ray start s", "encode wait s"],
+            f"{args.n} photos 640x480, {args.model} (random weights) on the CPU; medians of {args.reps}",
+            ["run", "n", "seconds (each)", "median s", "images/s", "vs local", "ray start s", "encode wait s"],
             rows,
         )
-        record.update({"n": args.n, "model": args.model, "runs": runs, "local_mean_s": local})
+        record.update({"n": args.n, "model": args.model, "reps": args.reps, "runs": runs, "local_median_s": local})
         print("record:", write_record("ray", record))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -116,6 +116,8 @@ def test_ray_index_equals_local_index(tmp_path: Path, ray_local: Path, tiny_mode
     enc = _ray_encoder(remote)
     r_ray = remote.update([photos], cache_tokens=True, checkpoint_every=5, encoder=enc)
     assert enc.plan["actors"] == 1 and enc.plan["device"] == "cpu"
+    # a local Ray: the actor reserves one CPU but its torch may use both cores (tuned per batch)
+    assert enc.plan["cpus_per_actor"] == 1 and enc.plan["thread_cap"] == 2
     for key in ("new", "encoded", "duplicates", "failed", "tokens_cached", "total"):
         assert getattr(r_ray, key) == getattr(r_local, key), key
     assert r_ray.duplicates == 1 and r_ray.failed_total == 2 and "empty file" in r_ray.failed

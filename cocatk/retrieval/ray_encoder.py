@@ -169,13 +169,28 @@ def _decode_batch(
 class _EmbedActor:
     """One model per actor (loaded once, in ``__init__``); turns preprocessed pixels into embeddings (+ tokens)."""
 
-    def __init__(self, model: str, pretrained: str, device: str, precision: str | None, tokens: bool, threads: int):
+    def __init__(
+        self,
+        model: str,
+        pretrained: str,
+        device: str,
+        precision: str | None,
+        tokens: bool,
+        threads: int,
+        thread_cap: int | None = None,
+    ):
         import torch
 
         from ..models import load_model
+        from .encoder import ThreadTuner
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
+        # torch threads per batch on a CPU: tuned by measuring, as the local encoder does, between `threads` (the
+        # CPUs Ray reserved) and `thread_cap` (a local Ray: every core, since its decode tasks leave cores idle while
+        # they wait on the model; on 2 cores one thread ran the model at half the local rate).
+        self.thread_cap = max(1, thread_cap or threads) if device == "cpu" else 0
+        self.tuner = ThreadTuner()
         self.model = load_model(model, pretrained, device=device, precision=precision)
         self.size = self.model.image_size
         self.tokens = tokens
@@ -196,7 +211,13 @@ class _EmbedActor:
         if todo:
             s = self.size
             x = torch.from_numpy(np.stack([np.frombuffer(pixels[i], np.float32).reshape(3, s, s) for i in todo]))
+            threads = self.tuner.pick(self.thread_cap) if self.thread_cap else 0
+            if threads and threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+            started = time.perf_counter()
             emb, toks = self.model.encode_images_and_tokens(x, batch_size=len(todo), tokens=self.tokens)
+            if threads:
+                self.tuner.observe(threads, (time.perf_counter() - started) / len(todo))
             tok_np = toks.to(torch.float16).cpu().numpy() if toks is not None else None
             for j, i in enumerate(todo):
                 emb_out[i] = emb[j].tobytes()
@@ -225,6 +246,8 @@ class RayEncoder:
         precision: ``auto`` (default), ``fp32``, ``bf16``: resolved by each actor for its own device and CPU (see
             :func:`cocatk.models.resolve_precision`); each embedding's is recorded in the manifest.
         num_cpus: CPUs of the local Ray this starts (default all); ignored when joining a cluster.
+        thread_cap: the most torch threads a CPU actor may use, tuned per batch from its reserved CPUs up (default:
+            a local Ray's cores per actor; on a cluster the reserved CPUs, i.e. no tuning).
 
     Example:
         >>> enc = RayEncoder(ix.manifest["model"], ix.manifest["pretrained"])  # doctest: +SKIP
@@ -243,6 +266,7 @@ class RayEncoder:
         max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
         precision: str | None = None,
         num_cpus: int | None = None,
+        thread_cap: int | None = None,
     ) -> None:
         require_ray()
         self.model = model
@@ -254,6 +278,7 @@ class RayEncoder:
         self.max_megapixels = max_megapixels
         self.precision = precision
         self.num_cpus = num_cpus
+        self.thread_cap = thread_cap
         self.workers = 0  # decode CPUs of the cluster, known once Ray is up
         self._started_ray = False
         #: How the last encode was laid out (actors, GPUs/CPUs per actor, batch size), for reports and benchmarks.
@@ -315,6 +340,10 @@ class RayEncoder:
             "actors": actors,
             "gpus_per_actor": gpa,
             "cpus_per_actor": cpus_per_actor,
+            # A local Ray (one machine): an actor's torch may use every core between its batches' decoding (tuned
+            # per batch); on a cluster it keeps to the CPUs it reserved, which other actors' decoding may need.
+            "thread_cap": self.thread_cap
+            or (max(cpus_per_actor, cpus // actors) if not self.address else cpus_per_actor),
             "device": "cuda" if gpa > 0 else "cpu",
             "batch_size": self.batch_size or (GPU_BATCH if gpa > 0 else 32),
             "cluster_cpus": cpus,
@@ -377,6 +406,7 @@ class RayEncoder:
                 "precision": self.precision,
                 "tokens": tokens,
                 "threads": plan["cpus_per_actor"],
+                "thread_cap": plan["thread_cap"] if plan["device"] == "cpu" else None,
             },
             # Fault tolerance: Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1 (its
             # actor_pool_map_operator.py, Ray 2.60): a killed actor is restarted (a model load) and its batch
