@@ -33,8 +33,14 @@ from bench_search import DIM, K, make_data, recall_at_k  # noqa: E402
 PLANS: list[tuple[str, list[str]]] = [
     (
         "IVF1024,PQ96x4fs,RFlat",
-        ["", "nprobe=16,k_factor=8", "nprobe=64,k_factor=16", "nprobe=64,k_factor=64", "nprobe=128,k_factor=64",
-         "nprobe=128,k_factor=128"],
+        [
+            "",
+            "nprobe=16,k_factor=8",
+            "nprobe=64,k_factor=16",
+            "nprobe=64,k_factor=64",
+            "nprobe=128,k_factor=64",
+            "nprobe=128,k_factor=128",
+        ],
     ),  # fmt: skip
     ("IVF1024,PQ96x4fs,Refine(SQ8)", ["", "nprobe=64,k_factor=64", "nprobe=128,k_factor=128"]),
     ("IVF1024,PQ96x4fs", ["", "nprobe=64"]),
