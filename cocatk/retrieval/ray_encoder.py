@@ -426,8 +426,11 @@ class RayEncoder:
         nxt = 0
         started: set[str] = set()  # contents given an embedding in this call: a later repeat reuses it
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        first = True
         while nxt < len(jobs):
-            with timed("ray"):
+            # The wait for the first block is start-up (worker processes, the actors' model loads): its own figure.
+            with timed("ray_first_result" if first else "ray"):
+                first = False
                 try:
                     batch = next(batches, None)
                 except Exception as e:

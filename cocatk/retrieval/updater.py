@@ -109,8 +109,11 @@ class IndexReport:
     #: Where the time went, in seconds. Main thread (they add up to ``seconds``): ``scan``, ``model_load``,
     #: ``wait_decode`` (blocked on the decode threads), ``model`` (image tower), ``sqlite`` (rows, tokens, commits),
     #: ``faiss`` (load, add, save), ``other``. Decode threads, summed over threads and overlapping the main thread:
-    #: ``read_hash`` and ``decode_preprocess``; ``decode_threads`` says how many there were. After the run, outside
-    #: ``seconds``: ``text_onnx``, the one-time export of the text tower (:mod:`cocatk.textonnx`), when it ran.
+    #: ``read_hash`` and ``decode_preprocess``; ``decode_threads`` says how many there were. A Ray run has
+    #: ``ray_start`` (starting or joining Ray), ``ray_first_result`` (until the first block: worker processes and the
+    #: actors' model loads) and ``ray`` (waiting on the pipeline after that) instead of the model and decode keys.
+    #: After the run, outside ``seconds``: ``text_onnx``, the one-time export of the text tower
+    #: (:mod:`cocatk.textonnx`), when it ran.
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     #: ``"exported"`` or ``"failed"`` when this run exported the text tower for torch-free queries
