@@ -137,10 +137,10 @@ def test_auto_keeps_torch_where_torch_loads_anyway(demo_index, cache):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(var, value)
             with Index.open(folder) as ix:
-                assert textonnx.open_text_onnx(ix.manifest["identity"]) is not None
-                from cocatk.retrieval.search import _onnx_candidate
+                engine = textonnx.open_text_onnx(ix.manifest["identity"])
+                from cocatk.retrieval.search import _onnx_saves_torch
 
-                assert _onnx_candidate(ix, "auto", queries[0], False, False, "coca", None, None) is None
+                assert engine is not None and not _onnx_saves_torch(ix, engine, False, "coca", None, None)
     with Index.open(folder) as ix:  # backend onnx with a rerank: stage 1 through ONNX, the rerank through torch
         r = search_index(ix, queries[0], n=3, rerank=True, backend="onnx")
         assert r.reranked and r.model["backend"] == "onnxruntime" and r.rerank_model is None
@@ -358,3 +358,21 @@ def test_broken_onnxruntime_install_keeps_torch_and_the_export(demo_index, cache
         identity = ix.manifest["identity"]
     assert r.model.get("backend") is None and any("cannot be imported" in w for w in r.warnings)
     assert textonnx.read_meta(identity) is not None  # the files were fine: kept
+
+
+def test_dual_encoder_index_with_default_rerank_takes_onnx(tmp_path):
+    """A CLIP index has no decoder to rerank with: the default search only warns, so auto takes the export, and the
+    hits equal torch's."""
+    from cocatk.demo.scenes import generate_folder
+    from cocatk.retrieval.search import search_index
+
+    generate_folder(tmp_path / "photos", n=6, seed=4, min_size=64, max_size=96)
+    with Index.open(tmp_path / "index", model=str(DATA / "clip_tiny.json"), pretrained="none", create=True) as ix:
+        assert ix.update([tmp_path / "photos"], workers=0).text_export == "exported"
+    with Index.open(tmp_path / "index") as ix:
+        fast = search_index(ix, "a red circle", n=4)  # rerank=True by default
+    with Index.open(tmp_path / "index") as ix:
+        ref = search_index(ix, "a red circle", n=4, backend="torch")
+    assert fast.model["backend"] == "onnxruntime" and not fast.reranked
+    assert any(w.startswith("not reranked") for w in fast.warnings) and fast.warnings == ref.warnings
+    assert [h.id for h in fast.hits] == [h.id for h in ref.hits]

@@ -435,14 +435,24 @@ def _text_engine(
     rerank_pretrained: str | None,
 ) -> tuple[Any, str | None]:
     """The ONNX text tower, loaded, that embeds this query instead of the torch model (see ``backend`` in
-    :func:`search_index`), or None for torch; and a warning when a broken export was set aside."""
+    :func:`search_index`), or None for torch; and a warning when an export could not be used."""
     from .. import textonnx
     from ..errors import ExportError, ExportUnreadableError
 
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", hint=f"use one of: {', '.join(BACKENDS)}")
-    engine = _onnx_candidate(index, backend, text, other_query, rerank, reranker, rerank_model, rerank_pretrained)
-    if engine is None:
+    if backend == "torch" or text is None or other_query:
+        return None, None  # the backend chooses how a text alone is embedded: images and stored vectors are torch's
+    engine = textonnx.open_text_onnx(index.manifest["identity"])
+    if engine is not None and engine.embed_dim != index.dim:
+        engine = None  # as Index.model: an export of another width is not this index's model
+    if backend == "onnx" and engine is None:
+        raise UsageError(
+            f"no ONNX text tower for the model of {index.dir}",
+            hint=f"run `cocatk index --index {index.dir}` once to export it (needs onnxruntime), or drop --backend",
+        )
+    if backend == "auto" and (engine is None or not _onnx_saves_torch(index, engine, rerank, reranker,
+                                                                       rerank_model, rerank_pretrained)):  # fmt: skip
         return None, None
     try:
         return engine.load(), None
@@ -456,50 +466,27 @@ def _text_engine(
         return None, f"{e.message}; this query used torch ({e.hint})"
 
 
-def _onnx_candidate(
-    index: Index,
-    backend: str,
-    text: str | None,
-    other_query: bool,
-    rerank: bool,
-    reranker: str,
-    rerank_model: str | None,
-    rerank_pretrained: str | None,
-) -> Any:
-    from .. import textonnx
-
-    if backend == "torch" or text is None or other_query:
-        return None  # the backend chooses how a text alone is embedded: images and stored vectors are torch's
-    engine = textonnx.open_text_onnx(index.manifest["identity"])
-    if engine is not None and engine.embed_dim != index.dim:
-        engine = None  # as Index.model: an export of another width is not this index's model
-    if backend == "onnx":
-        if engine is None:
-            raise UsageError(
-                f"no ONNX text tower for the model of {index.dir}",
-                hint=f"run `cocatk index --index {index.dir}` once to export it (needs onnxruntime), or drop --backend",
-            )
-        return engine
-    # auto: only where it saves loading torch.
-    if engine is None or index._model is not None:
-        return None
+def _onnx_saves_torch(
+    index: Index, engine: Any, rerank: bool, reranker: str, rerank_model: str | None, rerank_pretrained: str | None
+) -> bool:
+    """``auto``'s rule: the export embeds the query only where nothing else will load torch in this search."""
+    if index._model is not None:
+        return False  # torch is loaded already: its model answers, as for every other query of this process
     device = index._device or config.default_device()
     precision = index._precision or config.default_precision()
     if device not in (None, "auto", "cpu") or precision not in (None, "auto", "fp32"):
-        return None  # a device or precision asked for by name (or in $COCATK_DEVICE / $COCATK_PRECISION) is torch's
-    if rerank:
-        # A rerank loads torch anyway, except on a dual-encoder index with no CoCa to rerank with (then the search
-        # only warns that it did not rerank).
-        no_scorer = (
-            reranker == "coca"
-            and rerank_model is None
-            and rerank_pretrained is None
-            and not engine.has_decoder
-            and index.rerank_spec is None
-        )
-        if not no_scorer:
-            return None
-    return engine
+        return False  # a device or precision asked for by name (or in $COCATK_DEVICE / $COCATK_PRECISION) is torch's
+    if not rerank:
+        return True
+    # A rerank loads torch anyway, except on a dual-encoder index with no CoCa to rerank with (then the search only
+    # warns that it did not rerank).
+    return (
+        reranker == "coca"
+        and rerank_model is None
+        and rerank_pretrained is None
+        and not engine.has_decoder
+        and index.rerank_spec is None
+    )
 
 
 def _load_reranker(index: Index, model: Any, reranker: str, name: str | None, pretrained: str | None) -> Any:
