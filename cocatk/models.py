@@ -1064,7 +1064,7 @@ class ClipModel:
         return latent.cpu().numpy(), None
 
     def _encode_text_latent(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(ids, normalize=False)
+        return self.fp32_text_latent(ids)
 
     def fp32_text_latent(self, ids: torch.Tensor, module: Any = None) -> torch.Tensor:
         """The text tower's unnormalised output from the fp32 modules (never a bf16 copy), or from ``module``, a copy

@@ -25,6 +25,7 @@ name and renamed into place, so a reader sees all of it or nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import html
 import json
@@ -228,12 +229,7 @@ def available() -> bool:
 
 def cache_folder(identity: dict[str, str]) -> Path:
     """Where the export of the model with this identity (as an index manifest records it) lives."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        oc = version("open_clip_torch")
-    except PackageNotFoundError:  # pragma: no cover - a source checkout of open_clip
-        oc = "unknown"
+    oc = _package_version("open_clip_torch")
     blob = json.dumps({"identity": identity, "format": FORMAT, "open_clip": oc}, sort_keys=True)
     return config.cache_dir() / "text-onnx" / hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -283,15 +279,19 @@ def needs_export(identity: dict[str, str]) -> bool:
 
 
 def _versions() -> dict[str, str]:
+    return {name: _package_version(name) for name in ("torch", "onnx", "onnxruntime", "tokenizers")}
+
+
+@functools.cache
+def _package_version(name: str) -> str:
+    """An installed distribution's version, or ``"absent"``; read once per process (~7 ms each: a search's cache
+    lookup asks for open_clip's twice)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
-    for name in ("torch", "onnx", "onnxruntime", "tokenizers"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
 
 
 def export_text_onnx(model: ClipModel, identity: dict[str, str] | None = None) -> Path | None:

@@ -54,6 +54,8 @@ def _corpus() -> list[str]:
     pieces = [*"abcXYZ019 .,;:'!?-_/()[]&#\t\n", "&amp;", "&lt;", "é", "ñ", "ß", "İ", "東京", "ночь", "قطة", "🐕",
               "\u200d", "\xa0", "ﬁ", "Ａ", "'s", "'LL", "â€™", "<end_of_text>"]  # fmt: skip
     texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) for _ in range(400)]
+    # what a shell hands over: bytes that are not UTF-8 (surrogate escapes), NUL, terminal escapes, Unicode newlines
+    texts += [b"caf\xe9 \xff".decode("utf-8", "surrogateescape"), "\ud800 x", "a\x00b", "\x1b[31mred", "\u2028line", ""]
     return texts
 
 
