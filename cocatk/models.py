@@ -612,6 +612,50 @@ def load_model(
         return _CACHE[key]
 
 
+def _preprocess_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """The weights' own preprocessing (SigLIP: mean/std 0.5, squash resize; EVA, OpenAI CLIP: their own), as
+    ``create_model_and_transforms`` overrides: open_clip applies it only when it loads a tag itself, and cocatk
+    loads the file."""
+    import open_clip
+
+    pp_cfg = (open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}) if spec.weights_kind == "tag" else {}
+    return {
+        f"image_{k}": pp_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if pp_cfg.get(k) is not None
+    }
+
+
+def meta_model(name: str | None = None, pretrained: str | None = None) -> tuple[Any, Any, int]:
+    """The open_clip model of ``name`` on the meta device (shapes, no weights), the preprocessing :func:`load_model`
+    gives it (``ClipModel.preprocess``, the weights' own settings included) and its image size: ~0.1 s once
+    open_clip is imported. For a driver that plans work which other processes encode (Ray's decode tasks get the
+    preprocessing's description, :func:`cocatk.preprocess.describe`).
+
+    Raises:
+        UnknownModelError, ModelConfigError.
+    """
+    import open_clip
+    import torch
+
+    spec = resolve_model(name, pretrained)
+    ensure_open_clip_extras(open_clip.get_model_config(spec.arch))
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # "initialized randomly": no weights are wanted here
+    try:
+        # Parameters created on the meta device: their initialisation is skipped (1.5 s for coca_ViT-B-32 otherwise).
+        with torch.device("meta"):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.arch, pretrained=None, device="meta", **_preprocess_kwargs(spec)
+            )
+    except Exception as e:
+        raise ModelConfigError(
+            f"cannot build {spec.arch}: {e}", hint="check the model config (see ../shared/COCA_NOTES.md rules)"
+        ) from e
+    finally:
+        logging.disable(previous)
+    size = model.visual.image_size
+    return model, preprocess, int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def _build(spec: ModelSpec, device: str, precision: str, notice: str | None = None, auto: bool = False) -> ClipModel:
     import open_clip
     import torch
@@ -627,12 +671,7 @@ def _build(spec: ModelSpec, device: str, precision: str, notice: str | None = No
     # A checkpoint replaces every parameter: build without initialising them and take the file's tensors (memory
     # mapped) as the parameters. open_clip's numpy checkpoints (big_vision .npz/.npy) keep its own loader.
     mapped = weights is not None and Path(weights).suffix not in (".npz", ".npy")
-    # The weights' own preprocessing (SigLIP: mean/std 0.5, squash resize; EVA, OpenAI CLIP: their own): open_clip
-    # applies it only when it loads a tag itself, and cocatk loads the file.
-    pp_cfg = (open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}) if kind == "tag" else {}
-    pp_kwargs = {
-        f"image_{k}": pp_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if pp_cfg.get(k) is not None
-    }
+    pp_kwargs = _preprocess_kwargs(spec)
 
     # Build on the CPU under a fixed seed so random weights are identical in every process and on every device.
     # open_clip logs "initialized randomly" on the root logger; cocatk reports that itself (ClipModel.is_random).

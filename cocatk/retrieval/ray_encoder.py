@@ -4,9 +4,15 @@ The updater stays on the driver and does what it does locally (scan, decide, com
 writer); only "file -> hash -> embedding" moves to the cluster. The pipeline is Ray Data's batch-inference pattern::
 
     from_items(jobs)                       # (position, path, need_decode): a few hundred bytes per job
-      .map_batches(_decode_batch)          # CPU tasks: read, hash, skip known contents, decode, preprocess
+      .map_batches(_decode_batch)          # CPU tasks: read, hash, skip known contents, decode, resize + crop
       .map_batches(_EmbedActor, concurrency=N, num_gpus=g)   # one model per actor, batches sized for the device
       .iter_batches()                      # streams to the driver as blocks finish
+
+The decode tasks import neither torch nor open_clip: the driver describes the model's preprocessing
+(:mod:`cocatk.preprocess`), the tasks do its PIL half and ship (S, S, 3) uint8 pixels, and the actor does its torch
+half (``/ 255``, mean, std) on the batch, bit for bit open_clip's transform. On 2 cores a cold run's first result
+came 5 s sooner (the decode task's own torch + open_clip import had been on the critical path, competing with the
+actor's). A transform of another shape goes to the tasks as is (float32 pixels, torch in the tasks).
 
 Order: Ray Data's default execution lets blocks finish out of order (``preserve_order=False``), so a slow block
 does not stall the others; the driver keeps a reorder buffer keyed by job position and yields in job order, as the
@@ -82,28 +88,8 @@ def _import_ray() -> Any:
 
 
 # ---- worker side ---------------------------------------------------------------------------------------------------
-#: Per worker process: preprocessing transforms by model, and the ``known`` hash sets by object ref.
+#: Per worker process: the ``known`` hash sets by object ref.
 _CACHE: dict[Any, Any] = {}
-
-
-def _transform(model: str, pretrained: str) -> tuple[Any, int]:
-    """The model's own preprocessing and image size, without its weights (built on the meta device: ~0.1 s)."""
-    key = ("transform", model, pretrained)
-    if key not in _CACHE:
-        import open_clip
-
-        from ..models import resolve_model
-
-        spec = resolve_model(model, pretrained)
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # "initialized randomly": no weights are wanted here
-        try:
-            m, _, preprocess = open_clip.create_model_and_transforms(spec.arch, pretrained=None, device="meta")
-        finally:
-            logging.disable(previous)
-        size = m.visual.image_size
-        _CACHE[key] = (preprocess, int(size[0] if isinstance(size, (tuple, list)) else size))
-    return _CACHE[key]  # type: ignore[no-any-return]
 
 
 def _known(ref: Any) -> Collection[str]:
@@ -120,14 +106,20 @@ def _known(ref: Any) -> Collection[str]:
 
 
 def _decode_batch(
-    batch: dict[str, np.ndarray], *, model: str, pretrained: str, max_megapixels: float | None, known_ref: Any
+    batch: dict[str, np.ndarray], *, pixels: Any, size: int, max_megapixels: float | None, known_ref: Any
 ) -> dict[str, Any]:
-    """CPU task: read, hash and (unless the content is known) decode + preprocess each file of the batch."""
-    preprocess, size = _transform(model, pretrained)
+    """CPU task: read, hash and (unless the content is known) decode + preprocess each file of the batch.
+
+    ``pixels`` is the model's preprocessing: a :func:`cocatk.preprocess.describe` dict (the usual case: PIL only,
+    (S, S, 3) uint8 out, the actor normalises; no torch in this process) or the transform itself (float32 out).
+    """
+    from ..preprocess import resize_crop
+
     known = _known(known_ref)
+    geometric = isinstance(pixels, dict)
     n = len(batch["pos"])
     hashes, reasons, details = [""] * n, [""] * n, [""] * n
-    pixels = [b""] * n
+    out = [b""] * n
     read_s, decode_s = np.zeros(n), np.zeros(n)
     queued: set[str] = set()  # contents decoded in this batch: a repeat is encoded once
     for i in range(n):
@@ -148,7 +140,10 @@ def _decode_batch(
             continue
         try:
             image = load_image(data, draft_size=size, max_megapixels=max_megapixels)
-            pixels[i] = np.ascontiguousarray(preprocess(image).numpy(), dtype=np.float32).tobytes()
+            if geometric:
+                out[i] = resize_crop(image, pixels).tobytes()
+            else:
+                out[i] = np.ascontiguousarray(pixels(image).numpy(), dtype=np.float32).tobytes()
             queued.add(h)
         except ImageDecodeError as e:
             reasons[i], details[i] = e.reason, e.detail
@@ -162,7 +157,7 @@ def _decode_batch(
         "detail": np.array(details, dtype=object),
         "read_s": read_s,
         "decode_s": decode_s,
-        "pixels": np.array(pixels, dtype=object),
+        "pixels": np.array(out, dtype=object),
     }
 
 
@@ -178,7 +173,13 @@ class _EmbedActor:
         tokens: bool,
         threads: int,
         thread_cap: int | None = None,
+        norm: dict[str, Any] | None = None,
     ):
+        from .._imports import defer_optional_imports
+
+        # This process is the actor's own: open_clip without transformers and timm unless the model needs them
+        # (load_model gives them back), ~1 s of a cold start on 2 cores.
+        defer_optional_imports()
         import torch
 
         from ..models import load_model
@@ -194,6 +195,9 @@ class _EmbedActor:
         self.model = load_model(model, pretrained, device=device, precision=precision)
         self.size = self.model.image_size
         self.tokens = tokens
+        #: The decode tasks' preprocessing description: their pixels are (S, S, 3) uint8 to normalise here; None:
+        #: float32 (3, S, S), already normalised.
+        self.norm = norm
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -210,7 +214,12 @@ class _EmbedActor:
         todo = [i for i in range(n) if len(pixels[i])]
         if todo:
             s = self.size
-            x = torch.from_numpy(np.stack([np.frombuffer(pixels[i], np.float32).reshape(3, s, s) for i in todo]))
+            if self.norm is not None:
+                from ..preprocess import normalize
+
+                x = normalize(np.stack([np.frombuffer(pixels[i], np.uint8).reshape(s, s, 3) for i in todo]), self.norm)
+            else:
+                x = torch.from_numpy(np.stack([np.frombuffer(pixels[i], np.float32).reshape(3, s, s) for i in todo]))
             threads = self.tuner.pick(self.thread_cap) if self.thread_cap else 0
             if threads and threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
@@ -352,28 +361,31 @@ class RayEncoder:
 
     def token_shape(self) -> tuple[int, int]:
         """(T, D) of the decoder tokens, from the model built on the meta device (no weights, no Ray)."""
-        import open_clip
         import torch
 
-        from ..models import resolve_model
+        from ..models import meta_model
 
-        spec = resolve_model(self.model, self.pretrained)
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)
-        try:
-            m = open_clip.create_model(spec.arch, pretrained=None, device="meta")
-        finally:
-            logging.disable(previous)
-        _, size = _transform(self.model, self.pretrained)
+        m, _, size = meta_model(self.model, self.pretrained)
         _, toks = m._encode_image(torch.zeros(1, 3, size, size, device="meta"), normalize=False)
         t, d = toks.shape[1:]
         return int(t), int(d)
 
     # -- the pipeline --
+    def _preprocessing(self) -> tuple[Any, int]:
+        """What the decode tasks apply, and the image size (draft decoding): the description of the model's
+        transform (torch-free tasks) when it has the standard shape, else the transform itself."""
+        from ..models import meta_model
+        from ..preprocess import describe
+
+        _, transform, size = meta_model(self.model, self.pretrained)
+        spec = describe(transform)
+        return (spec if spec is not None else transform), size
+
     def _dataset(self, ray: Any, jobs: Sequence[EncodeJob], known: Collection[str], tokens: bool) -> Any:
         plan = self.plan = self._layout(ray)
         self.workers = max(1, plan["cluster_cpus"] - plan["actors"] * plan["cpus_per_actor"])
         known_ref = ray.put(frozenset(known)) if known else None
+        pixels, size = self._preprocessing()
         items = [{"pos": i, "path": os.fsencode(j.path), "need_decode": j.need_decode} for i, j in enumerate(jobs)]
         # Enough blocks that every decode CPU has work and results stream back in small steps.
         blocks = max(1, min(len(items), -(-len(items) // DECODE_BATCH)))
@@ -387,8 +399,8 @@ class RayEncoder:
             # actors), and the actor would then decode and encode in turn on one core while the others idle.
             memory=DECODE_MEMORY,
             fn_kwargs={
-                "model": self.model,
-                "pretrained": self.pretrained,
+                "pixels": pixels,
+                "size": size,
                 "max_megapixels": self.max_megapixels,
                 "known_ref": known_ref,
             },
@@ -407,6 +419,7 @@ class RayEncoder:
                 "tokens": tokens,
                 "threads": plan["cpus_per_actor"],
                 "thread_cap": plan["thread_cap"] if plan["device"] == "cpu" else None,
+                "norm": pixels if isinstance(pixels, dict) else None,
             },
             # Fault tolerance: Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1 (its
             # actor_pool_map_operator.py, Ray 2.60): a killed actor is restarted (a model load) and its batch
