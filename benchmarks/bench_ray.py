@@ -4,6 +4,7 @@ commit rate (how many vectors per second the driver can commit, whatever encodes
     python benchmarks/bench_ray.py --n 2000             # 2000 photos (640x480 JPEG), coca_ViT-B-32 random weights
     python benchmarks/bench_ray.py --n 60 --model tests/data/coca_tiny.json --reps 1
     python benchmarks/bench_ray.py --writer 20000       # only the writer: 20k files through a model-free encoder
+    python benchmarks/bench_ray.py --n 2000 --pretrained weights.safetensors --cli   # whole `cocatk index` runs
 
 - ``local``: ``Index.update`` with the default LocalEncoder (decode threads + the model in process), with no Ray
   process on the machine.
@@ -13,6 +14,11 @@ commit rate (how many vectors per second the driver can commit, whatever encodes
   ``ray_warm_1thread`` (last repetition): the actor's torch held to the one CPU it reserves, the behaviour before
   per-batch thread tuning. The model is loaded once in each actor (included), and once in the local process before
   the clock starts. The ONNX text export that follows a first index run is switched off (it is not encoding).
+- ``--cli``: whole ``cocatk index PHOTOS --index NEW [--ray local]`` processes instead, as a user runs them: each
+  pays its imports, the model load (the Ray driver loads it too: a new index records it) and, with ``--ray``, Ray's
+  start, in its wall time; ``cli_local`` then ``cli_ray``, alternating.
+- ``--pretrained``: ``none`` (seeded random weights, built by initialising every parameter: 2-3 s a load on 2 cores)
+  or a weights file (memory-mapped, as for a user with real weights: 0.5 s).
 - ``writer``: an encoder that returns a seeded random unit vector per file without decoding anything, so the
   figure is scan + hash + SQLite rows + FAISS adds + checkpoints: the ceiling of one driver.
 
@@ -81,13 +87,56 @@ def bench_writer(n: int, dim: int, tmp: Path) -> dict[str, Any]:
     return {"files": n, "dim": ix.dim, "seconds": dt, "vectors_per_s": n / dt, "timings": r.timings}
 
 
+def bench_cli(args: argparse.Namespace, photos: Path, tmp: Path) -> dict[str, list[dict[str, Any]]]:
+    """Whole `cocatk index` processes, local then `--ray local`, alternating; wall time of each process."""
+    import json
+    import subprocess
+    import sys
+
+    cocatk = [sys.executable, "-m", "cocatk"]
+    runs: dict[str, list[dict[str, Any]]] = {"cli_local": [], "cli_ray": []}
+    for rep in range(args.reps):
+        for name, extra in (("cli_local", []), ("cli_ray", ["--ray", "local"])):
+            folder = tmp / f"{name}-{rep}"
+            cmd = [*cocatk, "index", str(photos), "--index", str(folder), "--model", args.model]
+            cmd += ["--pretrained", args.pretrained, "--json", *extra]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            seconds = time.perf_counter() - t
+            if proc.returncode != 0:
+                raise SystemExit(f"{name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            report = json.loads(proc.stdout)
+            out = {"seconds": seconds, "encoded": report["encoded"], "timings": report["timings"]}
+            out["load"] = os.getloadavg()
+            runs[name].append(out)
+            shutil.rmtree(folder, ignore_errors=True)
+            t_ = report["timings"]
+            print(name, f"{seconds:.1f} s", {k: round(t_.get(k, 0), 1) for k in ("ray_start", "ray_first_result")})
+    local = median([r["seconds"] for r in runs["cli_local"]])
+    ray = median([r["seconds"] for r in runs["cli_ray"]])
+    print_table(
+        f"whole `cocatk index` processes: {args.n} photos 640x480, {args.model} ({args.pretrained}); "
+        f"medians of {args.reps}",
+        ["run", "seconds (each)", "median s", "vs local"],
+        [
+            [k, " / ".join(f"{r['seconds']:.1f}" for r in rs), f"{m:.1f}", f"{100 * (m - local) / local:+.0f} %"]
+            for k, rs, m in (("cli_local", runs["cli_local"], local), ("cli_ray", runs["cli_ray"], ray))
+        ],
+    )
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--model", default="coca_ViT-B-32")
     ap.add_argument("--writer", type=int, default=0, help="only the writer benchmark, with this many files")
     ap.add_argument("--reps", type=int, default=3, help="alternating repetitions of local / Ray (medians)")
+    ap.add_argument("--pretrained", default="none", help="'none' (random weights) or a weights file")
+    ap.add_argument("--cli", action="store_true", help="time whole `cocatk index` processes (local, --ray local)")
+    ap.add_argument("--tag", default="", help="record name suffix (ray-TAG-<machine>.json)")
     args = ap.parse_args()
+    record_name = "ray" + (f"-{args.tag}" if args.tag else "")
     # The one-time ONNX text export after a first index run is not encoding: keep it out of every run.
     os.environ["COCATK_TEXT_ONNX"] = "0"
 
@@ -108,12 +157,22 @@ def main() -> None:
             return
         photos = tmp / "photos"
         make_photos(photos, args.n)
-        load_model(args.model, "none", device="cpu")
+        if Path(args.pretrained).is_file():
+            with open(args.pretrained, "rb") as f:  # into the page cache, for every run alike
+                while f.read(1 << 24):
+                    pass
+        if args.cli:
+            runs_cli = bench_cli(args, photos, tmp)
+            record.update({"n": args.n, "model": args.model, "pretrained": args.pretrained, "reps": args.reps})
+            record.update({"mode": "cli", "runs": runs_cli})
+            print("record:", write_record(record_name, record))
+            return
+        load_model(args.model, args.pretrained, device="cpu")
         runs: dict[str, list[dict[str, Any]]] = {}
 
         def run(name: str, encoder: Any = None) -> None:
             folder = tmp / f"{name}-{len(runs.get(name, []))}"
-            ix = Index.open(folder, model=args.model, pretrained="none", device="cpu", create=True)
+            ix = Index.open(folder, model=args.model, pretrained=args.pretrained, device="cpu", create=True)
             enc = encoder(ix) if encoder else None
             t = time.perf_counter()
             r = ix.update([photos], encoder=enc)
@@ -137,10 +196,10 @@ def main() -> None:
         # session (Ray already up; the actors start again), and Ray shut down before the next local run.
         for rep in range(args.reps):
             run("local")
-            run("ray_cold", lambda ix: RayEncoder(args.model, "none"))
-            run("ray_warm", lambda ix: RayEncoder(args.model, "none"))
+            run("ray_cold", lambda ix: RayEncoder(args.model, args.pretrained))
+            run("ray_warm", lambda ix: RayEncoder(args.model, args.pretrained))
             if rep == args.reps - 1:  # the actor's torch held to its one reserved CPU (before per-batch tuning)
-                run("ray_warm_1thread", lambda ix: RayEncoder(args.model, "none", thread_cap=1))
+                run("ray_warm_1thread", lambda ix: RayEncoder(args.model, args.pretrained, thread_cap=1))
             ray.shutdown()
         local = median([r["seconds"] for r in runs["local"]])
         rows = []
@@ -161,7 +220,7 @@ def main() -> None:
                 ]
             )
         print_table(
-            f"{args.n} photos 640x480, {args.model} (random weights) on the CPU; medians of {args.reps}",
+            f"{args.n} photos 640x480, {args.model} ({args.pretrained}) on the CPU; medians of {args.reps}",
             [
                 "run",
                 "n",
@@ -175,8 +234,9 @@ def main() -> None:
             ],  # fmt: skip
             rows,
         )
-        record.update({"n": args.n, "model": args.model, "reps": args.reps, "runs": runs, "local_median_s": local})
-        print("record:", write_record("ray", record))
+        record.update({"n": args.n, "model": args.model, "pretrained": args.pretrained, "reps": args.reps})
+        record.update({"runs": runs, "local_median_s": local})
+        print("record:", write_record(record_name, record))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
