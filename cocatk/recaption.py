@@ -65,6 +65,7 @@ class RecaptionReport(CaptionRate):
 class _Item:
     key: str  # what the output records as `source`
     load: Any  # () -> PIL image
+    path: str | None = None  # the file, for a file (a Ray worker reads it); None for a dataset row
 
 
 def _items(sources: Sequence[str], split: str | None, image_column: str | None) -> list[_Item]:
@@ -79,7 +80,7 @@ def _items(sources: Sequence[str], split: str | None, image_column: str | None) 
             raise UsageError(f"{src} does not exist", hint="pass image files, folders, or hf:NAME / hf:PATH")
         for p in find_images([src]):
             path = str(p)
-            items.append(_Item(path, lambda path=path: load_image(path)))
+            items.append(_Item(path, lambda path=path: load_image(path), path))
     return items
 
 
@@ -221,11 +222,17 @@ def recaption(
     split: str | None = None,
     image_column: str | None = None,
     progress: Any = None,
+    captioner: Any = None,
 ) -> RecaptionReport:
     """Caption every image of ``sources`` (files, folders, ``hf:NAME``, ``hf:PATH``) into ``output``.
 
+    Args:
+        captioner: a :class:`~cocatk.retrieval.ray_encoder.RayCaptioner` to caption on a Ray cluster (files only);
+            None captions here with ``model``. The output, its checkpoints and its resume are the same either way.
+
     Raises:
-        UsageError: an unknown output format, a source that does not exist, a model without a decoder.
+        UsageError: an unknown output format, a source that does not exist, a model without a decoder, a dataset
+            source with a captioner.
     """
     from .captioning import generate_captions, make_config
     from .retrieval.captions import caption_settings, require_decoder
@@ -244,6 +251,11 @@ def recaption(
     cfg.resolved_max_len(model.context_length)
     key, _ = caption_settings(model, cfg)
     t0 = time.monotonic()
+    if captioner is not None and any(str(src).startswith("hf:") for src in sources):
+        raise UsageError(
+            "--ray captions image files; a Hugging Face dataset (hf:...) is captioned in this process",
+            hint="drop --ray for hf: sources, or save the dataset's images as files on a shared filesystem",
+        )
     items = _items(sources, split, image_column)
     report = RecaptionReport(output=str(out), format=out.suffix[1:], settings=key, sources=len(items))
     done = _done_sources(out)
@@ -276,6 +288,10 @@ def recaption(
             records.clear()
             progress("caption", count, len(todo))
 
+        if captioner is not None:
+            _caption_on_ray(captioner, todo, cfg, model, key, report, writer, batch_size, progress)
+            complete = True
+            return _finished(report, t0)
         threads = max(1, min(8, os.cpu_count() or 1)) if workers is None else workers
         for item, image, error in _decoded(todo, threads):
             if image is None:
@@ -290,8 +306,46 @@ def recaption(
         complete = True
     finally:
         writer.close(complete)
+    return _finished(report, t0)
+
+
+def _finished(report: RecaptionReport, t0: float) -> RecaptionReport:
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _caption_on_ray(
+    captioner: Any,
+    todo: list[_Item],
+    cfg: GenerationConfig,
+    model: CocaModel,
+    key: str,
+    report: RecaptionReport,
+    writer: _Writer,
+    batch_size: int,
+    progress: Any,
+) -> None:
+    """The files of ``todo`` through ``captioner``: results come back in order and are written every ``batch_size``
+    records, as the local loop writes them. Files are decoded at full size, as locally (no JPEG draft)."""
+    records: list[dict[str, Any]] = []
+    done = 0
+    for item, res in zip(todo, captioner.caption([it.path for it in todo], cfg, draft=False), strict=True):
+        if res.reason:
+            report.failed[res.reason] = report.failed.get(res.reason, 0) + 1
+            error = res.reason + (f" ({res.detail})" if res.detail else "")
+            records.append(_record(item.key, None, None, error, model, key))
+        else:
+            records.append(_record(item.key, res.caption, res.logprob, None, model, key))
+            report.captioned += 1
+            if len(report.examples) < 5:
+                report.examples.append({"source": text_path(item.key), "caption": res.caption or ""})
+        done += 1
+        if len(records) >= batch_size:
+            writer.write(records)
+            records.clear()
+            progress("caption", done, len(todo))
+    writer.write(records)
+    progress("caption", done, len(todo))
 
 
 def _record(source: str, caption: str | None, logprob: float | None, error: str | None, model: Any, key: str) -> dict:

@@ -99,7 +99,7 @@ def _decode(paths: list[Path], pixels, size: int) -> dict:
         "path": np.array([str(p).encode() for p in paths], dtype=object),
         "need_decode": np.ones(len(paths), dtype=bool),
     }
-    return _decode_batch(batch, pixels=pixels, size=size, max_megapixels=None, known_ref=None)
+    return _decode_batch(batch, pixels=pixels, draft=size, max_megapixels=None, known_ref=None)
 
 
 def test_decode_task_and_actor_give_the_local_embeddings(tmp_path: Path) -> None:
@@ -154,7 +154,7 @@ def test_a_decode_task_imports_neither_torch_nor_open_clip(tmp_path: Path) -> No
         f"paths = {[str(p) for p in paths]!r}\n"
         "b = {'pos': np.arange(3), 'path': np.array([p.encode() for p in paths], dtype=object),"
         " 'need_decode': np.ones(3, dtype=bool)}\n"
-        f"out = _decode_batch(b, pixels={spec!r}, size=32, max_megapixels=None, known_ref=None)\n"
+        f"out = _decode_batch(b, pixels={spec!r}, draft=32, max_megapixels=None, known_ref=None)\n"
         "assert [len(x) for x in out['pixels']] == [32 * 32 * 3] * 3, out\n"
         "print('HEAVY', [m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules])\n"
     )

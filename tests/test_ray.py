@@ -268,3 +268,97 @@ def test_index_through_a_ray_head_node_in_another_process(tmp_path: Path, tiny_m
         with contextlib.suppress(OSError):
             if f":{port}" in current.read_text():
                 current.unlink()
+
+
+# ---- cocatk caption --ray ---------------------------------------------------------------------------------------
+DEMO = ["--model", "demo", "--device", "cpu"]
+
+
+def _scene_photos(folder: Path) -> Path:
+    """Demo scenes the demo model captions (PNG, and one as JPEG: decoded at full size, as locally), a broken file."""
+    from PIL import Image
+
+    from cocatk.demo.quality import EVAL_SEED
+    from cocatk.demo.scenes import iter_scenes, render_scene
+
+    folder.mkdir(parents=True)
+    for i, scene in enumerate(iter_scenes(EVAL_SEED, 5, namespace="eval-pairs")):
+        render_scene(scene, 64).save(folder / f"s{i:02d}.png")
+    Image.open(folder / "s00.png").convert("RGB").resize((200, 150)).save(folder / "big.jpg", quality=90)
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def _captions_of(index_dir: Path) -> dict[str, tuple[str, float]]:
+    with contextlib.closing(sqlite3.connect(index_dir / "index.sqlite")) as db:
+        rows = db.execute("SELECT f.path, c.text, c.logprob FROM captions c JOIN files f ON f.id = c.id").fetchall()
+    return {Path(os.fsdecode(p)).name: (t, lp) for p, t, lp in rows}
+
+
+@needs_ray
+def test_ray_caption_equals_local_caption(tmp_path: Path, ray_local: Path, capsys) -> None:
+    """`cocatk caption --ray`, into a file and into an index: the captions, log-probs and failures of a local run,
+    the same resume, and Ray left running (the test's session, not started by the command)."""
+    import json
+
+    src = _scene_photos(tmp_path / "src")
+
+    def run(*args: str) -> dict:
+        code = main([*args, "--json"])
+        cap = capsys.readouterr()
+        assert code == 0, cap.err
+        return json.loads(cap.out)
+
+    local = run("caption", str(src), "--output", str(tmp_path / "local.jsonl"), *DEMO)
+    ray_local.write_text("")  # the first actor batch kills its own process, once: Ray restarts it, retries the batch
+    remote = run(
+        "caption", str(src), "--output", str(tmp_path / "ray.jsonl"), *DEMO, "--ray", "local", "--batch-size", "2"
+    )
+    assert not ray_local.exists(), "the actor was not killed"
+    assert remote["captioned"] == local["captioned"] == 6 and remote["failed"] == local["failed"] == {"not an image": 1}
+    by_source = {}
+    for name in ("local", "ray"):
+        records = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        by_source[name] = {r["source"]: r for r in records}
+    assert by_source["local"].keys() == by_source["ray"].keys()
+    for source, a in by_source["local"].items():
+        b = by_source["ray"][source]
+        assert (a["caption"], a["error"], a["settings"]) == (b["caption"], b["error"], b["settings"]), source
+        if a["logprob"] is not None:
+            assert abs(a["logprob"] - b["logprob"]) <= 1e-4
+    again = run("caption", str(src), "--output", str(tmp_path / "ray.jsonl"), *DEMO, "--ray", "local")
+    assert again["already"] == 7 and again["captioned"] == 0
+
+    # into an index: two copies of one index, captioned here and on Ray
+    assert main(["index", str(src), "--index", str(tmp_path / "a"), *DEMO, "--json"]) == 0
+    capsys.readouterr()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    here = run("caption", "--index", str(tmp_path / "a"), "--device", "cpu", "--no-cache-tokens")
+    there = run("caption", "--index", str(tmp_path / "b"), "--device", "cpu", "--ray", "local")
+    assert there["captioned"] == here["captioned"] == 6 and there["checkpoints"] >= 1
+    a, b = _captions_of(tmp_path / "a"), _captions_of(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) == 6
+    for name, (text, logprob) in a.items():
+        assert b[name][0] == text and abs(b[name][1] - logprob) <= 1e-4, name
+    # a file edited since it was indexed is not captioned from its new content
+    (src / "s01.png").write_bytes((src / "s02.png").read_bytes())
+    other = run("caption", "--index", str(tmp_path / "b"), "--device", "cpu", "--ray", "local", "--beams", "2")
+    assert other["failed"] == {"changed since indexing": 1} and other["captioned"] == 5
+    import ray
+
+    assert ray.is_initialized()  # joined, not started, by the commands: left running
+
+
+def test_caption_ray_refuses_a_dataset_and_names_the_extra(tmp_path: Path, monkeypatch, capsys) -> None:
+    from cocatk.errors import UsageError
+    from cocatk.models import load_model
+    from cocatk.recaption import recaption
+
+    with pytest.raises(UsageError, match="hf:"):
+        recaption(["hf:some/dataset"], tmp_path / "o.jsonl", load_model("demo", device="cpu"), captioner=object())
+    assert not (tmp_path / "o.jsonl").exists()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    rc = main(["caption", str(tmp_path), "--output", str(tmp_path / "o.jsonl"), *DEMO, "--ray", "local"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cocatk[ray]" in err and len(err.strip().splitlines()) == 1, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +13,7 @@ from rich.text import Text
 from ..paths import display_path
 from . import options
 from .progress import progress_bar
-from .render import err, note, out, print_json, print_table, warn
+from .render import err, note, out, print_json, print_table, stdout_to_stderr, warn
 
 Strategy = Annotated[str | None, typer.Option("--strategy", help="greedy, beam or sample.", show_default="beam")]
 Beams = Annotated[int | None, typer.Option("--beams", help="Beams per image (beam search).", show_default="3")]
@@ -89,6 +90,9 @@ def caption(
     model: options.Model = None,
     pretrained: options.Pretrained = None,
     device: options.Device = None,
+    ray: options.Ray = None,
+    ray_actors: options.RayActors = None,
+    ray_gpus_per_actor: options.RayGpusPerActor = None,
     json_: options.Json = False,
 ) -> None:
     """Caption images with CoCa's decoder: every indexed image without a caption for these settings (resumable), or,
@@ -107,26 +111,42 @@ def caption(
         temperature=temperature,
         seed=seed,
     )
+    if ray is not None:
+        from ..retrieval.ray_encoder import require_ray
+
+        require_ray()  # without the extra: one line naming it, before anything is loaded or written
+
+    def captioner(name: str, weights: str) -> Any:
+        if ray is None:
+            return None
+        from ..retrieval.ray_encoder import RayCaptioner
+
+        kwargs = options.ray_kwargs(ray, ray_actors, ray_gpus_per_actor, device)
+        return RayCaptioner(name, weights, batch_size=batch_size, **kwargs)
+
     if output is not None:
         if not paths:
             raise UsageError("--output needs images to caption", hint="pass files, folders or hf:NAME before it")
         from ..models import load_model
         from ..recaption import recaption
 
-        with progress_bar(disable=json_) as progress:
+        with stdout_to_stderr(ray is not None), progress_bar(disable=json_) as progress:
             m = load_model(model, pretrained, device)
-            report = recaption(
-                paths,
-                output,
-                m,
-                config,
-                batch_size=batch_size or 16,
-                workers=workers,
-                limit=limit,
-                split=split,
-                image_column=image_column,
-                progress=progress,
-            )
+            rc = captioner(m.spec.name, m.spec.pretrained)
+            with rc or contextlib.nullcontext():
+                report = recaption(
+                    paths,
+                    output,
+                    m,
+                    config,
+                    batch_size=batch_size or 16,
+                    workers=workers,
+                    limit=limit,
+                    split=split,
+                    image_column=image_column,
+                    progress=progress,
+                    captioner=rc,
+                )
         for message in m.notices():
             warn(message)
         if json_:
@@ -151,11 +171,19 @@ def caption(
     from ..retrieval.index import Index
 
     with (
+        stdout_to_stderr(ray is not None),
         progress_bar(disable=json_) as progress,
         Index.open(index_dir, model=model, pretrained=pretrained, device=device, lock=True) as ix,
+        captioner(ix.manifest["model"], ix.manifest["pretrained"]) or contextlib.nullcontext() as rc,
     ):
         report = caption_index(
-            ix, config, batch_size=batch_size, use_token_cache=cache_tokens, limit=limit, progress=progress
+            ix,
+            config,
+            batch_size=batch_size,
+            use_token_cache=cache_tokens,
+            limit=limit,
+            progress=progress,
+            captioner=rc,
         )
         notices = ix.model.notices()
     for f in report.failures[:20]:

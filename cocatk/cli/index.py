@@ -13,7 +13,7 @@ from rich.text import Text
 from ..paths import display_path
 from . import options
 from .progress import progress_bar
-from .render import err, note, out, print_json, show_path, warn
+from .render import err, note, out, print_json, show_path, stdout_to_stderr, warn
 
 
 def register(app: typer.Typer) -> None:
@@ -77,24 +77,9 @@ def index(
         int, typer.Option("--checkpoint-every", min=1, help="Files per durable checkpoint.")
     ] = 256,
     json_: options.Json = False,
-    ray: Annotated[
-        str | None,
-        typer.Option(
-            "--ray",
-            metavar="ADDRESS",
-            envvar="COCATK_RAY",
-            help="Encode on Ray (pip install 'cocatk\\[ray]'): `local` starts Ray here, `auto` or ray://HOST:PORT "
-            "joins a cluster. Every node must see the files at the same path (a shared filesystem).",
-        ),
-    ] = None,
-    ray_actors: Annotated[
-        int | None,
-        typer.Option("--ray-actors", min=1, help="Model actors (default: one per GPU, or one per 4 CPUs)."),
-    ] = None,
-    ray_gpus_per_actor: Annotated[
-        float | None,
-        typer.Option("--ray-gpus-per-actor", min=0, help="GPUs per model actor (default 1 with GPUs, 0 without)."),
-    ] = None,
+    ray: options.Ray = None,
+    ray_actors: options.RayActors = None,
+    ray_gpus_per_actor: options.RayGpusPerActor = None,
     watch: Annotated[
         bool,
         typer.Option(
@@ -115,7 +100,7 @@ def index(
         from ..retrieval.ray_encoder import require_ray
 
         require_ray()  # without the extra: one line naming it, before any index folder is touched
-    with progress_bar(disable=json_) as progress:
+    with stdout_to_stderr(ray is not None), progress_bar(disable=json_) as progress:
         if progress is not None:
             progress("start", 0, None)
         # lock=True: a second writer is refused before any model is loaded.
@@ -139,9 +124,7 @@ def index(
             encoder = RayEncoder(
                 ix.manifest["model"],
                 ix.manifest["pretrained"],
-                address=None if ray == "local" else ray,
-                actors=ray_actors,
-                gpus_per_actor=0.0 if device == "cpu" and ray_gpus_per_actor is None else ray_gpus_per_actor,
+                **options.ray_kwargs(ray, ray_actors, ray_gpus_per_actor, device),
                 precision=precision,
                 batch_size=batch_size,
                 max_megapixels=max_megapixels,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -91,3 +91,30 @@ Backend = Annotated[
         "the query is text alone and not reranked; else torch), onnx or torch.",
     ),
 ]
+Ray = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        envvar="COCATK_RAY",
+        help="Run the model on Ray (pip install 'cocatk\\[ray]'): `local` starts Ray here, `auto` or "
+        "ray://HOST:PORT joins a cluster. Every node must see the files at the same path (a shared filesystem).",
+    ),
+]
+RayActors = Annotated[
+    int | None,
+    typer.Option("--ray-actors", min=1, help="Model actors (default: one per GPU, or one per 4 CPUs)."),
+]
+RayGpusPerActor = Annotated[
+    float | None,
+    typer.Option("--ray-gpus-per-actor", min=0, help="GPUs per model actor (default 1 with GPUs, 0 without)."),
+]
+
+
+def ray_kwargs(ray: str, actors: int | None, gpus_per_actor: float | None, device: str | None) -> dict[str, Any]:
+    """The Ray options as the keyword arguments of RayEncoder / RayCaptioner (`--device cpu`: CPU actors)."""
+    return {
+        "address": None if ray == "local" else ray,
+        "actors": actors,
+        "gpus_per_actor": 0.0 if device == "cpu" and gpus_per_actor is None else gpus_per_actor,
+    }

@@ -6,6 +6,7 @@ exact bytes with ``--paths`` / ``-0``, and the documented ``path`` / ``path_b64`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,12 @@ def _json_safe(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [_json_safe(v) for v in data]
     return data
+
+
+def stdout_to_stderr(active: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """Inside: what anything writes on stdout goes to stderr. For a `--ray` run: Ray's driver prints its cluster
+    messages ("A worker died ...") on stdout, which must hold only the command's output (`--json`, TSV)."""
+    return contextlib.redirect_stdout(sys.stderr) if active else contextlib.nullcontext()
 
 
 def print_json(data: Any) -> None:

@@ -102,6 +102,7 @@ def caption_index(
     use_token_cache: bool = True,
     limit: int | None = None,
     progress: ProgressCallback | None = None,
+    captioner: Any = None,
 ) -> CaptionReport:
     """Caption every image of ``index`` that has no caption for these settings (model + ``config``).
 
@@ -113,6 +114,10 @@ def caption_index(
         use_token_cache: read decoder tokens from the index's cache when present (else decode the files).
         limit: caption at most this many images in this run (the rest on the next).
         progress: ``progress(stage, done, total)`` with stage ``"caption"``.
+        captioner: a :class:`~cocatk.retrieval.ray_encoder.RayCaptioner` for the index's model: its workers decode
+            the files and its actors generate (the token cache is not used); this process writes the captions, in
+            the same checkpoints. A file whose content changed since it was indexed is skipped ("changed since
+            indexing"): its caption would not describe the indexed image.
 
     Returns:
         A :class:`CaptionReport`.
@@ -149,34 +154,78 @@ def caption_index(
         max_megapixels = index.manifest.get("max_megapixels")
         report_progress("caption", 0, len(todo))
         done = 0
-        for start in range(0, len(todo), bs):
-            rows = todo[start : start + bs]
-            tokens, kept, dropped, source = candidate_tokens(
-                index, [r.id for r in rows], [r.path for r in rows], max_megapixels, use_token_cache
-            )
-            for path, reason in dropped:
-                report.failed[reason] = report.failed.get(reason, 0) + 1
-                report.failures.append({"path": path, "reason": reason, "detail": ""})
-            captions = generate_captions(model, tokens, cfg, batch_size=len(kept)) if kept else []
-            store.begin()
-            try:
-                for j, cap in zip(kept, captions, strict=True):
-                    row = rows[j]
-                    store.put_caption(row.id, key, row.hash, cap.text, cap.logprob)
-                    if len(report.examples) < 5:
-                        report.examples.append({"path": row.path, "caption": cap.text})
-                store.commit()
-            except BaseException:
-                store.rollback()
-                raise
-            report.checkpoints += 1
-            report.captioned += len(captions)
-            report.tokens_from[source] = report.tokens_from.get(source, 0) + len(kept)
-            done += len(rows)
-            report_progress("caption", done, len(todo))
+        if captioner is not None:
+            results = captioner.caption([r.path for r in todo], cfg, draft=True)
+            _store_ray_captions(store, key, todo, results, bs, report, report_progress)
+        else:
+            for start in range(0, len(todo), bs):
+                rows = todo[start : start + bs]
+                tokens, kept, dropped, source = candidate_tokens(
+                    index, [r.id for r in rows], [r.path for r in rows], max_megapixels, use_token_cache
+                )
+                for path, reason in dropped:
+                    report.failed[reason] = report.failed.get(reason, 0) + 1
+                    report.failures.append({"path": path, "reason": reason, "detail": ""})
+                captions = generate_captions(model, tokens, cfg, batch_size=len(kept)) if kept else []
+                store.begin()
+                try:
+                    for j, cap in zip(kept, captions, strict=True):
+                        row = rows[j]
+                        store.put_caption(row.id, key, row.hash, cap.text, cap.logprob)
+                        if len(report.examples) < 5:
+                            report.examples.append({"path": row.path, "caption": cap.text})
+                    store.commit()
+                except BaseException:
+                    store.rollback()
+                    raise
+                report.checkpoints += 1
+                report.captioned += len(captions)
+                report.tokens_from[source] = report.tokens_from.get(source, 0) + len(kept)
+                done += len(rows)
+                report_progress("caption", done, len(todo))
         report.total = store.caption_configs()[key]["count"]
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _store_ray_captions(
+    store: Any, key: str, todo: list[Any], results: Any, bs: int, report: CaptionReport, progress: Any
+) -> None:
+    """Commit a captioner's in-order results, ``bs`` rows per checkpoint (as the local loop does)."""
+    done = 0
+    pending: list[tuple[Any, Any]] = []
+
+    def commit() -> None:
+        if not pending:
+            progress("caption", done, len(todo))
+            return
+        store.begin()
+        try:
+            for row, res in pending:
+                store.put_caption(row.id, key, row.hash, res.caption, res.logprob)
+            store.commit()
+        except BaseException:
+            store.rollback()
+            raise
+        report.checkpoints += 1
+        report.captioned += len(pending)
+        report.tokens_from["files"] = report.tokens_from.get("files", 0) + len(pending)
+        pending.clear()
+        progress("caption", done, len(todo))
+
+    for row, res in zip(todo, results, strict=True):
+        done += 1
+        reason = res.reason or ("changed since indexing" if res.hash != row.hash else "")
+        if reason:
+            report.failed[reason] = report.failed.get(reason, 0) + 1
+            report.failures.append({"path": row.path, "reason": reason, "detail": res.detail})
+        else:
+            pending.append((row, res))
+            if len(report.examples) < 5:
+                report.examples.append({"path": row.path, "caption": res.caption})
+        if len(pending) >= bs:
+            commit()
+    commit()
 
 
 __all__ = ["CaptionReport", "caption_index", "caption_settings", "require_decoder"]

@@ -26,6 +26,10 @@ Fault tolerance: the actors are restartable (``max_restarts=-1``, Ray Data's def
 batches are retried (``max_task_retries=-1``), so a killed actor costs a model load, not the run; a killed driver
 is the updater's business (resume from the last checkpoint, as locally).
 
+:class:`RayCaptioner` (``cocatk caption --ray``) is the same pipeline with CoCa's generator in the actors: captions
+stream back in order to the caller, which writes them (the index's captions table or an output file) in its own
+checkpoints.
+
 ray is imported inside the functions: importing this module is cheap and does not need the ``ray`` extra.
 """
 
@@ -38,6 +42,7 @@ import os
 import socket
 import time
 from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -106,12 +111,13 @@ def _known(ref: Any) -> Collection[str]:
 
 
 def _decode_batch(
-    batch: dict[str, np.ndarray], *, pixels: Any, size: int, max_megapixels: float | None, known_ref: Any
+    batch: dict[str, np.ndarray], *, pixels: Any, draft: int | None, max_megapixels: float | None, known_ref: Any
 ) -> dict[str, Any]:
     """CPU task: read, hash and (unless the content is known) decode + preprocess each file of the batch.
 
     ``pixels`` is the model's preprocessing: a :func:`cocatk.preprocess.describe` dict (the usual case: PIL only,
     (S, S, 3) uint8 out, the actor normalises; no torch in this process) or the transform itself (float32 out).
+    ``draft``: JPEG draft decoding near this size, as the local path that this run must equal does it (None: full).
     """
     from ..preprocess import resize_crop
 
@@ -139,7 +145,7 @@ def _decode_batch(
         if (not batch["need_decode"][i] and h in known) or h in queued:
             continue
         try:
-            image = load_image(data, draft_size=size, max_megapixels=max_megapixels)
+            image = load_image(data, draft_size=draft, max_megapixels=max_megapixels)
             if geometric:
                 out[i] = resize_crop(image, pixels).tobytes()
             else:
@@ -161,8 +167,8 @@ def _decode_batch(
     }
 
 
-class _EmbedActor:
-    """One model per actor (loaded once, in ``__init__``); turns preprocessed pixels into embeddings (+ tokens)."""
+class _ModelActor:
+    """One model per actor (loaded once, in ``__init__``); turns the decode tasks' pixels into the model's input."""
 
     def __init__(
         self,
@@ -170,7 +176,6 @@ class _EmbedActor:
         pretrained: str,
         device: str,
         precision: str | None,
-        tokens: bool,
         threads: int,
         thread_cap: int | None = None,
         norm: dict[str, Any] | None = None,
@@ -194,12 +199,12 @@ class _EmbedActor:
         self.tuner = ThreadTuner()
         self.model = load_model(model, pretrained, device=device, precision=precision)
         self.size = self.model.image_size
-        self.tokens = tokens
         #: The decode tasks' preprocessing description: their pixels are (S, S, 3) uint8 to normalise here; None:
         #: float32 (3, S, S), already normalised.
         self.norm = norm
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def _inputs(self, batch: dict[str, np.ndarray]) -> tuple[Any, list[int], int]:
+        """Pop the batch's pixels: (the model's input for the rows that have pixels, those rows, the batch size)."""
         import torch
 
         marker = os.environ.get(FAULT_ENV)
@@ -209,24 +214,49 @@ class _EmbedActor:
                 os._exit(1)
         pixels = batch.pop("pixels")
         n = len(pixels)
+        todo = [i for i in range(n) if len(pixels[i])]
+        if not todo:
+            return None, todo, n
+        s = self.size
+        if self.norm is not None:
+            from ..preprocess import normalize
+
+            x = normalize(np.stack([np.frombuffer(pixels[i], np.uint8).reshape(s, s, 3) for i in todo]), self.norm)
+        else:
+            x = torch.from_numpy(np.stack([np.frombuffer(pixels[i], np.float32).reshape(3, s, s) for i in todo]))
+        return x, todo, n
+
+    def _tuned(self, run: Any, n: int) -> Any:
+        """``run()`` with the torch threads the tuner picks (CPU), observing its seconds per image."""
+        import torch
+
+        threads = self.tuner.pick(self.thread_cap) if self.thread_cap else 0
+        if threads and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
+        out = run()
+        if threads:
+            self.tuner.observe(threads, (time.perf_counter() - started) / max(1, n))
+        return out
+
+
+class _EmbedActor(_ModelActor):
+    """Pixels to embeddings (+ decoder tokens)."""
+
+    def __init__(self, *args: Any, tokens: bool, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.tokens = tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        x, todo, n = self._inputs(batch)
         emb_out, tok_out = [b""] * n, [b""] * n
         tok_d = np.zeros(n, dtype=np.int64)
-        todo = [i for i in range(n) if len(pixels[i])]
         if todo:
-            s = self.size
-            if self.norm is not None:
-                from ..preprocess import normalize
-
-                x = normalize(np.stack([np.frombuffer(pixels[i], np.uint8).reshape(s, s, 3) for i in todo]), self.norm)
-            else:
-                x = torch.from_numpy(np.stack([np.frombuffer(pixels[i], np.float32).reshape(3, s, s) for i in todo]))
-            threads = self.tuner.pick(self.thread_cap) if self.thread_cap else 0
-            if threads and threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
-            started = time.perf_counter()
-            emb, toks = self.model.encode_images_and_tokens(x, batch_size=len(todo), tokens=self.tokens)
-            if threads:
-                self.tuner.observe(threads, (time.perf_counter() - started) / len(todo))
+            emb, toks = self._tuned(
+                lambda: self.model.encode_images_and_tokens(x, batch_size=len(todo), tokens=self.tokens), len(todo)
+            )
             tok_np = toks.to(torch.float16).cpu().numpy() if toks is not None else None
             for j, i in enumerate(todo):
                 emb_out[i] = emb[j].tobytes()
@@ -240,28 +270,37 @@ class _EmbedActor:
         return batch
 
 
+class _CaptionActor(_ModelActor):
+    """Pixels to captions with CoCa's generator (:func:`cocatk.captioning.generate_captions`)."""
+
+    def __init__(self, *args: Any, config: dict[str, Any], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        from ..captioning import make_config
+
+        self.config = make_config(self.model, config)  # every field set by the driver: its settings, exactly
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from ..captioning import generate_captions
+
+        x, todo, n = self._inputs(batch)
+        text, logprob = [""] * n, np.full(n, np.nan)
+        if todo:
+            caps = self._tuned(lambda: generate_captions(self.model, x, self.config, batch_size=len(todo)), len(todo))
+            for i, cap in zip(todo, caps, strict=True):
+                text[i], logprob[i] = cap.text, cap.logprob
+        batch["caption"] = np.array(text, dtype=object)
+        batch["logprob"] = logprob
+        return batch
+
+
 # ---- driver side ---------------------------------------------------------------------------------------------------
-class RayEncoder:
-    """Encode on a Ray cluster (see the module docstring). Ray starts on the first :meth:`encode`, not before.
+class _RayRun:
+    """What :class:`RayEncoder` and :class:`RayCaptioner` share: Ray's start, the layout of the actor pool, the
+    decode stage, and the in-order stream of results (see the module docstring)."""
 
-    Args:
-        model, pretrained: the index's model (its manifest's ``model`` and ``pretrained``).
-        address: None starts a local Ray in this process; ``auto`` or ``ray://host:port`` joins a cluster.
-        actors: model actors (default: one per GPU / ``gpus_per_actor``, or one per 4 CPUs without GPUs).
-        gpus_per_actor: GPUs per actor (default 1 when the cluster has GPUs, else 0: CPU actors). Fractions share
-            a GPU between actors.
-        batch_size: images per model call (default 128 on a GPU, 32 on a CPU).
-        max_megapixels: as locally, larger images are recorded as ``too large``.
-        precision: ``auto`` (default), ``fp32``, ``bf16``: resolved by each actor for its own device and CPU (see
-            :func:`cocatk.models.resolve_precision`); each embedding's is recorded in the manifest.
-        num_cpus: CPUs of the local Ray this starts (default all); ignored when joining a cluster.
-        thread_cap: the most torch threads a CPU actor may use, tuned per batch from its reserved CPUs up (default:
-            a local Ray's cores per actor; on a cluster the reserved CPUs, i.e. no tuning).
-
-    Example:
-        >>> enc = RayEncoder(ix.manifest["model"], ix.manifest["pretrained"])  # doctest: +SKIP
-        >>> ix.update(["/shared/photos"], encoder=enc)  # doctest: +SKIP
-    """
+    #: Images per model call by default: (on a CPU, on a GPU).
+    default_batch = (32, GPU_BATCH)
+    actor: Any = None
 
     def __init__(
         self,
@@ -290,7 +329,7 @@ class RayEncoder:
         self.thread_cap = thread_cap
         self.workers = 0  # decode CPUs of the cluster, known once Ray is up
         self._started_ray = False
-        #: How the last encode was laid out (actors, GPUs/CPUs per actor, batch size), for reports and benchmarks.
+        #: How the last run was laid out (actors, GPUs/CPUs per actor, batch size), for reports and benchmarks.
         self.plan: dict[str, Any] = {}
 
     # -- Ray --
@@ -328,7 +367,7 @@ class RayEncoder:
             ray.shutdown()
             self._started_ray = False
 
-    def __enter__(self) -> RayEncoder:
+    def __enter__(self) -> Any:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -354,23 +393,11 @@ class RayEncoder:
             "thread_cap": self.thread_cap
             or (max(cpus_per_actor, cpus // actors) if not self.address else cpus_per_actor),
             "device": "cuda" if gpa > 0 else "cpu",
-            "batch_size": self.batch_size or (GPU_BATCH if gpa > 0 else 32),
+            "batch_size": self.batch_size or self.default_batch[gpa > 0],
             "cluster_cpus": cpus,
             "cluster_gpus": gpus,
         }
 
-    def token_shape(self) -> tuple[int, int]:
-        """(T, D) of the decoder tokens, from the model built on the meta device (no weights, no Ray)."""
-        import torch
-
-        from ..models import meta_model
-
-        m, _, size = meta_model(self.model, self.pretrained)
-        _, toks = m._encode_image(torch.zeros(1, 3, size, size, device="meta"), normalize=False)
-        t, d = toks.shape[1:]
-        return int(t), int(d)
-
-    # -- the pipeline --
     def _preprocessing(self) -> tuple[Any, int]:
         """What the decode tasks apply, and the image size (draft decoding): the description of the model's
         transform (torch-free tasks) when it has the standard shape, else the transform itself."""
@@ -381,12 +408,12 @@ class RayEncoder:
         spec = describe(transform)
         return (spec if spec is not None else transform), size
 
-    def _dataset(self, ray: Any, jobs: Sequence[EncodeJob], known: Collection[str], tokens: bool) -> Any:
+    def _dataset(self, ray: Any, items: list[dict[str, Any]], *, draft: bool, known_ref: Any, **actor: Any) -> Any:
+        """``items`` (``pos``, ``path``, ``need_decode``) through the decode tasks and the pool of ``self.actor``
+        (constructed with ``actor`` besides the model's arguments)."""
         plan = self.plan = self._layout(ray)
         self.workers = max(1, plan["cluster_cpus"] - plan["actors"] * plan["cpus_per_actor"])
-        known_ref = ray.put(frozenset(known)) if known else None
         pixels, size = self._preprocessing()
-        items = [{"pos": i, "path": os.fsencode(j.path), "need_decode": j.need_decode} for i, j in enumerate(jobs)]
         # Enough blocks that every decode CPU has work and results stream back in small steps.
         blocks = max(1, min(len(items), -(-len(items) // DECODE_BATCH)))
         ds = ray.data.from_items(items, override_num_blocks=blocks)
@@ -400,13 +427,13 @@ class RayEncoder:
             memory=DECODE_MEMORY,
             fn_kwargs={
                 "pixels": pixels,
-                "size": size,
+                "draft": size if draft else None,
                 "max_megapixels": self.max_megapixels,
                 "known_ref": known_ref,
             },
         )
         return ds.map_batches(
-            _EmbedActor,
+            self.actor,
             batch_size=plan["batch_size"],
             compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
             num_gpus=plan["gpus_per_actor"] or None,
@@ -416,15 +443,84 @@ class RayEncoder:
                 "pretrained": self.pretrained,
                 "device": plan["device"],
                 "precision": self.precision,
-                "tokens": tokens,
                 "threads": plan["cpus_per_actor"],
                 "thread_cap": plan["thread_cap"] if plan["device"] == "cpu" else None,
                 "norm": pixels if isinstance(pixels, dict) else None,
+                **actor,
             },
             # Fault tolerance: Ray Data creates pool actors with max_restarts=-1 and max_task_retries=-1 (its
             # actor_pool_map_operator.py, Ray 2.60): a killed actor is restarted (a model load) and its batch
             # retried; the driver keys results by job position and yields each once, so nothing is lost or doubled.
         )
+
+    def _ordered(self, ds: Any, n: int, timed: StageTimer, kept: str) -> Iterator[tuple[int, dict[str, Any], int]]:
+        """(position, batch, row) for positions 0..n-1 in order, each once, as the cluster finishes blocks. ``kept``
+        says what a failure leaves (the start of the errors' hints)."""
+        buffer: dict[int, tuple[dict[str, Any], int]] = {}
+        nxt = 0
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        first = True
+        while nxt < n:
+            # The wait for the first block is start-up (worker processes, the actors' model loads): its own figure.
+            with timed("ray_first_result" if first else "ray"):
+                first = False
+                try:
+                    batch = next(batches, None)
+                except Exception as e:
+                    raise RayEncoderError(
+                        f"the Ray pipeline failed: {str(e).splitlines()[0][:300]}",
+                        hint=f"{kept}; fix the cause and run again (COCATK_DEBUG=1 shows the workers' traceback)",
+                    ) from e
+            if batch is None:
+                missing = n - nxt - len(buffer)
+                raise RayEncoderError(
+                    f"the Ray pipeline ended with {missing} results missing", hint=f"{kept}; run again to resume"
+                )
+            for i in range(len(batch["pos"])):
+                pos = int(batch["pos"][i])
+                if pos < nxt or pos in buffer:
+                    continue  # a retried block delivered twice: each job is yielded once
+                buffer[pos] = (batch, i)
+            while nxt in buffer:
+                batch_i, i = buffer.pop(nxt)
+                yield nxt, batch_i, i
+                nxt += 1
+
+
+class RayEncoder(_RayRun):
+    """Encode on a Ray cluster (see the module docstring). Ray starts on the first :meth:`encode`, not before.
+
+    Args:
+        model, pretrained: the index's model (its manifest's ``model`` and ``pretrained``).
+        address: None starts a local Ray in this process; ``auto`` or ``ray://host:port`` joins a cluster.
+        actors: model actors (default: one per GPU / ``gpus_per_actor``, or one per 4 CPUs without GPUs).
+        gpus_per_actor: GPUs per actor (default 1 when the cluster has GPUs, else 0: CPU actors). Fractions share
+            a GPU between actors.
+        batch_size: images per model call (default 128 on a GPU, 32 on a CPU).
+        max_megapixels: as locally, larger images are recorded as ``too large``.
+        precision: ``auto`` (default), ``fp32``, ``bf16``: resolved by each actor for its own device and CPU (see
+            :func:`cocatk.models.resolve_precision`); each embedding's is recorded in the manifest.
+        num_cpus: CPUs of the local Ray this starts (default all); ignored when joining a cluster.
+        thread_cap: the most torch threads a CPU actor may use, tuned per batch from its reserved CPUs up (default:
+            a local Ray's cores per actor; on a cluster the reserved CPUs, i.e. no tuning).
+
+    Example:
+        >>> enc = RayEncoder(ix.manifest["model"], ix.manifest["pretrained"])  # doctest: +SKIP
+        >>> ix.update(["/shared/photos"], encoder=enc)  # doctest: +SKIP
+    """
+
+    actor = _EmbedActor
+
+    def token_shape(self) -> tuple[int, int]:
+        """(T, D) of the decoder tokens, from the model built on the meta device (no weights, no Ray)."""
+        import torch
+
+        from ..models import meta_model
+
+        m, _, size = meta_model(self.model, self.pretrained)
+        _, toks = m._encode_image(torch.zeros(1, 3, size, size, device="meta"), normalize=False)
+        t, d = toks.shape[1:]
+        return int(t), int(d)
 
     def encode(
         self, jobs: Sequence[EncodeJob], *, known: Collection[str], tokens: bool, timed: StageTimer
@@ -434,43 +530,20 @@ class RayEncoder:
             return
         with timed("ray_start"):
             ray = self._ray()
-            ds = self._dataset(ray, jobs, known, tokens)
-        buffer: dict[int, Encoded] = {}
-        nxt = 0
+            known_ref = ray.put(frozenset(known)) if known else None
+            items = [{"pos": i, "path": os.fsencode(j.path), "need_decode": j.need_decode} for i, j in enumerate(jobs)]
+            ds = self._dataset(ray, items, draft=True, known_ref=known_ref, tokens=tokens)
         started: set[str] = set()  # contents given an embedding in this call: a later repeat reuses it
-        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
-        first = True
-        while nxt < len(jobs):
-            # The wait for the first block is start-up (worker processes, the actors' model loads): its own figure.
-            with timed("ray_first_result" if first else "ray"):
-                first = False
-                try:
-                    batch = next(batches, None)
-                except Exception as e:
-                    raise RayEncoderError(
-                        f"the Ray pipeline failed: {str(e).splitlines()[0][:300]}",
-                        hint="the index keeps everything up to the last checkpoint; fix the cause and run again "
-                        "(COCATK_DEBUG=1 shows the workers' traceback)",
-                    ) from e
-            if batch is None:
-                missing = len(jobs) - nxt - len(buffer)
-                raise RayEncoderError(
-                    f"the Ray pipeline ended with {missing} results missing", hint="run again: the index resumes"
-                )
-            for i in range(len(batch["pos"])):
-                pos = int(batch["pos"][i])
-                if pos < nxt or pos in buffer:
-                    continue  # a retried block delivered twice: each job is yielded once
-                buffer[pos] = self._result(jobs[pos], batch, i, tokens)
-            while nxt in buffer:
-                res = buffer.pop(nxt)
-                nxt += 1
-                if res.embedding is not None:
-                    if res.hash in started:  # the same content in two blocks: committed as a copy of the first
-                        res.embedding = res.tokens = None
-                    else:
-                        started.add(res.hash or "")
-                yield res
+        for pos, batch, i in self._ordered(
+            ds, len(jobs), timed, "the index keeps everything up to its last checkpoint"
+        ):
+            res = self._result(jobs[pos], batch, i, tokens)
+            if res.embedding is not None:
+                if res.hash in started:  # the same content in two blocks: committed as a copy of the first
+                    res.embedding = res.tokens = None
+                else:
+                    started.add(res.hash or "")
+            yield res
 
     def _result(self, job: EncodeJob, batch: dict[str, np.ndarray], i: int, tokens: bool) -> Encoded:
         out = Encoded(job, read_s=float(batch["read_s"][i]), decode_s=float(batch["decode_s"][i]))
@@ -489,4 +562,65 @@ class RayEncoder:
         return out
 
 
-__all__ = ["FAULT_ENV", "RayEncoder", "RayEncoderError", "require_ray"]
+@dataclass
+class RayCaption:
+    """One file's result from :meth:`RayCaptioner.caption`: a caption, or why there is none."""
+
+    hash: str | None  # of the bytes the worker read
+    caption: str | None = None
+    logprob: float | None = None
+    reason: str = ""  # "" when captioned, else as locally ("unreadable", "truncated", ...)
+    detail: str = ""
+
+
+class RayCaptioner(_RayRun):
+    """Caption files on a Ray cluster: the decode tasks of :class:`RayEncoder`, then an actor pool running CoCa's
+    generator (:func:`cocatk.captioning.generate_captions`); the captions stream back in order to the caller, who
+    writes them (``cocatk caption --ray``: the index's captions table or the output file, checkpointed as locally).
+
+    Arguments as :class:`RayEncoder`'s; ``batch_size`` is images per generator call (default 16, 64 on a GPU).
+
+    Example:
+        >>> with RayCaptioner("coca-l14", "laion2b_s13b_b90k", address="auto") as rc:  # doctest: +SKIP
+        ...     for res in rc.caption(["/shared/a.jpg"], {"strategy": "beam", "num_beams": 3}):
+        ...         print(res.caption)
+    """
+
+    actor = _CaptionActor
+    default_batch = (16, 64)
+
+    def caption(
+        self,
+        paths: Sequence[str],
+        config: Any,
+        *,
+        draft: bool = True,
+        timed: StageTimer | None = None,
+    ) -> Iterator[RayCaption]:
+        """One :class:`RayCaption` per path, in order.
+
+        Args:
+            config: the generation settings (a :class:`~cocatk.captioning.GenerationConfig` or its fields); pass the
+                driver's resolved config so that every actor runs exactly these settings.
+            draft: JPEG draft decoding near the model's input size, as an index run and ``caption_index`` decode;
+                False decodes at full size, as ``recaption`` does locally.
+        """
+        import dataclasses
+
+        if not paths:
+            return
+        timed = timed or (lambda stage: contextlib.nullcontext())
+        fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+        with timed("ray_start"):
+            ray = self._ray()
+            items = [{"pos": i, "path": os.fsencode(p), "need_decode": True} for i, p in enumerate(paths)]
+            ds = self._dataset(ray, items, draft=draft, known_ref=None, config=fields)
+        for _, batch, i in self._ordered(ds, len(paths), timed, "the captions written so far are kept"):
+            out = RayCaption(hash=str(batch["hash"][i]) or None)
+            out.reason, out.detail = str(batch["reason"][i]), str(batch["detail"][i])
+            if not out.reason:
+                out.caption, out.logprob = str(batch["caption"][i]), float(batch["logprob"][i])
+            yield out
+
+
+__all__ = ["FAULT_ENV", "RayCaption", "RayCaptioner", "RayEncoder", "RayEncoderError", "require_ray"]
