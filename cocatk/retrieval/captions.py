@@ -167,20 +167,8 @@ def caption_index(
                     report.failed[reason] = report.failed.get(reason, 0) + 1
                     report.failures.append({"path": path, "reason": reason, "detail": ""})
                 captions = generate_captions(model, tokens, cfg, batch_size=len(kept)) if kept else []
-                store.begin()
-                try:
-                    for j, cap in zip(kept, captions, strict=True):
-                        row = rows[j]
-                        store.put_caption(row.id, key, row.hash, cap.text, cap.logprob)
-                        if len(report.examples) < 5:
-                            report.examples.append({"path": row.path, "caption": cap.text})
-                    store.commit()
-                except BaseException:
-                    store.rollback()
-                    raise
-                report.checkpoints += 1
-                report.captioned += len(captions)
-                report.tokens_from[source] = report.tokens_from.get(source, 0) + len(kept)
+                made = [(rows[j], cap.text, cap.logprob) for j, cap in zip(kept, captions, strict=True)]
+                _checkpoint(store, key, made, source, report)
                 done += len(rows)
                 report_progress("caption", done, len(todo))
         report.total = store.caption_configs()[key]["count"]
@@ -188,29 +176,34 @@ def caption_index(
     return report
 
 
+def _checkpoint(store: Any, key: str, made: list[tuple[Any, str, float | None]], source: str, report: Any) -> None:
+    """One checkpoint: the captions ``made`` (row, text, log-prob) committed together, or none of them."""
+    store.begin()
+    try:
+        for row, text, logprob in made:
+            store.put_caption(row.id, key, row.hash, text, logprob)
+        store.commit()
+    except BaseException:
+        store.rollback()
+        raise
+    for row, text, _ in made[: max(0, 5 - len(report.examples))]:
+        report.examples.append({"path": row.path, "caption": text})
+    report.checkpoints += 1
+    report.captioned += len(made)
+    report.tokens_from[source] = report.tokens_from.get(source, 0) + len(made)
+
+
 def _store_ray_captions(
     store: Any, key: str, todo: list[Any], results: Any, bs: int, report: CaptionReport, progress: Any
 ) -> None:
     """Commit a captioner's in-order results, ``bs`` rows per checkpoint (as the local loop does)."""
     done = 0
-    pending: list[tuple[Any, Any]] = []
+    pending: list[tuple[Any, str, float | None]] = []
 
     def commit() -> None:
-        if not pending:
-            progress("caption", done, len(todo))
-            return
-        store.begin()
-        try:
-            for row, res in pending:
-                store.put_caption(row.id, key, row.hash, res.caption, res.logprob)
-            store.commit()
-        except BaseException:
-            store.rollback()
-            raise
-        report.checkpoints += 1
-        report.captioned += len(pending)
-        report.tokens_from["files"] = report.tokens_from.get("files", 0) + len(pending)
-        pending.clear()
+        if pending:
+            _checkpoint(store, key, pending, "files", report)
+            pending.clear()
         progress("caption", done, len(todo))
 
     for row, res in zip(todo, results, strict=True):
@@ -220,9 +213,7 @@ def _store_ray_captions(
             report.failed[reason] = report.failed.get(reason, 0) + 1
             report.failures.append({"path": row.path, "reason": reason, "detail": res.detail})
         else:
-            pending.append((row, res))
-            if len(report.examples) < 5:
-                report.examples.append({"path": row.path, "caption": res.caption})
+            pending.append((row, res.caption, res.logprob))
         if len(pending) >= bs:
             commit()
     commit()
