@@ -125,10 +125,19 @@ def test_decode_task_and_actor_give_the_local_embeddings(tmp_path: Path) -> None
 
 
 def _decode_and_embed(paths: list[Path], model, spec: dict, want: np.ndarray) -> None:
+    from cocatk.images import load_image
     from cocatk.retrieval.ray_encoder import _EmbedActor
 
+    reference = torch.stack([model.preprocess(load_image(p, draft_size=model.image_size)) for p in paths[:-1]])
     for pixels, norm in ((spec, spec), (model.preprocess, None)):
         out = _decode(paths, pixels, model.image_size)
+        s = model.image_size
+        shipped = [np.frombuffer(b, np.uint8 if norm else np.float32) for b in out["pixels"][:-1]]
+        if norm:  # the model's input, bit for bit: what the actor builds from the uint8 pixels
+            x = normalize(np.stack([b.reshape(s, s, 3) for b in shipped]), spec)
+        else:
+            x = torch.from_numpy(np.stack([b.reshape(3, s, s) for b in shipped]))
+        assert torch.equal(x, reference)
         assert out["reason"][-1] == "not an image" and out["pixels"][-1] == b""
         per_image = model.image_size**2 * 3 * (1 if norm else 4)
         assert all(len(b) == per_image for b in out["pixels"][:-1])

@@ -275,7 +275,8 @@ DEMO = ["--model", "demo", "--device", "cpu"]
 
 
 def _scene_photos(folder: Path) -> Path:
-    """Demo scenes the demo model captions (PNG, and one as JPEG: decoded at full size, as locally), a broken file."""
+    """Demo scenes the demo model captions (PNG, and one as JPEG: decoded at full size, as locally), a copy of one
+    (a decode task sends a content once), a broken file."""
     from PIL import Image
 
     from cocatk.demo.quality import EVAL_SEED
@@ -285,6 +286,7 @@ def _scene_photos(folder: Path) -> Path:
     for i, scene in enumerate(iter_scenes(EVAL_SEED, 5, namespace="eval-pairs")):
         render_scene(scene, 64).save(folder / f"s{i:02d}.png")
     Image.open(folder / "s00.png").convert("RGB").resize((200, 150)).save(folder / "big.jpg", quality=90)
+    shutil.copy(folder / "s03.png", folder / "dup.png")
     (folder / "broken.png").write_bytes(b"not a png")
     return folder
 
@@ -315,7 +317,7 @@ def test_ray_caption_equals_local_caption(tmp_path: Path, ray_local: Path, capsy
         "caption", str(src), "--output", str(tmp_path / "ray.jsonl"), *DEMO, "--ray", "local", "--batch-size", "2"
     )
     assert not ray_local.exists(), "the actor was not killed"
-    assert remote["captioned"] == local["captioned"] == 6 and remote["failed"] == local["failed"] == {"not an image": 1}
+    assert remote["captioned"] == local["captioned"] == 7 and remote["failed"] == local["failed"] == {"not an image": 1}
     by_source = {}
     for name in ("local", "ray"):
         records = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
@@ -324,10 +326,11 @@ def test_ray_caption_equals_local_caption(tmp_path: Path, ray_local: Path, capsy
     for source, a in by_source["local"].items():
         b = by_source["ray"][source]
         assert (a["caption"], a["error"], a["settings"]) == (b["caption"], b["error"], b["settings"]), source
+        assert a["caption"] or a["error"]
         if a["logprob"] is not None:
             assert abs(a["logprob"] - b["logprob"]) <= 1e-4
     again = run("caption", str(src), "--output", str(tmp_path / "ray.jsonl"), *DEMO, "--ray", "local")
-    assert again["already"] == 7 and again["captioned"] == 0
+    assert again["already"] == 8 and again["captioned"] == 0
 
     # into an index: two copies of one index, captioned here and on Ray
     assert main(["index", str(src), "--index", str(tmp_path / "a"), *DEMO, "--json"]) == 0
@@ -335,15 +338,17 @@ def test_ray_caption_equals_local_caption(tmp_path: Path, ray_local: Path, capsy
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     here = run("caption", "--index", str(tmp_path / "a"), "--device", "cpu", "--no-cache-tokens")
     there = run("caption", "--index", str(tmp_path / "b"), "--device", "cpu", "--ray", "local")
-    assert there["captioned"] == here["captioned"] == 6 and there["checkpoints"] >= 1
+    assert there["captioned"] == here["captioned"] == 7 and there["checkpoints"] >= 1
     a, b = _captions_of(tmp_path / "a"), _captions_of(tmp_path / "b")
-    assert a.keys() == b.keys() and len(a) == 6
+    assert a.keys() == b.keys() and len(a) == 7 and a["dup.png"] == a["s03.png"]
     for name, (text, logprob) in a.items():
         assert b[name][0] == text and abs(b[name][1] - logprob) <= 1e-4, name
     # a file edited since it was indexed is not captioned from its new content
     (src / "s01.png").write_bytes((src / "s02.png").read_bytes())
     other = run("caption", "--index", str(tmp_path / "b"), "--device", "cpu", "--ray", "local", "--beams", "2")
-    assert other["failed"] == {"changed since indexing": 1} and other["captioned"] == 5
+    assert other["failed"] == {"changed since indexing": 1} and other["captioned"] == 6
+    with contextlib.closing(sqlite3.connect(tmp_path / "b" / "index.sqlite")) as db:
+        assert db.execute("SELECT count(*) FROM captions WHERE text = ''").fetchone()[0] == 0
     import ray
 
     assert ray.is_initialized()  # joined, not started, by the commands: left running
@@ -362,3 +367,26 @@ def test_caption_ray_refuses_a_dataset_and_names_the_extra(tmp_path: Path, monke
     rc = main(["caption", str(tmp_path), "--output", str(tmp_path / "o.jsonl"), *DEMO, "--ray", "local"])
     err = capsys.readouterr().err
     assert rc == 1 and "cocatk[ray]" in err and len(err.strip().splitlines()) == 1, err
+
+
+@needs_ray
+def test_results_come_back_in_order_once_whatever_the_blocks_order() -> None:
+    """_ordered against blocks that arrive out of order and twice (a retried block): every position once, in order;
+    a pipeline that ends early is an error that says what is kept."""
+    from cocatk.retrieval.ray_encoder import RayCaptioner, RayEncoderError
+
+    class Blocks:
+        def __init__(self, blocks: list[list[int]]) -> None:
+            self.blocks = blocks
+
+        def iter_batches(self, **kwargs):
+            for block in self.blocks:
+                yield {"pos": np.array(block), "value": np.array([10 * p for p in block])}
+
+    run = RayCaptioner("demo", "none")
+    blocks = [[4, 5], [0, 1], [6], [2, 3], [0, 1], [7, 8, 9], [4, 5]]
+    got = [(pos, int(batch["value"][i])) for pos, batch, i in run._ordered(Blocks(blocks), 10, _timed, "kept")]
+    assert got == [(p, 10 * p) for p in range(10)]
+    with pytest.raises(RayEncoderError, match="2 results missing") as e:
+        list(run._ordered(Blocks([[0, 1], [3]]), 5, _timed, "the captions written so far are kept"))
+    assert "the captions written so far are kept" in e.value.one_line()

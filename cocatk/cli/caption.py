@@ -116,13 +116,19 @@ def caption(
 
         require_ray()  # without the extra: one line naming it, before anything is loaded or written
 
-    def captioner(name: str, weights: str) -> Any:
+    def captioner(name: str, weights: str, max_megapixels: float | None = None) -> Any:
         if ray is None:
             return None
+        from ..images import DEFAULT_MAX_MEGAPIXELS
         from ..retrieval.ray_encoder import RayCaptioner
 
         kwargs = options.ray_kwargs(ray, ray_actors, ray_gpus_per_actor, device)
-        return RayCaptioner(name, weights, batch_size=batch_size, **kwargs)
+        limit = DEFAULT_MAX_MEGAPIXELS if max_megapixels is None else max_megapixels
+        return RayCaptioner(name, weights, batch_size=batch_size, max_megapixels=limit, **kwargs)
+
+    # With --ray the model runs in the actors: this process keeps its copy (settings, the decoder check) on the CPU,
+    # not on a GPU an actor needs.
+    here = options.driver_device(ray, device)
 
     if output is not None:
         if not paths:
@@ -131,7 +137,7 @@ def caption(
         from ..recaption import recaption
 
         with stdout_to_stderr(ray is not None), progress_bar(disable=json_) as progress:
-            m = load_model(model, pretrained, device)
+            m = load_model(model, pretrained, here)
             rc = captioner(m.spec.name, m.spec.pretrained)
             with rc or contextlib.nullcontext():
                 report = recaption(
@@ -173,8 +179,9 @@ def caption(
     with (
         stdout_to_stderr(ray is not None),
         progress_bar(disable=json_) as progress,
-        Index.open(index_dir, model=model, pretrained=pretrained, device=device, lock=True) as ix,
-        captioner(ix.manifest["model"], ix.manifest["pretrained"]) or contextlib.nullcontext() as rc,
+        Index.open(index_dir, model=model, pretrained=pretrained, device=here, lock=True) as ix,
+        captioner(ix.manifest["model"], ix.manifest["pretrained"], ix.manifest.get("max_megapixels"))
+        or contextlib.nullcontext() as rc,
     ):
         report = caption_index(
             ix,

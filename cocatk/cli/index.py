@@ -108,7 +108,7 @@ def index(
             index_dir,
             model=model,
             pretrained=pretrained,
-            device=device,
+            device=options.driver_device(ray, device),
             precision=precision,
             create=True,
             rebuild=rebuild,

@@ -118,3 +118,9 @@ def ray_kwargs(ray: str, actors: int | None, gpus_per_actor: float | None, devic
         "actors": actors,
         "gpus_per_actor": 0.0 if device == "cpu" and gpus_per_actor is None else gpus_per_actor,
     }
+
+
+def driver_device(ray: str | None, device: str | None) -> str | None:
+    """Where this process loads its own model: with `--ray` the actors encode, so the driver's copy (the index's
+    manifest, the ONNX text export, caption settings) stays on the CPU instead of taking GPU memory an actor needs."""
+    return "cpu" if ray is not None else device

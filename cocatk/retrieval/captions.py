@@ -214,7 +214,7 @@ def _store_ray_captions(
             report.failures.append({"path": row.path, "reason": reason, "detail": res.detail})
         else:
             pending.append((row, res.caption, res.logprob))
-        if len(pending) >= bs:
+        if done % bs == 0:  # a checkpoint every bs rows, as locally (failures count)
             commit()
     commit()
 

@@ -283,13 +283,14 @@ class _CaptionActor(_ModelActor):
         from ..captioning import generate_captions
 
         x, todo, n = self._inputs(batch)
-        text, logprob = [""] * n, np.full(n, np.nan)
+        text, logprob, done = [""] * n, np.full(n, np.nan), np.zeros(n, dtype=bool)
         if todo:
             caps = self._tuned(lambda: generate_captions(self.model, x, self.config, batch_size=len(todo)), len(todo))
             for i, cap in zip(todo, caps, strict=True):
-                text[i], logprob[i] = cap.text, cap.logprob
+                text[i], logprob[i], done[i] = cap.text, cap.logprob, True
         batch["caption"] = np.array(text, dtype=object)
         batch["logprob"] = logprob
+        batch["captioned"] = done  # False with no reason: the content repeats an earlier file of its decode task
         return batch
 
 
@@ -329,6 +330,7 @@ class _RayRun:
         self.thread_cap = thread_cap
         self.workers = 0  # decode CPUs of the cluster, known once Ray is up
         self._started_ray = False
+        self._pixels: tuple[Any, int] | None = None  # the decode tasks' preprocessing (see _preprocessing)
         #: How the last run was laid out (actors, GPUs/CPUs per actor, batch size), for reports and benchmarks.
         self.plan: dict[str, Any] = {}
 
@@ -348,6 +350,9 @@ class _RayRun:
             try:
                 ray.init(**kwargs)
             except Exception as e:
+                if not self.address:  # a local Ray that failed half-way: stop whatever it started
+                    with contextlib.suppress(Exception):
+                        ray.shutdown()
                 raise RayEncoderError(
                     f"cannot start or join Ray ({self.address or 'local'}): {str(e).splitlines()[0][:200]}",
                     hint="check the address (`ray status` on the head node), or drop the address for a local Ray",
@@ -404,9 +409,11 @@ class _RayRun:
         from ..models import meta_model
         from ..preprocess import describe
 
-        _, transform, size = meta_model(self.model, self.pretrained)
-        spec = describe(transform)
-        return (spec if spec is not None else transform), size
+        if self._pixels is None:
+            _, transform, size = meta_model(self.model, self.pretrained)
+            spec = describe(transform)
+            self._pixels = ((spec if spec is not None else transform), size)
+        return self._pixels
 
     def _dataset(self, ray: Any, items: list[dict[str, Any]], *, draft: bool, known_ref: Any, **actor: Any) -> Any:
         """``items`` (``pos``, ``path``, ``need_decode``) through the decode tasks and the pool of ``self.actor``
@@ -615,11 +622,18 @@ class RayCaptioner(_RayRun):
             ray = self._ray()
             items = [{"pos": i, "path": os.fsencode(p), "need_decode": True} for i, p in enumerate(paths)]
             ds = self._dataset(ray, items, draft=draft, known_ref=None, config=fields)
+        made: dict[str, tuple[str, float]] = {}  # content hash -> its caption, for later files with that content
         for _, batch, i in self._ordered(ds, len(paths), timed, "the captions written so far are kept"):
             out = RayCaption(hash=str(batch["hash"][i]) or None)
             out.reason, out.detail = str(batch["reason"][i]), str(batch["detail"][i])
-            if not out.reason:
+            if out.reason:
+                yield out
+                continue
+            if batch["captioned"][i]:
                 out.caption, out.logprob = str(batch["caption"][i]), float(batch["logprob"][i])
+                made[out.hash or ""] = (out.caption, out.logprob)
+            else:  # a decode task sends a content once: the same bytes earlier in this run (so earlier in order)
+                out.caption, out.logprob = made[out.hash or ""]
             yield out
 
 
