@@ -121,6 +121,7 @@ def ray_kwargs(ray: str, actors: int | None, gpus_per_actor: float | None, devic
 
 
 def driver_device(ray: str | None, device: str | None) -> str | None:
-    """Where this process loads its own model: with `--ray` the actors encode, so the driver's copy (the index's
-    manifest, the ONNX text export, caption settings) stays on the CPU instead of taking GPU memory an actor needs."""
+    """Where this process loads its own model: with `--ray` the actors encode, so the driver's copy (checked and
+    recorded in a new index's manifest, caption settings) stays on the CPU instead of taking GPU memory an actor
+    needs."""
     return "cpu" if ray is not None else device
