@@ -612,6 +612,21 @@ def load_model(
         return _CACHE[key]
 
 
+def _create(spec: ModelSpec, device: str) -> tuple[Any, Any]:
+    """open_clip's model of ``spec`` (no weights read) and its preprocessing with the weights' own settings."""
+    import open_clip
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.arch, pretrained=None, device=device, **_preprocess_kwargs(spec)
+        )
+    except Exception as e:
+        raise ModelConfigError(
+            f"cannot build {spec.arch}: {e}", hint="check the model config (see ../shared/COCA_NOTES.md rules)"
+        ) from e
+    return model, preprocess
+
+
 def _preprocess_kwargs(spec: ModelSpec) -> dict[str, Any]:
     """The weights' own preprocessing (SigLIP: mean/std 0.5, squash resize; EVA, OpenAI CLIP: their own), as
     ``create_model_and_transforms`` overrides: open_clip applies it only when it loads a tag itself, and cocatk
@@ -643,13 +658,7 @@ def meta_model(name: str | None = None, pretrained: str | None = None) -> tuple[
     try:
         # Parameters created on the meta device: their initialisation is skipped (1.5 s for coca_ViT-B-32 otherwise).
         with torch.device("meta"):
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.arch, pretrained=None, device="meta", **_preprocess_kwargs(spec)
-            )
-    except Exception as e:
-        raise ModelConfigError(
-            f"cannot build {spec.arch}: {e}", hint="check the model config (see ../shared/COCA_NOTES.md rules)"
-        ) from e
+            model, preprocess = _create(spec, "meta")
     finally:
         logging.disable(previous)
     size = model.visual.image_size
@@ -671,7 +680,6 @@ def _build(spec: ModelSpec, device: str, precision: str, notice: str | None = No
     # A checkpoint replaces every parameter: build without initialising them and take the file's tensors (memory
     # mapped) as the parameters. open_clip's numpy checkpoints (big_vision .npz/.npy) keep its own loader.
     mapped = weights is not None and Path(weights).suffix not in (".npz", ".npy")
-    pp_kwargs = _preprocess_kwargs(spec)
 
     # Build on the CPU under a fixed seed so random weights are identical in every process and on every device.
     # open_clip logs "initialized randomly" on the root logger; cocatk reports that itself (ClipModel.is_random).
@@ -683,14 +691,7 @@ def _build(spec: ModelSpec, device: str, precision: str, notice: str | None = No
         torch.manual_seed(RANDOM_SEED)
         if mapped:
             stack.enter_context(_skip_param_init())
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.arch, pretrained=None, device="cpu", **pp_kwargs
-            )
-        except Exception as e:
-            raise ModelConfigError(
-                f"cannot build {spec.arch}: {e}", hint="check the model config (see ../shared/COCA_NOTES.md rules)"
-            ) from e
+        model, preprocess = _create(spec, "cpu")
         if kind == "random" and spec.has_decoder:
             _init_decoder_projection(model)
     if weights is not None:

@@ -278,10 +278,7 @@ def recaption(
             if batch:
                 caps = generate_captions(model, [im for _, im in batch], cfg, batch_size=len(batch))
                 for (item, _), cap in zip(batch, caps, strict=True):
-                    records.append(_record(item.key, cap.text, cap.logprob, None, model, key))
-                    if len(report.examples) < 5:
-                        report.examples.append({"source": text_path(item.key), "caption": cap.text})
-                report.captioned += len(batch)
+                    _add(report, records, item.key, model, key, caption=cap.text, logprob=cap.logprob)
             writer.write(records)
             count += len(batch) + sum(1 for r in records if r["error"])
             batch.clear()
@@ -295,9 +292,7 @@ def recaption(
         threads = max(1, min(8, os.cpu_count() or 1)) if workers is None else workers
         for item, image, error in _decoded(todo, threads):
             if image is None:
-                reason = error or "decode error"
-                report.failed[reason.split(" (")[0]] = report.failed.get(reason.split(" (")[0], 0) + 1
-                records.append(_record(item.key, None, None, reason, model, key))
+                _add(report, records, item.key, model, key, error=error or "decode error")
             else:
                 batch.append((item, image))
             if len(batch) >= batch_size:
@@ -331,14 +326,9 @@ def _caption_on_ray(
     done = 0
     for item, res in zip(todo, captioner.caption([it.path for it in todo], cfg, draft=False), strict=True):
         if res.reason:
-            report.failed[res.reason] = report.failed.get(res.reason, 0) + 1
-            error = res.reason + (f" ({res.detail})" if res.detail else "")
-            records.append(_record(item.key, None, None, error, model, key))
+            _add(report, records, item.key, model, key, error=res.reason + (f" ({res.detail})" if res.detail else ""))
         else:
-            records.append(_record(item.key, res.caption, res.logprob, None, model, key))
-            report.captioned += 1
-            if len(report.examples) < 5:
-                report.examples.append({"source": text_path(item.key), "caption": res.caption or ""})
+            _add(report, records, item.key, model, key, caption=res.caption, logprob=res.logprob)
         done += 1
         if len(records) >= batch_size:
             writer.write(records)
@@ -346,6 +336,29 @@ def _caption_on_ray(
             progress("caption", done, len(todo))
     writer.write(records)
     progress("caption", done, len(todo))
+
+
+def _add(
+    report: RecaptionReport,
+    records: list[dict[str, Any]],
+    source: str,
+    model: Any,
+    key: str,
+    *,
+    caption: str | None = None,
+    logprob: float | None = None,
+    error: str | None = None,
+) -> None:
+    """One source's record, counted in the report: a failure by its reason (the text before " (detail)"), or a
+    caption (the first five are the report's examples)."""
+    records.append(_record(source, caption, logprob, error, model, key))
+    if error is not None:
+        reason = error.split(" (")[0]
+        report.failed[reason] = report.failed.get(reason, 0) + 1
+    else:
+        report.captioned += 1
+        if len(report.examples) < 5:
+            report.examples.append({"source": text_path(source), "caption": caption or ""})
 
 
 def _record(source: str, caption: str | None, logprob: float | None, error: str | None, model: Any, key: str) -> dict:

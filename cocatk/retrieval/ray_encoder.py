@@ -35,6 +35,7 @@ ray is imported inside the functions: importing this module is cheap and does no
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -622,7 +623,9 @@ class RayCaptioner(_RayRun):
             ray = self._ray()
             items = [{"pos": i, "path": os.fsencode(p), "need_decode": True} for i, p in enumerate(paths)]
             ds = self._dataset(ray, items, draft=draft, known_ref=None, config=fields)
-        made: dict[str, tuple[str, float]] = {}  # content hash -> its caption, for later files with that content
+        # content hash -> caption of the recent files: a decode task sends a content once, so a repeat's first copy is
+        # among the last DECODE_BATCH files (bounded: a 100M-file run must not keep every caption)
+        made: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
         for _, batch, i in self._ordered(ds, len(paths), timed, "the captions written so far are kept"):
             out = RayCaption(hash=str(batch["hash"][i]) or None)
             out.reason, out.detail = str(batch["reason"][i]), str(batch["detail"][i])
@@ -632,8 +635,13 @@ class RayCaptioner(_RayRun):
             if batch["captioned"][i]:
                 out.caption, out.logprob = str(batch["caption"][i]), float(batch["logprob"][i])
                 made[out.hash or ""] = (out.caption, out.logprob)
-            else:  # a decode task sends a content once: the same bytes earlier in this run (so earlier in order)
+                made.move_to_end(out.hash or "")
+                if len(made) > DECODE_BATCH:
+                    made.popitem(last=False)
+            elif (out.hash or "") in made:  # the same bytes earlier in its decode task (so earlier in order)
                 out.caption, out.logprob = made[out.hash or ""]
+            else:  # not expected (a decode task's files are in order): recorded, and the next run captions it
+                out.reason, out.detail = "not captioned", "a repeat of a file captioned after it; run again"
             yield out
 
 
