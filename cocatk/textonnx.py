@@ -46,8 +46,9 @@ from . import config
 if TYPE_CHECKING:  # pragma: no cover
     from .models import ClipModel
 
-#: Bumped when the files or their meaning change: older exports are then ignored (and re-made).
-FORMAT = 2
+#: Bumped when the files or their meaning change: older exports are then ignored, re-made, and removed once the new
+#: one is written. 3: CoCa's graph also returns the token embeddings, and the decoder is exported beside it.
+FORMAT = 3
 GRAPH, WEIGHTS, TOKENIZER, META = "text.onnx", "text.onnx.data", "tokenizer.json", "meta.json"
 #: Largest |difference| allowed between an ONNX and a torch fp32 embedding component at export (measured 1.6e-7 on
 #: coca_ViT-B-32 and 9e-8 on the demo model: the same float32 arithmetic in another order).
@@ -97,6 +98,8 @@ class TextOnnx:
         self._tokenizer: Any = None
         self._pattern: Any = None
         self._lock = threading.Lock()
+        self._last: tuple[str, tuple[np.ndarray, np.ndarray | None, np.ndarray]] | None = None
+        self._decoder: Any = None
 
     # ---- facts ---------------------------------------------------------------------------------------------
     @property
@@ -147,14 +150,87 @@ class TextOnnx:
         """L2-normalised float32 embeddings (N, D), as :meth:`cocatk.models.ClipModel.encode_texts`."""
         if isinstance(texts, str):
             texts = [texts]
+        if len(texts) == 1:
+            return self._one_text(texts[0])[0][None].copy()
         session = self._load()[0]
         out = [
-            session.run(None, {"ids": self.tokenize(texts[i : i + batch_size])})[0]
+            session.run(["emb"], {"ids": self.tokenize(texts[i : i + batch_size])})[0]
             for i in range(0, len(texts), batch_size)
         ]
         if not out:
             return np.zeros((0, self.embed_dim), np.float32)
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def _one_text(self, text: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(embedding (D,), token embeddings (context, D) or None without a decoder, ids (context,)) of one text;
+        the last text's are kept, so a search's stage 1 and rerank run the text tower once."""
+        if self._last is not None and self._last[0] == text:
+            return self._last[1]
+        ids = self.tokenize([text])
+        outs = self._load()[0].run(None, {"ids": ids})
+        result = (outs[0][0], outs[1][0] if len(outs) > 1 else None, ids[0])
+        self._last = (text, result)
+        return result
+
+    # ---- the decoder (CoCa): caption log-likelihood from cached image tokens ---------------------------------
+    @property
+    def can_rerank(self) -> bool:
+        """True when the decoder was exported (and checked) beside the text tower."""
+        return self.has_decoder and "decoder" in self.meta
+
+    def caption_ids(self, text: str) -> np.ndarray:
+        """[SOT, words..., EOT] (L+1,) int64, as :meth:`cocatk.models.CocaModel._caption_ids`: cut after the first
+        EOT (id 0 is the real token '!').
+
+        Raises:
+            UsageError: an empty text.
+        """
+        from .errors import UsageError
+
+        if not text or not text.strip():
+            raise UsageError("empty query text", hint="pass a non-empty text to score")
+        ids = self._one_text(text)[2]
+        ends = np.flatnonzero(ids == int(self.meta["eot"]))
+        return ids[: int(ends[0]) + 1 if len(ends) else len(ids)]
+
+    def caption_token_count(self, text: str) -> int:
+        """How many tokens :meth:`caption_loglik` scores for ``text``: its words plus the EOT."""
+        return len(self.caption_ids(text)) - 1
+
+    def caption_loglik(self, text: str, image_tokens: Any) -> np.ndarray:
+        """log p(text | image) for one text against K images' decoder tokens (K, T, D) (a numpy array or a CPU
+        tensor; float16 as cached), as :meth:`cocatk.models.CocaModel.caption_loglik` computes it in float32.
+
+        Returns:
+            float64 (K,) summed log-probabilities (nats).
+
+        Raises:
+            UsageError: an empty text, or tokens of another shape than the model's.
+            ExportUnreadableError: the decoder graph cannot be loaded.
+        """
+        from .errors import UsageError
+
+        tokens = np.asarray(image_tokens)
+        shape = tuple(self.meta["decoder"]["token_shape"])
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != shape:
+            raise UsageError(
+                f"expected image tokens of shape (K, {shape[0]}, {shape[1]}), got {tuple(tokens.shape)}",
+                hint="pass the decoder tokens of this model (an index's token cache)",
+            )
+        ids = self.caption_ids(text)
+        steps = len(ids) - 1
+        token_embs = self._one_text(text)[1]
+        assert token_embs is not None  # can_rerank: the graph returns them
+        embs = token_embs[None, :steps]
+        return self.decoder().loglik(embs, ids[None, 1:], tokens)
+
+    def decoder(self) -> Any:
+        """The decoder graph (:class:`cocatk.decoderonnx.DecoderOnnx`), opened on first use."""
+        from .decoderonnx import DecoderOnnx
+
+        if self._decoder is None:
+            self._decoder = DecoderOnnx(self.folder, self.meta["decoder"])
+        return self._decoder
 
     def load(self) -> TextOnnx:
         """Load the graph and the tokenizer now (else the first query does); returns self.
@@ -183,15 +259,13 @@ class TextOnnx:
                         hint="reinstall them (`pip install --force-reinstall onnxruntime tokenizers`), or use "
                         "--backend torch",
                     ) from e
-                opts = ort.SessionOptions()
+                from .decoderonnx import session_options
+
                 # One thread, like torch's text queries: a query is ~60 ms, and a second spinning thread beside
-                # another program costs far more than it gains (benchmarks/RESULTS.md section 5.1).
-                opts.intra_op_num_threads = 1
-                opts.inter_op_num_threads = 1
-                opts.log_severity_level = 3  # ONNX Runtime's own warnings would reach the user's terminal
-                # No weight pre-packing: the session opens in 0.18 s instead of 0.38 s (coca_ViT-B-32) for 25 ms more
-                # per query (0.11 s against 0.085 s), a gain for the cold query this path exists for.
-                opts.add_session_config_entry("session.disable_prepacking", "1")
+                # another program costs far more than it gains (benchmarks/RESULTS.md section 5.1). No weight
+                # pre-packing: the session opens in 0.18 s instead of 0.38 s (coca_ViT-B-32) for 25 ms more per query
+                # (0.11 s against 0.085 s), a gain for the cold query this path exists for.
+                opts = session_options(ort, threads=1)
                 try:
                     tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
                     specials = "|".join(regex.escape(t) for t in self.meta["specials"])
@@ -343,7 +417,7 @@ def export_text_onnx(model: ClipModel, identity: dict[str, str] | None = None) -
     try:
         latent, module, device = _fp32_cpu_text(model)
         try:
-            _write_graph(latent, module, model.tokenize(list(PROBES[:2])), tmp)
+            _write_graph(latent, module, model.tokenize(list(PROBES[:2])), tmp, model.has_decoder)
             _build_tokenizer(tok).save(str(tmp / TOKENIZER))
         except OSError:
             raise
@@ -371,7 +445,10 @@ def export_text_onnx(model: ClipModel, identity: dict[str, str] | None = None) -
         except ExportMismatchError as e:  # the model's doing (a session that cannot load is the environment's)
             _record_failure(folder, own, e.message)
             raise
-        meta.update(max_abs_diff=max_diff, export_seconds=round(time.perf_counter() - started, 2))
+        meta.update(max_abs_diff=max_diff, text_seconds=round(time.perf_counter() - started, 2))
+        if model.has_decoder:
+            _add_decoder(model, module, tmp, meta)
+        meta.update(export_seconds=round(time.perf_counter() - started, 2))
         meta["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         (tmp / META).write_text(json.dumps(meta, indent=1))
         _rename_into_place(tmp, folder)
@@ -380,7 +457,98 @@ def export_text_onnx(model: ClipModel, identity: dict[str, str] | None = None) -
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     done = read_meta(own)
-    return folder if done is not None and "error" not in done else None
+    if done is not None and "error" not in done:
+        remove_older_exports(own)
+        return folder
+    return None
+
+
+def _add_decoder(model: ClipModel, module: Any, tmp: Path, meta: dict[str, Any]) -> None:
+    """Export and check CoCa's decoder into ``tmp`` (:mod:`cocatk.decoderonnx`), recording the outcome in ``meta``:
+    ``decoder`` (checked; its figures) or ``decoder_error`` (why not: the text tower is kept, the rerank stays
+    torch's until a package version changes)."""
+    from . import decoderonnx as dec
+
+    t0 = time.perf_counter()
+    try:
+        tokens = dec.probe_tokens(model)
+        ids = model.tokenize(list(dec.PROBES[1:2]))
+        embs = module.text(ids)[1][:, :4].detach()
+        dec.export_decoder(module.text_decoder, tmp, tokens[:2], embs)
+    except OSError:
+        raise
+    except Exception as e:  # the exporter's own errors (an op without ONNX form, onnxscript missing)
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        meta["decoder_error"] = f"the ONNX export failed: {type(e).__name__}: {first}"
+        for name in (dec.GRAPH, dec.WEIGHTS):
+            (tmp / name).unlink(missing_ok=True)
+        return
+    meta["decoder"] = {
+        "vocab": int(module.text_decoder.text_projection.shape[-1]),
+        "token_shape": [int(tokens.shape[1]), int(tokens.shape[2])],
+    }
+    try:
+        meta["decoder"]["max_nats_per_token"] = _verify_decoder(model, module, TextOnnx(tmp, meta), tokens)
+    except Exception as e:  # a mismatch, or a graph ONNX Runtime cannot run
+        del meta["decoder"]
+        meta["decoder_error"] = str(getattr(e, "message", e)).splitlines()[0][:200]
+        for name in (dec.GRAPH, dec.WEIGHTS):
+            (tmp / name).unlink(missing_ok=True)
+        return
+    meta["decoder"]["export_seconds"] = round(time.perf_counter() - t0, 2)
+
+
+def _verify_decoder(model: ClipModel, module: Any, onnx_model: TextOnnx, tokens: Any) -> float:
+    """Score :data:`cocatk.decoderonnx.PROBES` against the probe images' tokens through the whole ONNX path
+    (tokenizer, text graph, decoder graph) and through open_clip's own decoder forward in float32 (trimmed ids, as
+    torch's rerank runs them); the largest difference per scored token.
+
+    Raises:
+        ExportMismatchError: a difference over :data:`cocatk.decoderonnx.MAX_NATS_PER_TOKEN`.
+    """
+    import torch
+
+    from . import decoderonnx as dec
+    from .errors import ExportMismatchError
+
+    worst = 0.0
+    for text in dec.PROBES:
+        ids = model._caption_ids(text).cpu()  # noqa: SLF001 - the model's own trimming is the reference's
+        with torch.inference_mode():
+            embs = module.text(ids)[1][:, :-1]
+        ref = dec.reference_loglik(module.text_decoder, embs, ids[:, 1:], tokens)
+        whole, alone = (
+            onnx_model.caption_loglik(text, tokens.numpy()),
+            onnx_model.caption_loglik(text, tokens[:1].numpy()),
+        )
+        for got in (whole, alone):
+            worst = max(worst, float(np.abs(got - ref[: len(got)]).max()) / (ids.shape[1] - 1))
+    if not worst <= dec.MAX_NATS_PER_TOKEN:
+        raise ExportMismatchError(
+            f"the ONNX decoder differs from torch's by {worst:.2e} nats per token "
+            f"(allowed {dec.MAX_NATS_PER_TOKEN:.0e})",
+            hint="the rerank keeps the torch path; report this with `cocatk info --json`",
+        )
+    return worst
+
+
+def remove_older_exports(identity: dict[str, str]) -> list[Path]:
+    """Delete the exports of the model ``identity`` other than the current one (an older format or open_clip
+    version: an upgrade would otherwise leave ~250 MB per model behind); the folders removed."""
+    current = cache_folder(identity)
+    removed = []
+    for meta_file in current.parent.glob(f"*/{META}"):
+        folder = meta_file.parent
+        if folder == current:
+            continue
+        try:
+            other = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(other, dict) and other.get("identity") == identity:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _fp32_cpu_text(model: ClipModel) -> tuple[Any, Any, str]:
@@ -458,9 +626,10 @@ def remove_export(identity: dict[str, str]) -> bool:
     return not folder.exists()
 
 
-def _write_graph(latent: Any, module: Any, ids: Any, folder: Path) -> None:
+def _write_graph(latent: Any, module: Any, ids: Any, folder: Path, tokens: bool = False) -> None:
     """Trace ``ids -> normalize(latent(ids))`` (float32, CPU; ``module`` holds the weights) to ``folder``/text.onnx,
-    weights in text.onnx.data."""
+    weights in text.onnx.data. With ``tokens`` (CoCa) the graph also returns the text tower's token embeddings
+    ``token_embs`` (N, context, D), the decoder's input."""
     import onnx
     import torch
 
@@ -469,7 +638,10 @@ def _write_graph(latent: Any, module: Any, ids: Any, folder: Path) -> None:
             super().__init__()
             self.model = module  # registered, so the exporter sees the weights as initialisers, not constants
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor) -> Any:
+            if tokens:  # CoCa's text tower returns (latent, token embeddings); causal: a position sees no padding
+                lat, embs = module.text(x)
+                return torch.nn.functional.normalize(lat.float(), dim=-1), embs.float()
             return torch.nn.functional.normalize(latent(x).float(), dim=-1)
 
     trace = folder / "trace"  # the exporter may write side files of its own (towers over 2 GB): all dropped below
@@ -484,8 +656,9 @@ def _write_graph(latent: Any, module: Any, ids: Any, folder: Path) -> None:
             # The tracer's warnings are about shapes the graph keeps dynamic; one comes from C++ straight to fd 2.
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _Tower().eval(), (ids,), str(single), input_names=["ids"], output_names=["emb"],
-                dynamic_axes={"ids": {0: "n"}, "emb": {0: "n"}}, opset_version=17, dynamo=False,
+                _Tower().eval(), (ids,), str(single), input_names=["ids"],
+                output_names=["emb", "token_embs"] if tokens else ["emb"], opset_version=17, dynamo=False,
+                dynamic_axes={"ids": {0: "n"}, "emb": {0: "n"}, **({"token_embs": {0: "n"}} if tokens else {})},
             )  # fmt: skip
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -118,7 +118,10 @@ def test_index_caption_in_the_same_pass(scenes, tmp_path, capsys, monkeypatch) -
     calls = []
     real = models.CocaModel.image_tokens
     monkeypatch.setattr(models.CocaModel, "image_tokens", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    code, out, err = _run(capsys, "index", str(folder), "--index", str(idx), *DEMO, "--caption", "--json")
+    # --no-cache-tokens: caching would probe the token shape with one image_tokens call of its own.
+    code, out, err = _run(
+        capsys, "index", str(folder), "--index", str(idx), *DEMO, "--caption", "--no-cache-tokens", "--json"
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["encoded"] == 12 and report["captioned"] == 12

@@ -219,8 +219,9 @@ def test_cache_tokens_and_budget(tmp_path: Path, tiny_model) -> None:
     photos = tmp_path / "photos"
     make_images(photos, 5)
     ix = open_tiny(tmp_path / "idx")
-    ix.update([photos])
+    ix.update([photos], cache_tokens=False)  # an index without tokens (as older cocatk built them)
     assert ix.get_tokens(ix.store.ids()) is None
+    assert ix.update([photos]).tokens_cached == 0  # a default run keeps its choice: no backfill
     with pytest.raises(UsageError, match="GiB"):
         ix.update([photos], cache_tokens=True, token_cache_limit_gb=1e-6)
     r = ix.update([photos], cache_tokens=True)  # backfills the 5 existing files

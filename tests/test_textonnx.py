@@ -131,8 +131,12 @@ def test_auto_keeps_torch_where_torch_loads_anyway(demo_index, cache):
 
     folder, queries = demo_index
     with Index.open(folder) as ix:
-        assert search_index(ix, queries[0], n=3, rerank=True).model.get("backend") is None  # the rerank loads torch
+        # a rerank that needs torch (tokens from the files) loads it, and then torch answers this process's queries
+        assert search_index(ix, queries[0], n=3, use_token_cache=False).model.get("backend") is None
         assert search_index(ix, queries[0], n=3, rerank=False).model.get("backend") is None  # torch is loaded now
+    with Index.open(folder) as ix:  # from the cached tokens (the default), the rerank is ONNX Runtime's too
+        r = search_index(ix, queries[0], n=3)
+        assert r.model["backend"] == "onnxruntime" and r.reranked and r.tokens_from == "cache"
     with Index.open(folder, precision="bf16") as ix:  # a precision asked for by name is torch's
         assert search_index(ix, queries[0], n=3, rerank=False).model.get("backend") is None
     for var, value in (("COCATK_PRECISION", "bf16"), ("COCATK_DEVICE", "cuda")):  # or named in the environment
@@ -143,9 +147,10 @@ def test_auto_keeps_torch_where_torch_loads_anyway(demo_index, cache):
                 from cocatk.retrieval.search import _onnx_saves_torch
 
                 assert engine is not None and not _onnx_saves_torch(ix, engine, False, "coca", None, None)
-    with Index.open(folder) as ix:  # backend onnx with a rerank: stage 1 through ONNX, the rerank through torch
-        r = search_index(ix, queries[0], n=3, rerank=True, backend="onnx")
+    with Index.open(folder) as ix:  # backend onnx with a rerank from files: stage 1 through ONNX, the rerank torch
+        r = search_index(ix, queries[0], n=3, rerank=True, backend="onnx", use_token_cache=False)
         assert r.reranked and r.model["backend"] == "onnxruntime" and r.rerank_model is None
+        assert r.tokens_from == "files"
 
 
 def test_backend_errors(demo_index, cache, tmp_path, monkeypatch):
@@ -263,7 +268,7 @@ def test_cli_index_info_search(tmp_path, capsys):
     index = str(tmp_path / "index")
     model = ["--model", str(DATA / "coca_tiny.json"), "--pretrained", "none"]
     assert main(["index", str(tmp_path / "photos"), "--index", index, *model]) == 0
-    assert "exported the text tower for queries without torch" in capsys.readouterr().out
+    assert "exported the text tower and decoder for queries without torch" in capsys.readouterr().out
     assert main(["info", "--index", index]) == 0
     assert "text queries  ONNX Runtime, without torch" in capsys.readouterr().out
     assert main(["info", "--index", index, "--json"]) == 0

@@ -50,12 +50,19 @@ def index(
         ),
     ] = None,
     cache_tokens: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--cache-tokens",
-            help="Also store each image's decoder tokens (fp16) for rerank without decode (of --rerank-model if set).",
+            "--cache-tokens/--no-cache-tokens",
+            help="Store each image's decoder tokens (fp16; of --rerank-model if set), so that search reranks without "
+            "reading files or loading torch; --cache-tokens on an index without them reads every image again, "
+            "--no-cache-tokens stops and drops them.",
+            show_default="on for a new CoCa index",
         ),
-    ] = False,
+    ] = None,
+    token_cache_limit: Annotated[
+        float,
+        typer.Option("--token-cache-limit", min=0.001, help="Largest token cache, in GiB."),
+    ] = 8.0,
     caption: Annotated[
         bool,
         typer.Option(
@@ -138,6 +145,8 @@ def index(
                 max_megapixels=max_megapixels,
                 faiss_factory=faiss_factory,
                 cache_tokens=cache_tokens,
+                token_cache_limit_gb=token_cache_limit,
+                notify=warn,
                 caption={} if caption else None,
                 checkpoint_every=checkpoint_every,
                 progress=progress,
@@ -237,7 +246,12 @@ def _print_summary(d: dict[str, Any]) -> None:
         + (f" at {', '.join(d['precisions'])}" if d.get("precisions") else "")
         + (f"; captioned {d['captioned']}" if d.get("captioned") else "")
         + (
-            f"\n  exported the text tower for queries without torch in {t:.1f} s (once per model)"
+            f"\n  token cache {d['token_cache_bytes'] / 1e6:.1f} MB (the rerank reads them, not the files)"
+            if d.get("token_cache_bytes")
+            else ""
+        )
+        + (
+            f"\n  exported the text tower and decoder for queries without torch in {t:.1f} s (once per model)"
             if d.get("text_export") == "exported" and (t := d["timings"].get("text_onnx")) is not None
             else ""
         ),

@@ -20,7 +20,8 @@ STAGE_LABELS = {
     "prior": "text priors",
     "images": "classifying",
     "zeroshot": "zero-shot",
-    "text-onnx": "exporting text tower",
+    "text-onnx": "exporting ONNX",
+    "rerank-tokens": "reading candidates",
 }
 
 

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from ..paths import display_path
 from . import options
+from .progress import progress_bar
 from .render import err, note, print_json, print_paths, print_table, show_path, warn
 
 
@@ -79,22 +80,25 @@ def search(
     if html is not None:
         check_target(html)  # before the search, not after it
     idx = Index.open(index, model=model, pretrained=pretrained, device=device, precision=precision)
-    result = search_index(
-        idx,
-        reranker=reranker,
-        rerank_model=rerank_model,
-        rerank_pretrained=rerank_pretrained,
-        backend=backend,
-        text=query,
-        image=image,
-        negative=tuple(negative or ()),
-        n=n,
-        rerank=rerank,
-        rerank_k=rerank_k,
-        under=under,
-        use_token_cache=cache_tokens,
-        match=match,
-    )
+    with progress_bar() as progress:  # a bar only while candidates' tokens are computed from their files
+        result = search_index(
+            idx,
+            reranker=reranker,
+            rerank_model=rerank_model,
+            rerank_pretrained=rerank_pretrained,
+            backend=backend,
+            text=query,
+            image=image,
+            negative=tuple(negative or ()),
+            n=n,
+            rerank=rerank,
+            rerank_k=rerank_k,
+            under=under,
+            use_token_cache=cache_tokens,
+            match=match,
+            notify=warn,
+            progress=progress,
+        )
     if result.dropped:
         shown = ", ".join(f"{display_path(p)} ({r})" for p, r in result.dropped[:3])
         more = f" and {len(result.dropped) - 3} more" if len(result.dropped) > 3 else ""

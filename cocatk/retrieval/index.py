@@ -28,7 +28,7 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -334,7 +334,8 @@ class Index:
             "normalized": True,
             "metric": "inner_product",
             "factory": factory,
-            "cache_tokens": False,
+            # None: not decided yet; the first update caches them (a CoCa reranks from them) unless told not to.
+            "cache_tokens": None,
             "token_shape": None,
             # The CoCa that reranks (and whose decoder tokens the cache holds); None: the index's own model. Older
             # manifests lack the key, which reads the same: no migration.
@@ -484,6 +485,13 @@ class Index:
 
         return torch.from_numpy(arr)
 
+    def get_token_array(self, ids: Sequence[int] | np.ndarray) -> np.ndarray | None:
+        """As :meth:`get_tokens`, as a numpy float16 array (N, T, D): for the torch-free rerank."""
+        m = self.manifest
+        if not m.get("cache_tokens") or not m.get("token_shape"):
+            return None
+        return self.store.get_tokens([int(i) for i in ids], tuple(m["token_shape"]))
+
     # ---- writer lock -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _writer_lock(self) -> Iterator[None]:
@@ -529,12 +537,13 @@ class Index:
         follow_symlinks: bool = False,
         max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
         faiss_factory: str | None = None,
-        cache_tokens: bool = False,
+        cache_tokens: bool | None = None,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         token_cache_limit_gb: float = DEFAULT_TOKEN_CACHE_LIMIT_GB,
         progress: ProgressCallback | None = None,
         encoder: Encoder | None = None,
         caption: Any = None,
+        notify: Callable[[str], None] | None = None,
     ) -> IndexReport:
         """Bring the index up to date with ``paths`` (default: every root already in the index).
 
@@ -551,10 +560,14 @@ class Index:
             max_megapixels: skip images with more pixels as ``too large``.
             faiss_factory: a FAISS factory (``HNSW32``, ``IVF4096,PQ64``) replacing the exact ``Flat`` index;
                 changing it rebuilds the FAISS index from the stored vectors, nothing is re-encoded.
-            cache_tokens: also store every image's decoder tokens (fp16) for reranking without decoding; once on,
-                the index keeps caching. Refused above ``token_cache_limit_gb``.
+            cache_tokens: store every image's decoder tokens (fp16) for reranking without decoding (the default
+                search's rerank then needs neither the files nor torch). None (default): keep the index's setting;
+                a new CoCa index caches them, and leaves them out with a warning when they would exceed
+                ``token_cache_limit_gb``. True: cache (an index built without them gets them, every image read
+                again); refused above ``token_cache_limit_gb``. False: stop caching and drop the cached tokens.
             checkpoint_every: files per checkpoint (SQLite commit, then FAISS save).
             progress: ``progress(stage, done, total)`` callback (the library never prints).
+            notify: told a one-line message before long extra work (the estimate of a token backfill).
             encoder: where embeddings come from (:mod:`cocatk.retrieval.encoder`); default: decode threads and the
                 index's model in this process.
             caption: also caption images (``cocatk index --caption``): generation settings or a mapping of the
@@ -579,6 +592,7 @@ class Index:
             checkpoint_every=checkpoint_every,
             token_cache_limit_gb=token_cache_limit_gb,
             progress=progress,
+            notify=notify,
             encoder=encoder,
             caption=caption,
         )

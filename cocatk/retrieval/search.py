@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import config
-from ..errors import EmptyIndexError, ImageError, UsageError
+from ..errors import EmptyIndexError, ExportUnreadableError, ImageError, UsageError
 from ..paths import display_path, json_path, text_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from .index import Index
+    from .layout import ProgressCallback
 
 
 @dataclass
@@ -179,13 +180,17 @@ def candidate_tokens(
     max_megapixels: float | None = None,
     use_cache: bool = True,
     model: Any = None,
+    notify: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> tuple[Any, list[int], list[tuple[str, str]], str]:
     """Decoder tokens for candidates: from the index's token cache when it holds ``model``'s tokens, else by
-    re-decoding the files exactly like the indexer does.
+    re-decoding the files exactly like the indexer does (with the index's ``max_megapixels``).
 
     Args:
         model: the CoCa that reranks (default :attr:`Index.token_model`: the recorded rerank model, else the
             index's own).
+        notify: told, before the files are read, how many, about how long, and the fix.
+        progress: ``progress("rerank-tokens", done, total)`` while they are.
 
     Returns:
         (tokens (K', T, D), positions kept (into ``ids``), dropped (path, reason), source).
@@ -196,9 +201,39 @@ def candidate_tokens(
     cached = index.get_tokens(list(ids)) if use_cache and index.tokens_cached_for(model.spec) else None
     if cached is not None:
         return torch.as_tensor(cached), list(range(len(ids))), [], "cache"
-    images, kept, dropped = candidate_images(paths, model.image_size, max_megapixels)
-    tokens = model.image_tokens(images) if images else torch.empty(0)
+    if notify is not None and paths:
+        notify(_recompute_message(index, len(paths), use_cache))
+    batch = 8
+    images: list[Any] = []
+    kept: list[int] = []
+    dropped: list[tuple[str, str]] = []
+    parts = []
+    for start in range(0, len(paths), batch):
+        if progress is not None:
+            progress("rerank-tokens", start, len(paths))
+        got, where, lost = candidate_images(paths[start : start + batch], model.image_size, max_megapixels)
+        kept += [start + j for j in where]
+        dropped += lost
+        if got:
+            parts.append(model.image_tokens(got))
+    if progress is not None:
+        progress("rerank-tokens", len(paths), len(paths))
+    del images
+    tokens = torch.cat(parts) if parts else torch.empty(0)
     return tokens, kept, dropped, "files"
+
+
+def _recompute_message(index: Index, k: int, use_cache: bool) -> str:
+    """What a search says before it computes ``k`` candidates' decoder tokens from their files."""
+    rate = index.manifest.get("seconds_per_image")
+    estimate = f", about {max(1, round(k * float(rate)))} s at the last `cocatk index` rate" if rate else ""
+    if not use_cache:
+        why, fix = "--no-cache-tokens", "drop --no-cache-tokens to use the cached ones"
+    elif index.manifest.get("cache_tokens"):
+        why, fix = "some have no cached tokens", f"`cocatk index --index {index.dir}` fills them in"
+    else:
+        why, fix = "this index stores no tokens", f"`cocatk index --index {index.dir} --cache-tokens` stores them once"
+    return f"reranking {k} candidates from their files ({why}){estimate}; {fix}"
 
 
 def candidate_images(
@@ -243,6 +278,8 @@ def search_index(
     rerank_model: str | None = None,
     rerank_pretrained: str | None = None,
     backend: str = "auto",
+    notify: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> SearchResult:
     """Search ``index``; see the module docstring. Queries without text are never reranked (there is no text).
 
@@ -266,8 +303,11 @@ def search_index(
             not loaded yet, with no device or precision named), the index model's text tower exported to ONNX
             (:mod:`cocatk.textonnx`, made by ``cocatk index``) if there is one, else torch. It embeds in float32 on
             the CPU: on a GPU or an AMX CPU, where torch would run bf16, it is the closer of the two to fp32.
-            ``"onnx"``: that export, required for a text-only query (stage 1 only; a rerank still loads torch).
-            ``"torch"``: never it.
+            A default CoCa rerank from cached tokens runs in ONNX Runtime too (:mod:`cocatk.decoderonnx`), so a
+            default text search imports no torch. ``"onnx"``: that export, required for a text-only query (the rerank
+            takes it when the candidates' tokens are cached, else torch). ``"torch"``: never it (the reference).
+        notify: called with a one-line message before a long wait (candidates' tokens computed from their files).
+        progress: ``progress(stage, done, total)`` during that wait (stage ``"rerank-tokens"``).
 
     Raises:
         UsageError: n < 1, rerank_k < 1, empty query, missing --under folder, an id that is not in the index,
@@ -304,7 +344,7 @@ def search_index(
         selector = _match_ids(index, match, selector)
     engine, engine_warning = _text_engine(
         index, backend, text, image is not None or like_id is not None or embedding is not None,
-        rerank, reranker, rerank_model, rerank_pretrained,
+        rerank, reranker, rerank_model, rerank_pretrained, use_token_cache,
     )  # fmt: skip
     model = engine or index.model
     vectors = index.vectors  # reads (or rebuilds) the FAISS file: part of loading, not of the search
@@ -324,8 +364,12 @@ def search_index(
     scorer: Any = None
     if do_rerank:
         t0 = time.perf_counter()
-        scorer = _load_reranker(index, index.model if engine is not None and model.has_decoder else model,
-                                reranker, rerank_model, rerank_pretrained)  # fmt: skip
+        if engine is not None and _onnx_reranks(index, engine, reranker, rerank_model, rerank_pretrained,
+                                                use_token_cache):  # fmt: skip
+            scorer = engine  # the decoder graph beside the text tower: no torch in this search
+        else:
+            scorer = _load_reranker(index, index.model if engine is not None and model.has_decoder else model,
+                                    reranker, rerank_model, rerank_pretrained)  # fmt: skip
         timings["load"] += time.perf_counter() - t0
         if scorer is None:
             from ..models import DECODER_HINT
@@ -353,10 +397,29 @@ def search_index(
             source = "files"
             scores = scorer.score(text, images) if images else np.zeros(0)
         else:
-            tokens, kept, unreadable, source = candidate_tokens(
-                index, ids, paths, max_megapixels, use_token_cache, model=scorer
-            )
-            scores = scorer.caption_loglik(text, tokens) if kept else np.zeros(0)
+            tokens = index.get_token_array(ids) if scorer is engine else None
+            if tokens is not None:
+                kept, unreadable, source = list(range(len(ids))), [], "cache"
+                try:
+                    scores = engine.caption_loglik(text, tokens)
+                except ExportUnreadableError as e:  # set aside: the next `cocatk index` exports again
+                    from .. import textonnx
+
+                    textonnx.remove_export(index.manifest["identity"])
+                    warnings.append(f"{e.message}: removed; the next `cocatk index` exports it again")
+                    scorer = _load_reranker(index, index.model, reranker, rerank_model, rerank_pretrained)
+                    import torch
+
+                    tokens = torch.from_numpy(tokens)
+            else:
+                if scorer is engine:  # a candidate without cached tokens: torch computes them from its file
+                    scorer = _load_reranker(index, index.model, reranker, rerank_model, rerank_pretrained)
+                tokens, kept, unreadable, source = candidate_tokens(
+                    index, ids, paths, max_megapixels, use_token_cache, model=scorer, notify=notify,
+                    progress=progress,
+                )  # fmt: skip
+            if scorer is not engine:
+                scores = scorer.caption_loglik(text, tokens) if kept else np.zeros(0)
         dropped += unreadable
         survivors = [candidates[j] for j in kept]
         # Stable sort by the rerank score; ties keep the contrastive order.
@@ -394,7 +457,9 @@ def search_index(
         tokens_from=source,
         warnings=warnings,
         reranker=reranker if do_rerank else None,
-        rerank_model=(scorer.info() if scorer is not model and scorer is not index._model else None)
+        rerank_model=(
+            scorer.info() if scorer is not model and scorer is not engine and scorer is not index._model else None
+        )
         if do_rerank
         else None,
     )
@@ -433,6 +498,7 @@ def _text_engine(
     reranker: str,
     rerank_model: str | None,
     rerank_pretrained: str | None,
+    use_cache: bool = True,
 ) -> tuple[Any, str | None]:
     """The ONNX text tower, loaded, that embeds this query instead of the torch model (see ``backend`` in
     :func:`search_index`), or None for torch; and a warning when an export could not be used."""
@@ -451,8 +517,8 @@ def _text_engine(
             f"no ONNX text tower for the model of {index.dir}",
             hint=f"run `cocatk index --index {index.dir}` once to export it (needs onnxruntime), or drop --backend",
         )
-    if backend == "auto" and (engine is None or not _onnx_saves_torch(index, engine, rerank, reranker,
-                                                                       rerank_model, rerank_pretrained)):  # fmt: skip
+    if backend == "auto" and (engine is None or not _onnx_saves_torch(index, engine, rerank, reranker, rerank_model,
+                                                                       rerank_pretrained, use_cache)):  # fmt: skip
         return None, None
     try:
         return engine.load(), None
@@ -467,7 +533,13 @@ def _text_engine(
 
 
 def _onnx_saves_torch(
-    index: Index, engine: Any, rerank: bool, reranker: str, rerank_model: str | None, rerank_pretrained: str | None
+    index: Index,
+    engine: Any,
+    rerank: bool,
+    reranker: str,
+    rerank_model: str | None,
+    rerank_pretrained: str | None,
+    use_cache: bool = True,
 ) -> bool:
     """``auto``'s rule: the export embeds the query only where nothing else will load torch in this search."""
     if index._model is not None:
@@ -478,14 +550,28 @@ def _onnx_saves_torch(
         return False  # a device or precision asked for by name (or in $COCATK_DEVICE / $COCATK_PRECISION) is torch's
     if not rerank:
         return True
-    # A rerank loads torch anyway, except on a dual-encoder index with no CoCa to rerank with (then the search only
-    # warns that it did not rerank).
+    if reranker != "coca" or rerank_model is not None or rerank_pretrained is not None or index.rerank_spec is not None:
+        return False  # BLIP, or a separate CoCa: torch's
+    # A dual-encoder index with no CoCa to rerank with only warns that it did not rerank; a CoCa index reranks in
+    # ONNX Runtime from its cached tokens.
+    return not engine.has_decoder or _onnx_reranks(index, engine, reranker, rerank_model, rerank_pretrained, use_cache)
+
+
+def _onnx_reranks(
+    index: Index, engine: Any, reranker: str, rerank_model: str | None, rerank_pretrained: str | None, use_cache: bool
+) -> bool:
+    """True when the exported decoder can rerank this search: the default CoCa rerank with the index's own model,
+    whose decoder was exported, from an index that caches its tokens (a candidate found without them still makes
+    the rerank torch's)."""
+    m = index.manifest
     return (
         reranker == "coca"
         and rerank_model is None
         and rerank_pretrained is None
-        and not engine.has_decoder
         and index.rerank_spec is None
+        and use_cache
+        and bool(m.get("cache_tokens") and m.get("token_shape"))
+        and getattr(engine, "can_rerank", False)
     )
 
 

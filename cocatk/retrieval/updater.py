@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,10 +61,13 @@ class UpdateOptions:
     follow_symlinks: bool = False
     max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS
     faiss_factory: str | None = None
-    cache_tokens: bool = False
+    #: None: the index's setting (a new CoCa index caches); True: cache (backfilling); False: stop and drop them.
+    cache_tokens: bool | None = None
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     token_cache_limit_gb: float = DEFAULT_TOKEN_CACHE_LIMIT_GB
     progress: ProgressCallback | None = None
+    #: Told a one-line message before long extra work (re-reading every image to cache its tokens).
+    notify: Callable[[str], None] | None = None
     #: Where embeddings come from; None: a :class:`LocalEncoder` over the index's model, built when needed.
     encoder: Encoder | None = None
     #: Caption newly encoded images in the same pass (the image tower runs once): generation settings, or a mapping
@@ -183,6 +186,7 @@ class Updater:
         self._thread_seconds = {"read_hash": 0.0, "decode_preprocess": 0.0}
         self._encoder: Encoder | None = options.encoder
         self._store_tokens = False
+        self._tokens_by_default = False  # caching because a new index does so by default (not asked for)
         self._captioner: Any = None  # (model, config, key) when captioning in this pass
         self._caption_queue: list[tuple[int, str, np.ndarray]] = []
         self._vanished_by_hash: dict[str, list[FileRow]] = {}
@@ -207,8 +211,23 @@ class Updater:
             VectorIndex.validate_factory(int(m["embed_dim"]), factory)
             m["factory"] = factory
             changed = True
-        if self.opts.cache_tokens and not m.get("cache_tokens"):
+        want = self.opts.cache_tokens
+        if want is None and m.get("cache_tokens") is None:  # a new index: cache when its rerank model has a decoder
+            from ..models import resolve_model
+
+            spec = self.index.rerank_spec or resolve_model(m["model"], m["pretrained"])
+            want = spec.has_decoder
+            self._tokens_by_default = want
+        if want and not m.get("cache_tokens"):
             m["cache_tokens"] = True
+            changed = True
+        elif want is False and m.get("cache_tokens") is not False:
+            m["cache_tokens"] = False
+            m["token_shape"] = None
+            self.store.conn.execute("DELETE FROM tokens")  # a cache: the files hold what it was made from
+            changed = True
+        if self.opts.max_megapixels != m.get("max_megapixels"):  # what a rerank or caption re-decodes with
+            m["max_megapixels"] = self.opts.max_megapixels
             changed = True
         if changed:
             self.store.begin()
@@ -296,7 +315,17 @@ class Updater:
             if self.opts.caption is not None:
                 self._captioner = self._caption_setup()
             if cache_tokens:
-                self._check_token_budget(encoder, len(rows) - len(vanished) + sum(1 for t in todo if t.row is None))
+                cache_tokens = self._check_token_budget(
+                    encoder, len(rows) - len(vanished) + sum(1 for t in todo if t.row is None)
+                )
+                backfill = sum(1 for t in todo if t.need_decode)
+                if cache_tokens and backfill and self.opts.notify is not None:
+                    rate = manifest.get("seconds_per_image")
+                    about = f", about {_duration(backfill * float(rate))} at this index's last rate" if rate else ""
+                    self.opts.notify(
+                        f"caching the decoder tokens of {backfill} indexed images: each is read and encoded "
+                        f"again{about}"
+                    )
 
         # Vectors of the committed state; written now when stale, so that every later checkpoint is incremental.
         with self.timed("faiss"):
@@ -324,6 +353,13 @@ class Updater:
         self.report.total = self.store.count()
         self.report.token_cache_bytes = self.store.token_bytes()
         self.report.seconds = time.monotonic() - t0
+        if self.report.encoded >= 8:  # this machine's rate, for the estimates of later reranks and backfills
+            m = index.manifest
+            m["seconds_per_image"] = round(self.report.seconds / self.report.encoded, 4)
+            self.store.begin()
+            self.store.set_manifest(m)
+            self.store.commit()
+            index._write_manifest_json()
         self.report.failures.sort(key=lambda f: f["path"])
         timings = dict.fromkeys(("scan", "model_load", "wait_decode", "model", "sqlite", "faiss"), 0.0)
         timings.update(self.timed.seconds)
@@ -398,7 +434,8 @@ class Updater:
         self.report.captioned += len(caps)
         self._caption_queue.clear()
 
-    def _check_token_budget(self, encoder: Encoder, n: int) -> None:
+    def _check_token_budget(self, encoder: Encoder, n: int) -> bool:
+        """Record the token shape, and check the cache's size; False when a default cache is left out."""
         m = self.index.manifest
         if not m.get("token_shape"):
             m["token_shape"] = list(encoder.token_shape())
@@ -409,6 +446,19 @@ class Updater:
         t, d = m["token_shape"]
         estimate = n * t * d * 2
         limit = self.opts.token_cache_limit_gb * (1 << 30)
+        if estimate > limit and self._tokens_by_default:
+            m["cache_tokens"] = False
+            m["token_shape"] = None
+            self.store.begin()
+            self.store.set_manifest(m)
+            self.store.commit()
+            self.index._write_manifest_json()
+            self.report.warnings.append(
+                f"decoder tokens not cached: {n} x {t} x {d} fp16 = {estimate / (1 << 30):.1f} GiB is over the "
+                f"{self.opts.token_cache_limit_gb:g} GiB limit; a search reranks by re-reading its candidates "
+                "(`cocatk index --cache-tokens --token-cache-limit GB` caches them anyway)"
+            )
+            return False
         if estimate > limit:
             raise UsageError(
                 f"--cache-tokens would store {n} x {t} x {d} fp16 tokens = {estimate / (1 << 30):.1f} GiB "
@@ -417,6 +467,7 @@ class Updater:
                 "or index a smaller collection",
             )
         self.report.token_cache_bytes = estimate
+        return True
 
     # -- the pipeline --
     def _process(self, encoder: Encoder, todo: list[EncodeJob], rows: dict[str, FileRow], tokens: bool) -> None:
@@ -623,3 +674,12 @@ def update_index(index: Index, options: UpdateOptions) -> IndexReport:
 
 
 __all__ = ["IndexReport", "StageTimer", "UpdateOptions", "Updater", "update_index"]
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.5 h``: an estimate's size, not its digits."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
