@@ -101,7 +101,7 @@ PRESETS: dict[str, Preset] = {
             "coca_ViT-L-14",
             "laion2b_s13b_b90k",
             768,
-            "CoCa ViT-L/14 on LAION-2B (75.6 % ImageNet zero-shot); the default",
+            "CoCa ViT-L/14 on LAION-2B (75.6 % ImageNet zero-shot); the default with a CUDA GPU",
             hf_repo="laion/CoCa-ViT-L-14-laion2B-s13B-b90k",
         ),
         Preset(
@@ -109,7 +109,8 @@ PRESETS: dict[str, Preset] = {
             "coca_ViT-B-32",
             "laion2b_s13b_b90k",
             512,
-            "CoCa ViT-B/32 on LAION-2B (63.3 % ImageNet zero-shot); 6x cheaper than L/14",
+            "CoCa ViT-B/32 on LAION-2B (63.3 % ImageNet zero-shot); 6x cheaper than L/14; the default without a "
+            "CUDA GPU",
             hf_repo="laion/CoCa-ViT-B-32-laion2B-s13B-b90k",
         ),
         Preset(
@@ -277,20 +278,23 @@ def _family_examples() -> str:
     return "CoCa (coca_ViT-B-32, coca_ViT-L-14), CLIP (ViT-B-32, ViT-L-14), SigLIP (ViT-B-16-SigLIP), EVA (EVA02-B-16)"
 
 
-def resolve_model(name: str | None = None, pretrained: str | None = None) -> ModelSpec:
+def resolve_model(name: str | None = None, pretrained: str | None = None, device: str | None = None) -> ModelSpec:
     """Turn a user's ``--model`` / ``--pretrained`` into a :class:`ModelSpec` without loading anything.
 
     Args:
         name: preset, open_clip architecture (CoCa, CLIP, SigLIP, EVA...), or path to an open_clip config JSON.
-            None means ``$COCATK_MODEL`` or ``coca-l14``.
+            None means ``$COCATK_MODEL``, else the model that fits the machine: ``coca-l14`` on a CUDA GPU,
+            ``coca-b32`` on the CPU (:func:`cocatk.config.default_model_choice`).
         pretrained: open_clip tag, checkpoint path, or ``"none"``. None means ``$COCATK_PRETRAINED`` or the
             preset's / architecture's default tag.
+        device: where the model will run, for the default ``name`` only (None: ``$COCATK_DEVICE``, else a CUDA GPU
+            when there is one).
 
     Raises:
         UnknownModelError: the name is not a preset, an open_clip architecture or a config file.
         WeightsNotFoundError: ``pretrained`` looks like a path but the file does not exist.
     """
-    name = (name or config.default_model()).strip()
+    name = (name or config.default_model(device)).strip()
     if pretrained is None:
         pretrained = config.default_pretrained()
     if not name:
@@ -487,8 +491,9 @@ def _fetch_tag_weights(arch: str, tag: str, name: str | None = None) -> str:
     if not path:
         where = f"https://huggingface.co/{repo}" if repo else "the open_clip release page"
         preset = name or next((p.name for p in PRESETS.values() if (p.arch, p.pretrained) == (arch, tag)), arch)
+        what = f"{preset} ({arch}/{tag})" if preset != arch else f"{arch}/{tag}"
         raise WeightsNotFoundError(
-            f"weights for {arch}/{tag} are not in the local Hugging Face cache and cannot be downloaded: {reason}",
+            f"weights for model {what} are not in the local Hugging Face cache and cannot be downloaded: {reason}",
             hint=f"on a machine with network run `cocatk models --download {preset}` (copy the hub cache over), or "
             f"fetch open_clip_pytorch_model.bin from {where} and pass "
             "--pretrained /path/to/open_clip_pytorch_model.bin; to try cocatk offline now, use --model demo "
@@ -585,8 +590,9 @@ def load_model(
     """Load a model (once per process: later calls with the same arguments return the same object).
 
     Args:
-        name: preset (``coca-l14`` default, ``coca-b32``, ``coca-l14-coco``), open_clip architecture (CoCa, CLIP,
-            SigLIP, EVA), or the path of an open_clip config JSON. ``$COCATK_MODEL`` overrides the default.
+        name: preset (``coca-l14``, ``coca-b32``, ``coca-l14-coco``), open_clip architecture (CoCa, CLIP, SigLIP,
+            EVA), or the path of an open_clip config JSON. None: ``$COCATK_MODEL``, else ``coca-l14`` on a CUDA GPU
+            and ``coca-b32`` on the CPU (:func:`cocatk.config.default_model_choice`, for ``device``).
         pretrained: open_clip tag, local checkpoint path, or ``"none"`` for seeded random weights.
         device: ``cpu`` or ``cuda``; default cuda when available.
         precision: ``auto`` (default), ``fp32``, ``bf16`` or ``fp16`` (see :func:`resolve_precision`). On a GPU,
@@ -601,7 +607,7 @@ def load_model(
     Raises:
         UnknownModelError, WeightsNotFoundError, ModelConfigError, DeviceError.
     """
-    spec = resolve_model(name, pretrained)
+    spec = resolve_model(name, pretrained, device=device)
     dev = _resolve_device(device)
     asked = precision or config.default_precision() or "auto"
     prec, notice = resolve_precision(asked, dev)

@@ -194,9 +194,10 @@ def test_missing_weights_offline_gives_the_file_to_fetch():
 
 def test_default_model_comes_from_environment(monkeypatch):
     monkeypatch.setenv("COCATK_MODEL", "coca-b32")
+    monkeypatch.setattr("cocatk.config.cuda_available", lambda: True)  # $COCATK_MODEL beats the machine
     assert cocatk.resolve_model().arch == "coca_ViT-B-32"
     monkeypatch.delenv("COCATK_MODEL")
-    assert cocatk.resolve_model().preset == "coca-l14"
+    assert cocatk.resolve_model().preset == "coca-l14"  # the machine's default (tests/test_default_model.py)
 
 
 @pytest.mark.parametrize("text", ["a dog", "a red bicycle leaning on a wall at night in the rain"])

@@ -123,6 +123,9 @@ def index(
             progress=progress,
             rerank_model=rerank_model,
             rerank_pretrained=rerank_pretrained,
+            # --ray: the driver's copy is on the CPU, the actors' device picks the default model
+            model_device=(device or "auto") if ray is not None else None,
+            on_model_choice=lambda choice: note(f"note: {choice.describe()}"),
         )
         encoder = None
         if ray is not None:

@@ -15,7 +15,7 @@ Model = Annotated[
         envvar="COCATK_MODEL",
         help="Preset (coca-l14, coca-b32, coca-l14-coco, demo), any open_clip architecture (CoCa, CLIP ViT-B-32, "
         "SigLIP ViT-B-16-SigLIP, EVA EVA02-B-16), or config JSON path.",
-        show_default="coca-l14",
+        show_default="coca-l14 with a CUDA GPU, else coca-b32; an existing index keeps its own",
     ),
 ]
 Pretrained = Annotated[

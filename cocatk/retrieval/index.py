@@ -66,6 +66,7 @@ from .vectors import DEFAULT_FACTORY, VectorIndex
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from ..config import ModelChoice
     from ..models import ClipModel, CocaModel, ModelSpec
     from .duplicates import DuplicateReport
     from .encoder import Encoder
@@ -97,6 +98,8 @@ class Index:
         vectors: the :class:`~cocatk.retrieval.vectors.VectorIndex` (``vectors.search(queries, k, id_selector)``).
         model: the :class:`~cocatk.models.CocaModel` named by the manifest, loaded on first use.
         manifest: model identity, embed_dim, image_size, factory, token shape, schema and cocatk versions.
+        model_choice: when this :meth:`open` created the index with the machine's default model (no ``model``, no
+            ``$COCATK_MODEL``), that model and why (:class:`~cocatk.config.ModelChoice`); else None.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class Index:
         self._vectors: VectorIndex | None = None
         self._vectors_gen = -1
         self._lock_fd: int | None = None
+        self.model_choice: ModelChoice | None = None
 
     # ---- opening -----------------------------------------------------------------------------------------------
     @classmethod
@@ -136,13 +140,17 @@ class Index:
         progress: ProgressCallback | None = None,
         rerank_model: str | None = None,
         rerank_pretrained: str | None = None,
+        model_device: str | None = None,
+        on_model_choice: Callable[[ModelChoice], None] | None = None,
     ) -> Index:
         """Open the index in ``folder`` (default :func:`cocatk.config.default_index_dir`).
 
         Args:
             folder: the index folder.
             model, pretrained: the model to check the index against (and to build a new index with). None means
-                the manifest's model for an existing index, and the default model for a new one.
+                the manifest's model for an existing index (the machine is not consulted), and for a new one
+                ``$COCATK_MODEL``, else the model that fits the machine (coca-l14 on a CUDA GPU, coca-b32 on the
+                CPU: :func:`cocatk.config.default_model_choice`).
             device, precision: where the model runs when it is needed (encoding new images, queries).
             create: create the index when the folder holds none (otherwise IndexNotFoundError). The model is
                 loaded first: when it cannot be (weights missing), nothing is written to disk.
@@ -155,6 +163,11 @@ class Index:
                 first-stage model). A writer (``lock``, ``create`` or ``rebuild``) records it in the manifest: the
                 token cache (``update(cache_tokens=True)``) then holds that model's decoder tokens. A reader checks
                 it against the recorded one.
+            model_device: where a new index's default model will encode, when not ``device`` (a Ray run's driver
+                loads its copy on the CPU, its actors encode); None: ``device``; ``"auto"``: ``$COCATK_DEVICE``,
+                else a CUDA GPU when there is one.
+            on_model_choice: called with the :class:`~cocatk.config.ModelChoice` when a new index takes the
+                machine's default model, before that model loads (also kept as :attr:`model_choice`).
 
         Raises:
             IndexNotFoundError, IndexMismatchError (another model, or another rerank model than the one recorded),
@@ -169,11 +182,13 @@ class Index:
         if not exists and not create:
             raise IndexNotFoundError(f"no index at {path}", hint=f"build one with `cocatk index PATH --index {path}`")
         new_spec = None
+        choice = None
         if not exists:
             # Load the model before anything touches the disk: missing weights must not leave an index stub.
             if progress is not None:
                 progress("model", 0, None)  # resolving imports open_clip: seconds, part of loading the model
-            new_spec = resolve_model(model, pretrained)
+            choice = _machine_choice(model, _choice_device(model_device, device), on_model_choice)
+            new_spec = resolve_model(choice.name if choice else model, pretrained)
             _load_with_progress(new_spec, device, precision, progress)
             path.mkdir(parents=True, exist_ok=True)
         store = Store.open(path, create=True)
@@ -182,7 +197,17 @@ class Index:
             if lock:
                 index._acquire_lock()
             index._rebuild_requested = rebuild
-            index._open_checked(model, pretrained, new_spec, create=create, rebuild=rebuild, progress=progress)
+            index._open_checked(
+                model,
+                pretrained,
+                new_spec,
+                create=create,
+                rebuild=rebuild,
+                progress=progress,
+                choice=choice,
+                choice_device=_choice_device(model_device, device),
+                on_model_choice=on_model_choice,
+            )
             if rerank_model is not None or rerank_pretrained is not None:
                 index._check_rerank_model(rerank_model, rerank_pretrained, write=lock or create or rebuild)
         except BaseException:
@@ -199,6 +224,9 @@ class Index:
         create: bool,
         rebuild: bool,
         progress: ProgressCallback | None,
+        choice: ModelChoice | None = None,
+        choice_device: str | None = None,
+        on_model_choice: Callable[[ModelChoice], None] | None = None,
     ) -> None:
         """Check (or write) the manifest against the requested model; see :meth:`open`."""
         from ..models import resolve_model
@@ -207,8 +235,12 @@ class Index:
         if manifest is None and not create:
             return  # a stub left by an interrupted first run: it reads as an empty index
         if spec is None and (model is not None or pretrained is not None or manifest is None):
-            # --pretrained alone on an existing index means "that index's model with these weights".
+            # --pretrained alone on an existing index means "that index's model with these weights". Only a folder
+            # without a manifest (a stub) takes the machine's default; an existing index keeps its recorded model.
             name = model if model is not None or manifest is None else manifest["model"]
+            if manifest is None:
+                choice = _machine_choice(model, choice_device, on_model_choice)
+                name = choice.name if choice else model
             spec = resolve_model(name, pretrained)
         self._spec = spec
         if manifest is None:
@@ -217,6 +249,7 @@ class Index:
                 if self.store.manifest() is None:  # another creator may have won the race
                     _load_with_progress(spec, self._device, self._precision, progress)
                     self._init_manifest(spec)
+                    self.model_choice = choice
             return
         if spec is not None and spec.identity() != manifest.get("identity"):
             if not rebuild:
@@ -847,6 +880,28 @@ def _load_with_progress(
     if progress is not None:
         progress("model", 1, 1)
     return model
+
+
+def _choice_device(model_device: str | None, device: str | None) -> str | None:
+    """The device a new index's default model is chosen for (see ``model_device`` in :meth:`Index.open`)."""
+    if model_device == "auto":
+        return None
+    return model_device or device
+
+
+def _machine_choice(
+    model: str | None, device: str | None, on_model_choice: Callable[[ModelChoice], None] | None
+) -> ModelChoice | None:
+    """The machine's default model for a new index when ``model`` is None and ``$COCATK_MODEL`` names none (then
+    ``on_model_choice`` hears it); None when the user named the model."""
+    if model is not None:
+        return None
+    choice = config.default_model_choice(device)
+    if choice.reason is None:  # $COCATK_MODEL: the user's own choice, nothing to tell
+        return None
+    if on_model_choice is not None:
+        on_model_choice(choice)
+    return choice
 
 
 def open_index(folder: str | os.PathLike[str] | None = None, **kwargs: Any) -> Index:
