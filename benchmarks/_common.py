@@ -151,3 +151,22 @@ def add_threads_option(ap: Any) -> None:
         default=1,
         help="torch/FAISS threads; 1 by default: on a shared machine, more threads than free cores costs up to 30x",
     )
+
+
+def ensure_random_weights(path: Path, arch: str) -> Path:
+    """A safetensors file of seeded random ``arch`` weights at ``path`` (built once, in a fresh process): cocatk then
+    loads its model the way it does for a user, from a local checkpoint file, not by random initialisation."""
+    import subprocess
+
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"building {path} (seeded random {arch} weights)", flush=True)
+        code = (
+            "import sys, cocatk\nfrom safetensors.torch import save_file\n"
+            f"m = cocatk.load_model({arch!r}, 'none', device='cpu', precision='fp32')\n"
+            "save_file({k: v.contiguous() for k, v in m.model.state_dict().items()}, sys.argv[1] + '.tmp', "
+            "metadata={'format': 'pt'})\n"
+        )
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+        Path(str(path) + ".tmp").rename(path)
+    return path

@@ -15,6 +15,8 @@ alternating, ``--reps`` times each, after one untimed warm-up of each (page cach
 - ``no-rerank``: the same with ``--no-rerank`` (ONNX text tower only);
 - ``torch``: the default search with ``--backend torch`` (torch for the text and the rerank, cached tokens);
 - ``uncached``: the default search on the ``--no-cache-tokens`` index (torch re-decodes the 50 candidates);
+- ``image`` (with ``--image``): ``cocatk search --image PHOTO`` (the image tower, torch), cold; and beside it the
+  same query five times in one process (the first, and the median of the last four: warm);
 - ``rclip -n``: rclip's cold query without re-indexing, on its own index of the same folder (``bench_rclip.py``'s
   environment and stand-in ONNX model), with ``--rclip`` (default on; ``--no-rclip`` leaves it out).
 
@@ -29,13 +31,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import machine_info, median, print_table, write_record
+from _common import ensure_random_weights, machine_info, median, print_table, write_record
 from _photos import CACHE_DIR, ensure_photo_set
 from bench_rclip import (
     ensure_rclip_model,
@@ -52,19 +53,21 @@ MODELS = {"coca-b32": "coca_ViT-B-32", "coca-l14": "coca_ViT-L-14"}
 
 def ensure_weights(cache: Path, arch: str) -> Path:
     """Seeded random weights of ``arch`` as a local safetensors file (built once)."""
-    path = cache / f"weights-{arch}" / "open_clip_model.safetensors"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"building {path} (seeded random {arch} weights)", flush=True)
-        code = (
-            "import sys, cocatk\nfrom safetensors.torch import save_file\n"
-            f"m = cocatk.load_model({arch!r}, 'none', device='cpu', precision='fp32')\n"
-            "save_file({k: v.contiguous() for k, v in m.model.state_dict().items()}, sys.argv[1] + '.tmp', "
-            "metadata={'format': 'pt'})\n"
-        )
-        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
-        Path(str(path) + ".tmp").rename(path)
-    return path
+    return ensure_random_weights(cache / f"weights-{arch}" / "open_clip_model.safetensors", arch)
+
+
+#: argv: index, photo. Opens the index once, runs the image query 5 times: the first (model load included) and the
+#: median of the last 4 (warm), in seconds.
+_WARM_IMAGE = """
+import json, statistics, sys, time
+from cocatk.retrieval import Index
+from cocatk.retrieval.search import search_index
+ix = Index.open(sys.argv[1])
+times = []
+for _ in range(5):
+    t = time.perf_counter(); search_index(ix, image=sys.argv[2], n=10); times.append(time.perf_counter() - t)
+print(json.dumps({"first": round(times[0], 3), "warm_median": round(statistics.median(times[1:]), 3)}))
+"""
 
 
 def cocatk_cmd(*args: str) -> list[str]:
@@ -91,6 +94,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     ap.add_argument("--l14", action="store_true", help="also coca-l14 (slow to index on a CPU)")
     ap.add_argument("--only-l14", action="store_true", help="coca-l14 alone")
+    ap.add_argument("--image", action="store_true", help="also image queries (--image), cold and warm")
     ap.add_argument("--rclip", action=argparse.BooleanOptionalAction, default=True, help="rclip's cold query beside")
     ap.add_argument("--cache", type=Path, default=CACHE_DIR / "default-search")
     ap.add_argument("--tag", default=None, help="suffix of the record's name")
@@ -132,6 +136,13 @@ def main() -> None:
                  env),
                 (f"{name} uncached", cocatk_cmd("search", QUERY, "--index", uncached, "--json"), None, env),
             ]  # fmt: skip
+            if args.image:  # --image: the image tower through torch, cold, and warm in one process
+                photo = str(paths[0])
+                plan.append((f"{name} image", cocatk_cmd("search", "--image", photo, "--index", cached, "--json"),
+                             None, env))  # fmt: skip
+                r = run_process([sys.executable, "-c", _WARM_IMAGE, cached, photo], env=env)
+                record.setdefault("image_warm_s", {})[name] = json.loads(r["stdout"])
+                print(f"{name} image query, warm in one process: {record['image_warm_s'][name]}", flush=True)
         if args.rclip:
             python = ensure_rclip_python(CACHE_DIR, None, "rclip")
             model_dir = CACHE_DIR / "rclip-model"

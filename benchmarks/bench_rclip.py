@@ -73,7 +73,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import machine_info, median, print_table, write_record
+from _common import ensure_random_weights, machine_info, median, print_table, write_record
 from _photos import CACHE_DIR, ensure_photo_set
 
 HERE = Path(__file__).resolve().parent
@@ -272,21 +272,8 @@ COCATK_WEIGHTS: list[str] = ["none"]
 
 
 def ensure_cocatk_weights(cache: Path) -> Path:
-    """A safetensors file of seeded random coca_ViT-B-32 weights (1 GB, like the real checkpoint), built once: cocatk
-    then loads its model the way it does for a user, from a local file, not by random initialisation."""
-    path = cache / "cocatk-weights" / "open_clip_model.safetensors"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"building {path} (seeded random {COCATK_MODEL} weights)", flush=True)
-        code = (
-            "import sys, cocatk\nfrom safetensors.torch import save_file\n"
-            f"m = cocatk.load_model({COCATK_MODEL!r}, 'none', device='cpu', precision='fp32')\n"
-            "save_file({k: v.contiguous() for k, v in m.model.state_dict().items()}, sys.argv[1] + '.tmp', "
-            "metadata={'format': 'pt'})\n"
-        )
-        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
-        Path(str(path) + ".tmp").rename(path)
-    return path
+    """A safetensors file of seeded random coca_ViT-B-32 weights (1 GB, like the real checkpoint), built once."""
+    return ensure_random_weights(cache / "cocatk-weights" / "open_clip_model.safetensors", COCATK_MODEL)
 
 
 def cocatk_index_cmd(cocatk: str, folder: Path, index: Path, device: str) -> list[str]:

@@ -331,7 +331,8 @@ def open_text_onnx(identity: dict[str, str]) -> TextOnnx | None:
 
 def describe(identity: dict[str, str]) -> dict[str, Any]:
     """What embeds a cold text query of the model with ``identity``, for ``cocatk info``: ``backend``
-    (``onnxruntime`` or ``torch``), and ``export`` (the folder) or ``why`` torch."""
+    (``onnxruntime`` or ``torch``), and ``export`` (the folder) or ``why`` torch; for a CoCa export, ``rerank``: what
+    runs the rerank from cached tokens (the same keys)."""
     meta = read_meta(identity)
     if meta is None:
         why = "not exported yet (the next `cocatk index` run exports it)"
@@ -342,7 +343,12 @@ def describe(identity: dict[str, str]) -> dict[str, Any]:
         return {"backend": "torch", "why": f"cannot be exported: {meta['error']}"}
     if not available():
         return {"backend": "torch", "why": "onnxruntime or tokenizers is not installed"}
-    return {"backend": "onnxruntime", "export": str(cache_folder(identity)), "max_abs_diff": meta.get("max_abs_diff")}
+    out = {"backend": "onnxruntime", "export": str(cache_folder(identity)), "max_abs_diff": meta.get("max_abs_diff")}
+    if "decoder" in meta:  # the rerank from cached tokens runs there too
+        out["rerank"] = {"backend": "onnxruntime", "max_nats_per_token": meta["decoder"].get("max_nats_per_token")}
+    elif meta.get("info", {}).get("kind") == "coca":
+        out["rerank"] = {"backend": "torch", "why": meta.get("decoder_error", "no decoder in this export")}
+    return out
 
 
 def needs_export(identity: dict[str, str]) -> bool:

@@ -320,7 +320,14 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
 
 def _text_queries_line(t: dict[str, Any]) -> str:
     if t.get("backend") == "onnxruntime":
-        return f"ONNX Runtime, without torch ({display_path(t['export'])})"
+        rerank = t.get("rerank") or {}
+        if rerank.get("backend") == "onnxruntime":
+            how = "; the rerank from cached tokens too"
+        elif rerank:
+            how = f"; the rerank through torch: {rerank.get('why')}"
+        else:
+            how = ""
+        return f"ONNX Runtime, without torch ({display_path(t['export'])}){how}"
     return f"torch: {t.get('why', 'unknown')}"
 
 
