@@ -47,8 +47,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import ClipModel
 
 #: Bumped when the files or their meaning change: older exports are then ignored, re-made, and removed once the new
-#: one is written. 3: CoCa's graph also returns the token embeddings, and the decoder is exported beside it.
-FORMAT = 3
+#: one is written. 3: CoCa's graph also returns the token embeddings, and the decoder is exported beside it; 4: the
+#: image tower beside them.
+FORMAT = 4
 GRAPH, WEIGHTS, TOKENIZER, META = "text.onnx", "text.onnx.data", "tokenizer.json", "meta.json"
 #: Largest |difference| allowed between an ONNX and a torch fp32 embedding component at export (measured 1.6e-7 on
 #: coca_ViT-B-32 and 9e-8 on the demo model: the same float32 arithmetic in another order).
@@ -100,6 +101,7 @@ class TextOnnx:
         self._lock = threading.Lock()
         self._last: tuple[str, tuple[np.ndarray, np.ndarray | None, np.ndarray]] | None = None
         self._decoder: Any = None
+        self._image: Any = None
 
     # ---- facts ---------------------------------------------------------------------------------------------
     @property
@@ -224,6 +226,21 @@ class TextOnnx:
         embs = token_embs[None, :steps]
         return self.decoder().loglik(embs, ids[None, 1:], tokens)
 
+    # ---- the image tower: cold image queries ----------------------------------------------------------------
+    @property
+    def can_embed_images(self) -> bool:
+        """True when the image tower was exported (and checked) beside the text tower."""
+        return "image" in self.meta
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
+        """L2-normalised float32 embeddings (N, D) of PIL images, as :meth:`cocatk.models.ClipModel.encode_images`
+        in float32 (:mod:`cocatk.imageonnx`)."""
+        from .imageonnx import ImageOnnx
+
+        if self._image is None:
+            self._image = ImageOnnx(self.folder, self.meta["image"])
+        return self._image.encode_images(images)
+
     def decoder(self) -> Any:
         """The decoder graph (:class:`cocatk.decoderonnx.DecoderOnnx`), opened on first use."""
         from .decoderonnx import DecoderOnnx
@@ -344,6 +361,11 @@ def describe(identity: dict[str, str]) -> dict[str, Any]:
     if not available():
         return {"backend": "torch", "why": "onnxruntime or tokenizers is not installed"}
     out = {"backend": "onnxruntime", "export": str(cache_folder(identity)), "max_abs_diff": meta.get("max_abs_diff")}
+    out["images"] = (
+        {"backend": "onnxruntime", "max_abs_diff": meta["image"].get("max_abs_diff")}
+        if "image" in meta
+        else {"backend": "torch", "why": meta.get("image_error", "no image tower in this export")}
+    )
     if "decoder" in meta:  # the rerank from cached tokens runs there too
         out["rerank"] = {"backend": "onnxruntime", "max_nats_per_token": meta["decoder"].get("max_nats_per_token")}
     elif meta.get("info", {}).get("kind") == "coca":
@@ -454,6 +476,7 @@ def export_text_onnx(model: ClipModel, identity: dict[str, str] | None = None) -
         meta.update(max_abs_diff=max_diff, text_seconds=round(time.perf_counter() - started, 2))
         if model.has_decoder:
             _add_decoder(model, module, tmp, meta)
+        _add_image_tower(model, module, tmp, meta)
         meta.update(export_seconds=round(time.perf_counter() - started, 2))
         meta["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         (tmp / META).write_text(json.dumps(meta, indent=1))
@@ -502,6 +525,34 @@ def _add_decoder(model: ClipModel, module: Any, tmp: Path, meta: dict[str, Any])
             (tmp / name).unlink(missing_ok=True)
         return
     meta["decoder"]["export_seconds"] = round(time.perf_counter() - t0, 2)
+
+
+def _add_image_tower(model: ClipModel, module: Any, tmp: Path, meta: dict[str, Any]) -> None:
+    """Export and check the image tower into ``tmp`` (:mod:`cocatk.imageonnx`), recording ``image`` (checked) or
+    ``image_error`` (why not: image queries keep torch) in ``meta``."""
+    from . import imageonnx
+    from .preprocess import describe as describe_transform
+
+    t0 = time.perf_counter()
+    spec = describe_transform(model.preprocess)
+    if spec is None:
+        meta["image_error"] = "its preprocessing is not open_clip's standard transform"
+        return
+    info = {"preprocess": spec, "embed_dim": int(model.embed_dim)}
+    try:
+        example = imageonnx.ImageOnnx(tmp, info).pixels(imageonnx.probe_images(int(model.image_size))[:2])
+        imageonnx.export_image_tower(module, spec, tmp, example)
+        info["max_abs_diff"] = imageonnx.verify(model, module, imageonnx.ImageOnnx(tmp, info))
+    except OSError:
+        raise
+    except Exception as e:  # the exporter's errors, a mismatch, a graph ONNX Runtime cannot run
+        first = str(getattr(e, "message", e)).splitlines()[0][:160] if str(e) else type(e).__name__
+        meta["image_error"] = f"{type(e).__name__}: {first}"
+        for name in (imageonnx.GRAPH, imageonnx.WEIGHTS):
+            (tmp / name).unlink(missing_ok=True)
+        return
+    info["export_seconds"] = round(time.perf_counter() - t0, 2)
+    meta["image"] = info
 
 
 def _verify_decoder(model: ClipModel, module: Any, onnx_model: TextOnnx, tokens: Any) -> float:

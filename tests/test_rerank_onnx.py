@@ -251,3 +251,48 @@ def test_a_damaged_decoder_found_by_a_search_is_removed_and_torch_reranks(tmp_pa
         r = search_index(ix, "a red circle", n=4)
     assert r.reranked and any("cannot be loaded" in w and "removed" in w for w in r.warnings)
     assert [h.id for h in r.hits] == [h.id for h in ref.hits] and not folder.exists()
+
+
+@pytest.mark.parametrize("config", ["demo", "clip_tiny.json"])
+def test_image_tower_equals_torch_fp32(config, tmp_path):
+    """The exported image tower (resize and crop in PIL, the arithmetic in the graph) against torch's float32
+    encode_images of open_clip's own transform, on photos of several shapes and modes."""
+    from PIL import Image
+
+    model = load_model(config, device="cpu", precision="fp32") if config == "demo" else (
+        load_model(str(DATA / config), "none", device="cpu", precision="fp32")
+    )  # fmt: skip
+    assert textonnx.export_text_onnx(model) is not None
+    engine = textonnx.open_text_onnx(model.spec.identity())
+    assert engine.can_embed_images
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((31, 200), (300, 97))]
+    images += [
+        Image.new("RGB", (model.image_size, model.image_size), (10, 200, 40)),
+        images[0].convert("L").convert("RGB"),
+    ]
+    got, ref = engine.encode_images(images), model.encode_images(images)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-5
+    assert engine.encode_images([]).shape == (0, model.embed_dim)
+
+
+def test_cold_image_query_imports_no_torch_and_finds_torchs_hits(demo_index):
+    photo = sorted((demo_index / "photos").glob("*.jpg"))[3]
+    code = (
+        "import sys\n"
+        "from cocatk.cli import main\n"
+        f"rc = main(['search', '--image', {str(photo)!r}, '--index', {str(demo_index / 'index')!r}, '--json'])\n"
+        "print('TORCH', 'torch' in sys.modules, 'open_clip' in sys.modules, rc, file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=120)
+    assert "TORCH False False 0" in r.stderr, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"]["backend"] == "onnxruntime" and not out["reranked"]
+    with Index.open(demo_index / "index", precision="fp32") as ix:
+        ref = search_index(ix, image=str(photo), n=10, backend="torch")
+    assert [h["id"] for h in out["hits"]] == [h.id for h in ref.hits]
+    assert np.allclose([h["similarity"] for h in out["hits"]], [h.similarity for h in ref.hits], atol=1e-5)
+    with Index.open(demo_index / "index") as ix:  # a loaded torch model answers the process's later queries
+        ix.model  # noqa: B018
+        assert search_index(ix, image=str(photo), n=3).model.get("backend") is None

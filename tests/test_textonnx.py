@@ -268,13 +268,14 @@ def test_cli_index_info_search(tmp_path, capsys):
     index = str(tmp_path / "index")
     model = ["--model", str(DATA / "coca_tiny.json"), "--pretrained", "none"]
     assert main(["index", str(tmp_path / "photos"), "--index", index, *model]) == 0
-    assert "exported the text tower and decoder for queries without torch" in capsys.readouterr().out
+    assert "exported the model to ONNX for searches without torch" in capsys.readouterr().out
     assert main(["info", "--index", index]) == 0
     shown = capsys.readouterr().out
     assert "text queries  ONNX Runtime, without torch" in shown and "the rerank from cached tokens too" in shown
     assert main(["info", "--index", index, "--json"]) == 0
     text_queries = json.loads(capsys.readouterr().out)["text_queries"]
     assert text_queries["backend"] == "onnxruntime" and text_queries["rerank"]["backend"] == "onnxruntime"
+    assert text_queries["images"]["backend"] == "onnxruntime"
     assert main(["search", "a red circle", "--index", index, "--json"]) == 0  # the default search: no torch either
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["backend"] == "onnxruntime" and out["reranked"] and out["tokens_from"] == "cache"

@@ -254,7 +254,7 @@ def _print_summary(d: dict[str, Any]) -> None:
             else ""
         )
         + (
-            f"\n  exported the text tower and decoder for queries without torch in {t:.1f} s (once per model)"
+            f"\n  exported the model to ONNX for searches without torch in {t:.1f} s (once per model)"
             if d.get("text_export") == "exported" and (t := d["timings"].get("text_onnx")) is not None
             else ""
         ),
@@ -327,6 +327,11 @@ def _text_queries_line(t: dict[str, Any]) -> str:
             how = f"; the rerank through torch: {rerank.get('why')}"
         else:
             how = ""
+        images = t.get("images") or {}
+        if images.get("backend") == "onnxruntime":
+            how += "; cold image queries too"
+        elif images:
+            how += f"; image queries through torch: {images.get('why')}"
         return f"ONNX Runtime, without torch ({display_path(t['export'])}){how}"
     return f"torch: {t.get('why', 'unknown')}"
 

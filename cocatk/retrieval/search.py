@@ -343,8 +343,8 @@ def search_index(
     if match is not None:
         selector = _match_ids(index, match, selector)
     engine, engine_warning = _text_engine(
-        index, backend, text, image is not None or like_id is not None or embedding is not None,
-        rerank, reranker, rerank_model, rerank_pretrained, use_token_cache,
+        index, backend, text, like_id is not None or embedding is not None,
+        rerank, reranker, rerank_model, rerank_pretrained, use_token_cache, image is not None,
     )  # fmt: skip
     model = engine or index.model
     vectors = index.vectors  # reads (or rebuilds) the FAISS file: part of loading, not of the search
@@ -499,6 +499,7 @@ def _text_engine(
     rerank_model: str | None,
     rerank_pretrained: str | None,
     use_cache: bool = True,
+    image: bool = False,
 ) -> tuple[Any, str | None]:
     """The ONNX text tower, loaded, that embeds this query instead of the torch model (see ``backend`` in
     :func:`search_index`), or None for torch; and a warning when an export could not be used."""
@@ -507,11 +508,18 @@ def _text_engine(
 
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", hint=f"use one of: {', '.join(BACKENDS)}")
-    if backend == "torch" or text is None or other_query:
-        return None, None  # the backend chooses how a text alone is embedded: images and stored vectors are torch's
+    rerank = rerank and text is not None  # an image alone is never reranked
+    if backend == "torch" or other_query or (text is None and not image):
+        return None, None  # stored vectors are torch's (and no query: build_query_vector says so)
     engine = textonnx.open_text_onnx(index.manifest["identity"])
     if engine is not None and engine.embed_dim != index.dim:
         engine = None  # as Index.model: an export of another width is not this index's model
+    if image:  # an image query takes the exported image tower under auto (and --backend onnx) where there is one
+        if engine is None or not engine.can_embed_images or not _onnx_saves_torch(index, engine, False, reranker,
+                                                                                    None, None):  # fmt: skip
+            return None, None
+        if text is None:
+            backend = "auto"  # --backend is about text: an image alone falls back to torch silently
     if backend == "onnx" and engine is None:
         raise UsageError(
             f"no ONNX text tower for the model of {index.dir}",
