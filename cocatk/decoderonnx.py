@@ -82,23 +82,32 @@ class DecoderOnnx:
         Raises:
             ExportUnreadableError: the graph cannot be loaded (truncated, edited, an ONNX Runtime too old for it).
         """
-        from .errors import ExportUnreadableError
-
         with self._lock:
             if self._session is None:
-                import onnxruntime as ort
-
-                try:
-                    self._session = ort.InferenceSession(
-                        str(self.folder / GRAPH), session_options(ort, threads=rerank_threads()),
-                        providers=["CPUExecutionProvider"],
-                    )  # fmt: skip
-                except Exception as e:  # ONNX Runtime raises its own types (protobuf, I/O, graph)
-                    raise ExportUnreadableError(
-                        f"the ONNX decoder in {self.folder} cannot be loaded ({str(e).splitlines()[0][:120]})",
-                        hint=f"delete {self.folder}: the next `cocatk index` exports it again; or use --backend torch",
-                    ) from e
+                self._session = open_session(self.folder / GRAPH, "decoder")
             return self._session
+
+
+def open_session(path: Path, what: str) -> Any:
+    """An ONNX Runtime CPU session of one of cocatk's heavy graphs (the decoder, the image tower) on
+    :func:`rerank_threads` threads.
+
+    Raises:
+        ExportUnreadableError: the graph cannot be loaded (truncated, edited, an ONNX Runtime too old for it).
+    """
+    import onnxruntime as ort
+
+    from .errors import ExportUnreadableError
+
+    try:
+        return ort.InferenceSession(
+            str(path), session_options(ort, threads=rerank_threads()), providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # ONNX Runtime raises its own types (protobuf, I/O, graph)
+        raise ExportUnreadableError(
+            f"the ONNX {what} in {path.parent} cannot be loaded ({str(e).splitlines()[0][:120]})",
+            hint=f"delete {path.parent}: the next `cocatk index` exports it again; or use --backend torch",
+        ) from e
 
 
 def rerank_threads() -> int:

@@ -55,23 +55,11 @@ class ImageOnnx:
         Raises:
             ExportUnreadableError: the graph cannot be loaded.
         """
-        from .decoderonnx import rerank_threads, session_options
-        from .errors import ExportUnreadableError
+        from .decoderonnx import open_session
 
         with self._lock:
             if self._session is None:
-                import onnxruntime as ort
-
-                try:
-                    self._session = ort.InferenceSession(
-                        str(self.folder / GRAPH), session_options(ort, threads=rerank_threads()),
-                        providers=["CPUExecutionProvider"],
-                    )  # fmt: skip
-                except Exception as e:  # ONNX Runtime raises its own types
-                    raise ExportUnreadableError(
-                        f"the ONNX image tower in {self.folder} cannot be loaded ({str(e).splitlines()[0][:120]})",
-                        hint=f"delete {self.folder}: the next `cocatk index` exports it again; or use --backend torch",
-                    ) from e
+                self._session = open_session(self.folder / GRAPH, "image tower")
             return self._session
 
 
@@ -100,6 +88,23 @@ def export_image_tower(module: Any, spec: dict[str, Any], folder: Path, example:
         _Tower().eval(), (torch.from_numpy(example),), folder / GRAPH, WEIGHTS, input_names=["pixels"],
         output_names=["emb"], dynamic={"pixels": {0: "N"}},
     )  # fmt: skip
+
+
+def fp32_image_module(module: Any) -> Any:
+    """``module`` itself when its image tower is float32, else a shallow copy whose image tower is a float32 copy
+    (:func:`cocatk.models.float32_copy`) and whose other towers are ``module``'s own: a model on the CPU in bf16
+    exports and is checked in float32 (ONNX Runtime's CPU Conv takes no bfloat16)."""
+    import copy
+
+    import torch
+
+    from .models import float32_copy
+
+    if all(p.dtype == torch.float32 for p in module.visual.parameters()):
+        return module
+    clone = copy.deepcopy(module, memo={id(child): child for child in module.children()})
+    clone.visual = float32_copy(module.visual)
+    return clone
 
 
 def probe_images(size: int) -> list[Any]:

@@ -768,6 +768,20 @@ def _bf16_island(module: Any) -> Any:
     return module
 
 
+def float32_copy(module: Any) -> Any:
+    """A float32 deep copy of ``module``, without the casting hooks :func:`_bf16_island` gave it (``module`` itself
+    is left as it is): what an ONNX export of a bf16 tower on the CPU runs and is checked against."""
+    import copy
+
+    import torch
+
+    clone = copy.deepcopy(module).to(torch.float32)
+    for m in clone.modules():
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    return clone
+
+
 def load_tokenizer(arch: str) -> Any:
     """open_clip's tokenizer of ``arch``; a one-line error when it must come from the hub and is not cached.
 

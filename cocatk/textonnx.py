@@ -540,6 +540,7 @@ def _add_image_tower(model: ClipModel, module: Any, tmp: Path, meta: dict[str, A
         return
     info = {"preprocess": spec, "embed_dim": int(model.embed_dim)}
     try:
+        module = imageonnx.fp32_image_module(module)
         example = imageonnx.ImageOnnx(tmp, info).pixels(imageonnx.probe_images(int(model.image_size))[:2])
         imageonnx.export_image_tower(module, spec, tmp, example)
         info["max_abs_diff"] = imageonnx.verify(model, module, imageonnx.ImageOnnx(tmp, info))

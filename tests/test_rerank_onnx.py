@@ -277,6 +277,28 @@ def test_image_tower_equals_torch_fp32(config, tmp_path):
     assert engine.encode_images([]).shape == (0, model.embed_dim)
 
 
+def test_image_tower_of_a_bf16_model_exports_in_fp32(tmp_path, monkeypatch):
+    """A model loaded in bf16 (the CPU default where AMX is) still exports its image tower: it is exported and checked
+    in float32 (ONNX Runtime's CPU Conv takes no bfloat16; this export once failed to load for that reason), and the
+    model's own tower stays bf16."""
+    import torch
+    from PIL import Image
+
+    monkeypatch.setenv("COCATK_CACHE", str(tmp_path / "cache"))
+    model = load_model(str(DATA / "clip_tiny.json"), "none", device="cpu", precision="bf16")
+    model.encode_images([Image.new("RGB", (40, 40))])  # the image tower becomes bf16 at its first use
+    assert next(model.model.visual.parameters()).dtype == torch.bfloat16
+    assert textonnx.export_text_onnx(model) is not None
+    meta = textonnx.read_meta(model.spec.identity())
+    assert "image_error" not in meta and meta["image"]["max_abs_diff"] <= 1e-4
+    assert next(model.model.visual.parameters()).dtype == torch.bfloat16
+    images = [Image.new("RGB", (50, 70), (10, 200, 40)), Image.new("RGB", (90, 40), (200, 20, 40))]
+    got = textonnx.open_text_onnx(model.spec.identity()).encode_images(images)
+    # The graph holds the bf16-rounded weights in float32: the same as the bf16 tower within bf16's arithmetic.
+    cosine = (got * model.encode_images(images)).sum(axis=1)
+    assert cosine.min() >= 0.999, cosine
+
+
 def test_cold_image_query_imports_no_torch_and_finds_torchs_hits(demo_index):
     photo = sorted((demo_index / "photos").glob("*.jpg"))[3]
     code = (
