@@ -48,8 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Bumped when the files or their meaning change: older exports are then ignored, re-made, and removed once the new
 #: one is written. 3: CoCa's graph also returns the token embeddings, and the decoder is exported beside it; 4: the
-#: image tower beside them.
-FORMAT = 4
+#: image tower beside them; 5: a bf16 model's image tower is exported in float32 (format 4 recorded image_error).
+FORMAT = 5
 GRAPH, WEIGHTS, TOKENIZER, META = "text.onnx", "text.onnx.data", "tokenizer.json", "meta.json"
 #: Largest |difference| allowed between an ONNX and a torch fp32 embedding component at export (measured 1.6e-7 on
 #: coca_ViT-B-32 and 9e-8 on the demo model: the same float32 arithmetic in another order).
