@@ -51,20 +51,20 @@ def test_zeroshot_package_does_not_import_evaluation():
     assert not [m for m in mods if m.startswith("cocatk.evaluation")], mods
 
 
-def test_write_captioned_folder_still_works_from_evaluation_and_warns(tmp_path):
+def test_write_captioned_folder_moved_to_the_demo_with_a_message_that_names_it(tmp_path):
+    """The deprecated spelling is gone (the evaluation never imports the demo); the error says where it went."""
     import cocatk.demo.scenes
     import cocatk.evaluation
 
-    with pytest.warns(DeprecationWarning, match=r"cocatk\.demo\.scenes\.write_captioned_folder"):
-        old = cocatk.evaluation.write_captioned_folder
-    assert old is cocatk.demo.scenes.write_captioned_folder
-    path = old(tmp_path / "shapes", n=3, seed=2)
+    with pytest.raises(AttributeError, match=r"from cocatk\.demo\.scenes import write_captioned_folder"):
+        cocatk.evaluation.write_captioned_folder  # noqa: B018
+    with pytest.raises(ImportError):
+        from cocatk.evaluation import write_captioned_folder  # noqa: F401
+    path = cocatk.demo.scenes.write_captioned_folder(tmp_path / "shapes", n=3, seed=2)
     captions = json.loads(path.read_text())
     assert sorted(captions) == ["scene_000.png", "scene_001.png", "scene_002.png"]
     assert all(len(c) == 2 for c in captions.values())
     assert all((tmp_path / "shapes" / name).is_file() for name in captions)
-    with pytest.warns(DeprecationWarning):
-        from cocatk.evaluation import write_captioned_folder  # noqa: F401  (the README's spelling)
 
 
 def test_old_public_names_resolve():

@@ -7,13 +7,13 @@
 
 The model side of zero-shot (templates, classifier build and cache, published numbers) lives in
 :mod:`cocatk.zeroshot`. Names below load on first access, so ``import cocatk.evaluation`` imports neither numpy
-nor torch. ``write_captioned_folder`` moved to :mod:`cocatk.demo.scenes` (still reachable here, with a
-DeprecationWarning).
+nor torch. ``write_captioned_folder`` moved to :mod:`cocatk.demo.scenes`; its old spelling here
+(``cocatk.evaluation.write_captioned_folder``, deprecated in 0.1.0 with a DeprecationWarning) is removed and raises
+an AttributeError that names the new home: the evaluation never imports the demo, which sits above it.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from .._lazy import lazy_exports, lazy_table
@@ -30,16 +30,13 @@ _LAZY = lazy_table(
 _lazy_getattr, __dir__ = lazy_exports(globals(), _LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "write_captioned_folder":  # moved to the scene generator; evaluation never imports the demo eagerly
-        warnings.warn(
-            "cocatk.evaluation.write_captioned_folder moved to cocatk.demo.scenes.write_captioned_folder",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from ..demo.scenes import write_captioned_folder
+#: Names that moved out of this package, and where to import them from now.
+MOVED = {"write_captioned_folder": "cocatk.demo.scenes"}
 
-        return write_captioned_folder
+
+def __getattr__(name: str) -> Any:
+    if name in MOVED:
+        raise AttributeError(f"cocatk.evaluation.{name} moved: use `from {MOVED[name]} import {name}`")
     return _lazy_getattr(name)
 
 
