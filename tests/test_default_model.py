@@ -15,7 +15,7 @@ from cocatk import config
 from cocatk.cli import main
 from cocatk.errors import WeightsNotFoundError
 from cocatk.retrieval import Index
-from cocatk.retrieval.index import _choice_device
+from cocatk.retrieval.folder import _choice_device
 from tests.conftest import TINY_CONFIG
 from tests.test_index import make_images
 

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from cocatk.errors import UsageError
+from cocatk.retrieval import watch as watch_module
 from cocatk.retrieval.index import Index
 from cocatk.retrieval.watch import WatchBatch, is_temporary, watch_index
 from tests.conftest import TINY_CONFIG
@@ -169,15 +170,15 @@ def test_files_still_being_written_wait_until_stable(watched) -> None:
 def test_an_error_mid_watch_is_one_line_and_retried(watched, monkeypatch) -> None:
     root, idx, start = watched
     calls = {"n": 0}
-    original = Index.update
+    original = watch_module.run_update  # each batch is one update of the index layer
 
-    def flaky(self, *args, **kwargs):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:  # the first batch after the catch-up
             raise PermissionError(13, "Permission denied", str(root / "locked"))
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(Index, "update", flaky)
+    monkeypatch.setattr(watch_module, "run_update", flaky)
     s = start()
     make_images(root / "new", 2, seed=3)
     err = s.wait_for(lambda b: b.kind == "error")

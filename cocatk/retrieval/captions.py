@@ -32,7 +32,7 @@ from .layout import ProgressCallback, json_failure
 if TYPE_CHECKING:  # pragma: no cover
     from ..captioning import GenerationConfig
     from ..models import CocaModel
-    from .index import Index
+    from .folder import IndexFolder
 
 #: Images captioned per decoder call and per committed checkpoint.
 DEFAULT_CAPTION_BATCH = 16
@@ -95,7 +95,7 @@ class CaptionReport(CaptionRate):
 
 
 def caption_index(
-    index: Index,
+    index: IndexFolder,
     config: GenerationConfig | Mapping[str, Any] | None = None,
     *,
     batch_size: int | None = None,
@@ -134,7 +134,7 @@ def caption_index(
         raise UsageError(f"batch size must be >= 1, got {bs}", hint="pass --batch-size 1 or more")
     t0 = time.monotonic()
     report_progress = progress or (lambda stage, done, total: None)
-    with index._writer_lock():
+    with index.writer_lock():
         if index.is_empty:
             raise EmptyIndexError(f"the index at {index.dir} holds no images", hint="run `cocatk index PATH` first")
         model = index.model

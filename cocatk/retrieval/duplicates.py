@@ -34,7 +34,7 @@ from ..errors import EmptyIndexError, UsageError
 from ..paths import display_path, json_path, text_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .index import Index
+    from .folder import IndexFolder
 
 #: Default threshold per kind of weights, measured on the generated near-duplicate set of
 #: ``benchmarks/bench_duplicates.py`` (README, "cocatk duplicates"): the lowest threshold whose pair precision is 1.0
@@ -290,7 +290,7 @@ def _keeper_key(f: DuplicateFile) -> tuple[int, float, int]:
 
 # ---- the whole search -----------------------------------------------------------------------------------------------
 def find_duplicates(
-    index: Index, threshold: float | None = None, under: str | os.PathLike[str] | None = None
+    index: IndexFolder, threshold: float | None = None, under: str | os.PathLike[str] | None = None
 ) -> DuplicateReport:
     """Groups of exact and near-duplicate images in ``index``, each with a suggested keeper. Nothing is deleted.
 
@@ -343,7 +343,7 @@ def find_duplicates(
     groups: list[DuplicateGroup] = []
     member_ids = [int(ids[r]) for rows in groups_rows for r in rows]
     paths = dict(zip(member_ids, index.store.paths_for_ids(member_ids), strict=True))
-    sizes = _sizes(index, member_ids)
+    sizes = index.store.sizes_for_ids(member_ids)
     for number, rows in enumerate(groups_rows, start=1):
         files = []
         for r in rows:
@@ -378,16 +378,6 @@ def find_duplicates(
         seconds=time.monotonic() - t0,
         timings=timings,
     )
-
-
-def _sizes(index: Index, ids: list[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for start in range(0, len(ids), 900):
-        chunk = ids[start : start + 900]
-        marks = ",".join("?" * len(chunk))
-        for fid, size in index.store.conn.execute(f"SELECT id, size FROM files WHERE id IN ({marks})", chunk):
-            out[int(fid)] = int(size)
-    return out
 
 
 def gallery_sections(report: DuplicateReport) -> list[Any]:

@@ -28,7 +28,7 @@ from ..errors import EmptyIndexError, ExportUnreadableError, ImageError, UsageEr
 from ..paths import display_path, json_path, text_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .index import Index
+    from .folder import IndexFolder
     from .layout import ProgressCallback
 
 
@@ -165,7 +165,7 @@ def build_query_vector(
     return np.ascontiguousarray((q / norm)[None, :], dtype=np.float32)
 
 
-def _under_ids(index: Index, under: str | os.PathLike[str]) -> np.ndarray:
+def _under_ids(index: IndexFolder, under: str | os.PathLike[str]) -> np.ndarray:
     """Ids of the files below folder ``under`` (paths are stored absolute and resolved)."""
     root = Path(under).expanduser().resolve()
     if not root.is_dir():
@@ -174,7 +174,7 @@ def _under_ids(index: Index, under: str | os.PathLike[str]) -> np.ndarray:
 
 
 def candidate_tokens(
-    index: Index,
+    index: IndexFolder,
     ids: Sequence[int],
     paths: Sequence[str],
     max_megapixels: float | None = None,
@@ -223,7 +223,7 @@ def candidate_tokens(
     return tokens, kept, dropped, "files"
 
 
-def _recompute_message(index: Index, k: int, use_cache: bool) -> str:
+def _recompute_message(index: IndexFolder, k: int, use_cache: bool) -> str:
     """What a search says before it computes ``k`` candidates' decoder tokens from their files."""
     rate = index.manifest.get("seconds_per_image")
     estimate = f", about {max(1, round(k * float(rate)))} s at the last `cocatk index` rate" if rate else ""
@@ -262,7 +262,7 @@ def candidate_images(
 
 
 def search_index(
-    index: Index,
+    index: IndexFolder,
     text: str | None = None,
     image: ImageQuery | None = None,
     negative: Sequence[str] = (),
@@ -458,14 +458,14 @@ def search_index(
         warnings=warnings,
         reranker=reranker if do_rerank else None,
         rerank_model=(
-            scorer.info() if scorer is not model and scorer is not engine and scorer is not index._model else None
+            scorer.info() if scorer is not model and scorer is not engine and scorer is not index.loaded_model else None
         )
         if do_rerank
         else None,
     )
 
 
-def _match_ids(index: Index, match: str, selector: np.ndarray | None) -> np.ndarray:
+def _match_ids(index: IndexFolder, match: str, selector: np.ndarray | None) -> np.ndarray:
     """Ids whose captions match the full-text query ``match``, within ``selector`` when given."""
     import sqlite3
 
@@ -490,7 +490,7 @@ BACKENDS = ("auto", "torch", "onnx")
 
 
 def _text_engine(
-    index: Index,
+    index: IndexFolder,
     backend: str,
     text: str | None,
     other_query: bool,
@@ -513,7 +513,7 @@ def _text_engine(
         return None, None  # stored vectors are torch's (and no query: build_query_vector says so)
     engine = textonnx.open_text_onnx(index.manifest["identity"])
     if engine is not None and engine.embed_dim != index.dim:
-        engine = None  # as Index.model: an export of another width is not this index's model
+        engine = None  # as IndexFolder.model: an export of another width is not this index's model
     if image:  # an image query takes the exported image tower under auto (and --backend onnx) where there is one
         if engine is None or not engine.can_embed_images or not _onnx_saves_torch(index, engine, False, reranker,
                                                                                     None, None):  # fmt: skip
@@ -541,7 +541,7 @@ def _text_engine(
 
 
 def _onnx_saves_torch(
-    index: Index,
+    index: IndexFolder,
     engine: Any,
     rerank: bool,
     reranker: str,
@@ -550,10 +550,10 @@ def _onnx_saves_torch(
     use_cache: bool = True,
 ) -> bool:
     """``auto``'s rule: the export embeds the query only where nothing else will load torch in this search."""
-    if index._model is not None:
+    if index.loaded_model is not None:
         return False  # torch is loaded already: its model answers, as for every other query of this process
-    device = index._device or config.default_device()
-    precision = index._precision or config.default_precision()
+    device = index.device or config.default_device()
+    precision = index.precision or config.default_precision()
     if device not in (None, "auto", "cpu") or precision not in (None, "auto", "fp32"):
         return False  # a device or precision asked for by name (or in $COCATK_DEVICE / $COCATK_PRECISION) is torch's
     if not rerank:
@@ -566,7 +566,12 @@ def _onnx_saves_torch(
 
 
 def _onnx_reranks(
-    index: Index, engine: Any, reranker: str, rerank_model: str | None, rerank_pretrained: str | None, use_cache: bool
+    index: IndexFolder,
+    engine: Any,
+    reranker: str,
+    rerank_model: str | None,
+    rerank_pretrained: str | None,
+    use_cache: bool,
 ) -> bool:
     """True when the exported decoder can rerank this search: the default CoCa rerank with the index's own model,
     whose decoder was exported, from an index that caches its tokens (a candidate found without them still makes
@@ -583,22 +588,22 @@ def _onnx_reranks(
     )
 
 
-def _load_reranker(index: Index, model: Any, reranker: str, name: str | None, pretrained: str | None) -> Any:
+def _load_reranker(index: IndexFolder, model: Any, reranker: str, name: str | None, pretrained: str | None) -> Any:
     """The stage-2 scorer: a BLIP-ITM, a CoCa (given, recorded, or the index's own), or None when the index's model
     has no decoder and no CoCa is named."""
     if reranker == "blip-itm":
         from ..rerankers import load_blip_itm
 
-        return load_blip_itm(name, pretrained, device=index._device)
+        return load_blip_itm(name, pretrained, device=index.device)
     if name is not None or pretrained is not None:
-        index._check_rerank_model(name, pretrained, write=False)  # refuses a CoCa other than the recorded one
+        index.check_rerank_model(name, pretrained, write=False)  # refuses a CoCa other than the recorded one
     if index.rerank_spec is not None:
         return index.rerank_model
     return model if model.has_decoder else None
 
 
 def _existing_candidates(
-    index: Index, vectors: Any, query: np.ndarray, want: int, total: int, selector: np.ndarray | None
+    index: IndexFolder, vectors: Any, query: np.ndarray, want: int, total: int, selector: np.ndarray | None
 ) -> tuple[list[tuple[int, str, float]], list[tuple[str, str]]]:
     """The top ``want`` hits whose file still exists, in similarity order, and the (path, reason) of those skipped.
 
@@ -625,7 +630,7 @@ def _existing_candidates(
         k = min(total, 2 * k)
 
 
-def indexed_folders(index: Index) -> list[tuple[str, int, bool]]:
+def indexed_folders(index: IndexFolder) -> list[tuple[str, int, bool]]:
     """The folders that hold indexed images, from the stored paths (the disk is not walked).
 
     Every root, and every folder between a root and an indexed file, with the number of indexed files at or below

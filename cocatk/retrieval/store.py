@@ -333,6 +333,31 @@ class Store:
             self.conn.execute(f"DELETE FROM tokens WHERE id IN ({marks})", chunk)
             self.conn.execute(f"DELETE FROM files WHERE id IN ({marks})", chunk)
 
+    def clear(self) -> None:
+        """Delete every file row, token and failure (inside the caller's transaction); roots stay."""
+        self.conn.execute("DELETE FROM tokens")
+        self.conn.execute("DELETE FROM files")
+        self.conn.execute("DELETE FROM failures")
+
+    def sizes_for_ids(self, ids: Sequence[int]) -> dict[int, int]:
+        """``{id: size in bytes}`` of the indexed files ``ids`` (unknown ids are left out)."""
+        out: dict[int, int] = {}
+        for chunk in _chunks([int(i) for i in ids]):
+            marks = ",".join("?" * len(chunk))
+            for fid, size in self.conn.execute(f"SELECT id, size FROM files WHERE id IN ({marks})", chunk):
+                out[int(fid)] = int(size)
+        return out
+
+    def unique_contents(self) -> int:
+        """Distinct content hashes among the indexed files."""
+        return int(self.conn.execute("SELECT COUNT(DISTINCT hash) FROM files").fetchone()[0])
+
+    def vacuum(self) -> None:
+        """Fold the write-ahead log back and VACUUM the database (outside a transaction)."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.execute("VACUUM")
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def embeddings(self, ids: Sequence[int], dim: int) -> np.ndarray:
         """Stored embeddings of ``ids`` in that order: (N, dim) float32. Raises KeyError for an unknown id."""
         ids = [int(i) for i in ids]
@@ -465,6 +490,10 @@ class Store:
 
     def caption_count(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0])
+
+    def drop_tokens(self) -> None:
+        """Delete every cached token row (inside the caller's transaction)."""
+        self.conn.execute("DELETE FROM tokens")
 
     def token_ids(self) -> set[int]:
         return {int(r[0]) for r in self.conn.execute("SELECT id FROM tokens")}

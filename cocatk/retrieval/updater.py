@@ -37,7 +37,7 @@ from .store import FileRow
 from .vectors import VectorIndex, min_training_points
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .index import Index
+    from .folder import IndexFolder
 
 #: The FAISS file is rewritten at every checkpoint while it is small; above this, at most every
 #: ``_BIG_SAVE_INTERVAL_S`` (SQLite still commits every checkpoint, and a stale FAISS file is rebuilt from it).
@@ -172,7 +172,7 @@ class StageTimer:
 class Updater:
     """One incremental update of ``index`` (the writer lock is held by the caller)."""
 
-    def __init__(self, index: Index, options: UpdateOptions) -> None:
+    def __init__(self, index: IndexFolder, options: UpdateOptions) -> None:
         self.index = index
         self.store = index.store
         self.opts = options
@@ -224,7 +224,7 @@ class Updater:
         elif want is False and m.get("cache_tokens") is not False:
             m["cache_tokens"] = False
             m["token_shape"] = None
-            self.store.conn.execute("DELETE FROM tokens")  # a cache: the files hold what it was made from
+            self.store.drop_tokens()  # a cache: the files hold what it was made from
             changed = True
         if self.opts.max_megapixels != m.get("max_megapixels"):  # what a rerank or caption re-decodes with
             m["max_megapixels"] = self.opts.max_megapixels
@@ -234,7 +234,7 @@ class Updater:
             self.store.set_manifest(m)
             self.store.bump_generation()  # the FAISS file of the old factory no longer matches
             self.store.commit()
-            self.index._write_manifest_json()
+            self.index.write_manifest_json()
 
     def _scan(self, roots: list[str]) -> list[tuple[str, int, int]]:
         """(path, size, mtime_ns) of every image below the roots, reporting the running count."""
@@ -258,7 +258,7 @@ class Updater:
         """The encoder of this update; the default loads the index's model (reported as stage "model")."""
         if self._encoder is None:
             with self.timed("model_load"):
-                if self.index._model is None:
+                if self.index.loaded_model is None:
                     self.progress("model", 0, None)
                 model = self.index.model
                 # A recorded rerank CoCa caches its own decoder tokens (loaded only when tokens are cached).
@@ -329,8 +329,8 @@ class Updater:
 
         # Vectors of the committed state; written now when stale, so that every later checkpoint is incremental.
         with self.timed("faiss"):
-            vectors = index._load_vectors(self.store.generation, save=True)
-        index._vectors, index._vectors_gen = vectors, self.store.generation
+            vectors = index.load_vectors(self.store.generation, save=True)
+        index.set_vectors(vectors, self.store.generation)
         self.vectors = vectors
 
         for r in vanished:  # a vanished row may turn out to be moved: its file reappears under another path
@@ -348,7 +348,7 @@ class Updater:
         except BaseException:
             # Roll back to the last checkpoint; the in-memory FAISS index is discarded with it.
             self.store.rollback()
-            index._vectors = None
+            index.set_vectors(None, -1)
             raise
         self.report.total = self.store.count()
         self.report.token_cache_bytes = self.store.token_bytes()
@@ -359,7 +359,7 @@ class Updater:
             self.store.begin()
             self.store.set_manifest(m)
             self.store.commit()
-            index._write_manifest_json()
+            index.write_manifest_json()
         self.report.failures.sort(key=lambda f: f["path"])
         timings = dict.fromkeys(("scan", "model_load", "wait_decode", "model", "sqlite", "faiss"), 0.0)
         timings.update(self.timed.seconds)
@@ -442,7 +442,7 @@ class Updater:
             self.store.begin()
             self.store.set_manifest(m)
             self.store.commit()
-            self.index._write_manifest_json()
+            self.index.write_manifest_json()
         t, d = m["token_shape"]
         estimate = n * t * d * 2
         limit = self.opts.token_cache_limit_gb * (1 << 30)
@@ -452,7 +452,7 @@ class Updater:
             self.store.begin()
             self.store.set_manifest(m)
             self.store.commit()
-            self.index._write_manifest_json()
+            self.index.write_manifest_json()
             self.report.warnings.append(
                 f"decoder tokens not cached: {n} x {t} x {d} fp16 = {estimate / (1 << 30):.1f} GiB is over the "
                 f"{self.opts.token_cache_limit_gb:g} GiB limit; a search reranks by re-reading its candidates "
@@ -637,7 +637,7 @@ class Updater:
             gen = store.bump_generation() if wrote else store.generation
             store.commit()
         if self._manifest_json_stale:
-            self.index._write_manifest_json()
+            self.index.write_manifest_json()
             self._manifest_json_stale = False
         self._since_checkpoint = 0
         if wrote:
@@ -652,7 +652,7 @@ class Updater:
         if self._vectors_dirty or not vi.is_trained or (final and vi.ntotal != self.store.count()):
             if not final:
                 return  # rebuilt once at the end from SQLite; a crash before that rebuilds it on the next open
-            vi = self.vectors = index._load_vectors(gen)
+            vi = self.vectors = index.load_vectors(gen)
             self._vectors_dirty = False
         elif (
             not final
@@ -660,15 +660,15 @@ class Updater:
             and time.monotonic() - self._last_save < _BIG_SAVE_INTERVAL_S
         ):
             return
-        path = index._vector_path(gen)
+        path = index.vector_path(gen)
         if not path.is_file():
             vi.save(path)
-            index._cleanup_vector_files(keep=gen)
+            index.cleanup_vector_files(keep=gen)
         self._last_save = time.monotonic()
-        index._vectors, index._vectors_gen = vi, gen
+        index.set_vectors(vi, gen)
 
 
-def update_index(index: Index, options: UpdateOptions) -> IndexReport:
+def update_index(index: IndexFolder, options: UpdateOptions) -> IndexReport:
     """Run one update of ``index`` (the caller holds the writer lock)."""
     return Updater(index, options).run()
 

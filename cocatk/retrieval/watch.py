@@ -39,11 +39,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CocatkError, MissingDependencyError, UsageError
 from ..paths import display_path, json_path
+from .indexing import run_update
 from .layout import is_under
+from .updater import IndexReport, UpdateOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .index import Index
-    from .updater import IndexReport
+    from .folder import IndexFolder
+
 
 #: Seconds without events before a batch runs: a copy of 500 photos arrives as one batch, not 500.
 DEFAULT_DEBOUNCE_S = 1.0
@@ -125,7 +127,7 @@ class _Root:
 class _Watcher:
     def __init__(
         self,
-        index: Index,
+        index: IndexFolder,
         roots: list[str],
         *,
         debounce: float,
@@ -268,7 +270,7 @@ class _Watcher:
         t0 = time.monotonic()
         kwargs = {**self.update_kwargs, "progress": self._progress}
         try:
-            report = self.index.update(roots, **kwargs)
+            report = run_update(self.index, UpdateOptions(paths=tuple(roots), **kwargs))
         except (CocatkError, OSError) as e:
             message = e.one_line() if isinstance(e, CocatkError) else _os_error_line(e)
             self.dirty.update(r for r in roots if os.path.exists(r))
@@ -341,7 +343,7 @@ def _os_error_line(e: OSError) -> str:
 
 
 def watch_index(
-    index: Index,
+    index: IndexFolder,
     paths: Sequence[str | os.PathLike[str]] | None = None,
     *,
     debounce: float = DEFAULT_DEBOUNCE_S,
