@@ -71,9 +71,20 @@ t = time.perf_counter(); import faiss; stamp("import faiss", t)
 STACK = []  # [name, start, seconds spent in wrapped callees]: each stage counts its own time only
 
 def wrap(owner, attr, name):
-    fn = getattr(owner, attr, None)
-    if fn is None:
-        return
+    # Time owner.attr. A function of cocatk.models (a module in older checkouts, a package of submodules now) is
+    # replaced in every cocatk module that holds it: `from .x import f` copies the name.
+    if owner is M:
+        found = [m for n, m in list(sys.modules.items()) if n.startswith("cocatk") and getattr(m, attr, None)]
+        fns = {id(getattr(m, attr)): getattr(m, attr) for m in found}
+        if not fns:
+            return
+        fn = next(iter(fns.values()))
+        holders = [m for m in found if getattr(m, attr) is fn]
+    else:
+        fn = getattr(owner, attr, None)
+        if fn is None:
+            return
+        holders = [owner]
     def timed(*a, **k):
         label = name(STACK) if callable(name) else name
         STACK.append([label, time.perf_counter(), 0.0])
@@ -85,7 +96,8 @@ def wrap(owner, attr, name):
             stages[label] = stages.get(label, 0.0) + elapsed - inner
             if STACK:
                 STACK[-1][2] += elapsed
-    setattr(owner, attr, timed)
+    for h in holders:
+        setattr(h, attr, timed)
 
 def bf16_label(stack):
     inside = stack[-1][0] if stack else ""
@@ -96,14 +108,21 @@ if HOIST:
     import open_clip
     wrap(open_clip, "create_model_and_transforms", "model construction")
     wrap(open_clip, "load_checkpoint", "weight loading")
-if os.path.exists(os.path.join(os.path.dirname(cocatk.__file__), "textonnx.py")):
+if os.path.exists(os.path.join(os.path.dirname(cocatk.__file__), "models", "onnx")):
+    import cocatk.models.onnx as XO
+    import cocatk.models.onnx.text as X
+    wrap(XO, "open_text_onnx", "ONNX export lookup")
+elif os.path.exists(os.path.join(os.path.dirname(cocatk.__file__), "textonnx.py")):
     import cocatk.textonnx as X
     wrap(X, "open_text_onnx", "ONNX export lookup")
+else:
+    X = None
+if X is not None:
     wrap(X.TextOnnx, "_load", "ONNX Runtime session + tokenizer (import, load)")
     wrap(X.TextOnnx, "encode_texts", "text embedding")
 wrap(M, "load_tokenizer", "tokenizer")
 wrap(M, "_load_checkpoint", "weight loading")
-wrap(M, "_bf16_island", bf16_label)
+wrap(M, "bf16_island", bf16_label)
 wrap(M.ClipModel, "_bf16_copy", "bf16 copy of the text tower (first query)")
 wrap(M, "_sha256_file", "sha256 of the weights")
 wrap(faiss, "read_index", "FAISS index read")
@@ -214,7 +233,7 @@ def whole(index: Path, rerank: bool, root: Path, extra: tuple[str, ...] = ()) ->
 
 
 def _has_text_onnx(root: Path) -> bool:
-    return (root / "cocatk" / "textonnx.py").is_file()
+    return (root / "cocatk" / "textonnx.py").is_file() or (root / "cocatk" / "models" / "onnx").is_dir()
 
 
 def breakdown(index: Path, rerank: bool, root: Path, extra: tuple[str, ...] = ()) -> dict[str, float]:

@@ -149,7 +149,7 @@ def default_precision() -> str | None:
 
 def text_onnx_enabled() -> bool:
     """``$COCATK_TEXT_ONNX`` (default on; ``0`` turns it off): `cocatk index` exports the text tower to ONNX so
-    that a cold text query runs without torch (:mod:`cocatk.textonnx`)."""
+    that a cold text query runs without torch (:mod:`cocatk.models.onnx`)."""
     return os.environ.get("COCATK_TEXT_ONNX", "1").strip().lower() not in ("0", "false", "no", "off")
 
 

@@ -1,9 +1,9 @@
 """Reference captions from open_clip's own ``CoCa.generate`` (needs transformers < 4.56), for tests/test_captioning.py.
 
 Runs in a separate interpreter (``COCATK_REF_PYTHON``: a venv with torch, open_clip_torch 3.3 and transformers<4.56)
-and imports nothing from cocatk. It builds the model exactly as ``cocatk.models._build`` does (seed 0 on the CPU,
-decoder projection initialised for random weights, or a checkpoint loaded strictly), reads preprocessed images from a
-safetensors file, and prints the generated ids as JSON.
+and imports nothing from cocatk. It builds the model exactly as ``cocatk.models.loading._build`` does (seed 0 on the
+CPU, decoder projection initialised for random weights, or a checkpoint loaded strictly), reads preprocessed images
+from a safetensors file, and prints the generated ids as JSON.
 
 Input (stdin, JSON): {"config": config JSON path or open_clip architecture, "weights": path or null,
 "images": safetensors path (key "images"), "threads": int,

@@ -17,6 +17,7 @@ from PIL import Image
 import cocatk
 from cocatk import models
 from cocatk.errors import ModelConfigError
+from cocatk.models import loading, registry
 
 CLIP_TINY = DATA / "clip_tiny.json"
 SIGMOID_TINY = DATA / "sigmoid_tiny.json"
@@ -53,7 +54,7 @@ def _reference(spec: models.ModelSpec, path: str) -> torch.nn.Module:
     return model.eval()
 
 
-_LOAD = models._load_checkpoint
+_LOAD = loading._load_checkpoint
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,7 +64,7 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _assert_same(got: cocatk.CocaModel, ref_model: torch.nn.Module, bf16: bool = False) -> None:
     """Every parameter and buffer (persistent or not), and the encoders' outputs, bit for bit."""
     if bf16:
-        models._bf16_island(ref_model.visual)
+        models.bf16_island(ref_model.visual)
     a, b = _tensors(got.model), _tensors(ref_model)
     assert a.keys() == b.keys()
     for name in a:
@@ -114,7 +115,7 @@ def test_mapped_load_equals_open_clip_load(tmp_path, monkeypatch, request, confi
     random = cocatk.load_model(str(config), "none", device="cpu", precision="fp32")
     path = _save(random.model, tmp_path / f"weights{suffix}")
     calls = []
-    monkeypatch.setattr(models, "_load_checkpoint", lambda *a: calls.append(a) or _LOAD(*a))
+    monkeypatch.setattr(loading, "_load_checkpoint", lambda *a: calls.append(a) or _LOAD(*a))
     monkeypatch.setattr(open_clip, "load_checkpoint", None)  # the previous loader is not used
     got = cocatk.load_model(str(config), str(path), device="cpu", precision="fp32")
     monkeypatch.undo()
@@ -192,7 +193,7 @@ def test_a_checkpoint_that_does_not_fit_is_the_same_one_line_error(tmp_path):
 
 
 def test_skip_init_leaves_buffers_and_plain_tensors_alone():
-    mode = models._skip_param_init()
+    mode = loading._skip_param_init()
     param = torch.nn.Parameter(torch.zeros(3))
     with mode:
         torch.nn.init.normal_(param)
@@ -220,7 +221,7 @@ def test_random_weights_are_unchanged_by_the_mapped_path(tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(models.RANDOM_SEED)
         ref, _, _ = open_clip.create_model_and_transforms(got.spec.arch, pretrained=None, device="cpu")
-        models._init_decoder_projection(ref)
+        loading._init_decoder_projection(ref)
     a, b = _tensors(got.model), _tensors(ref)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -316,15 +317,15 @@ def test_weights_digest_is_remembered_until_the_file_changes(tmp_path, monkeypat
     path = tmp_path / "big.bin"
     path.write_bytes(b"a" * models.DIGEST_CACHE_MIN_BYTES)
     calls = []
-    real = models._sha256_file
-    monkeypatch.setattr(models, "_sha256_file", lambda p: calls.append(p) or real(p))
+    real = registry._sha256_file
+    monkeypatch.setattr(registry, "_sha256_file", lambda p: calls.append(p) or real(p))
     spec = models.resolve_model(str(TINY_CONFIG), str(path))
     first = spec.weights_id()
     assert first == "sha256:" + real(path) and len(calls) == 1
     assert spec.weights_id() == first and len(calls) == 2  # written just now: not remembered yet (could change
     # again within the same timestamp tick)
 
-    monkeypatch.setattr(models, "_DIGEST_SETTLE_NS", 0)
+    monkeypatch.setattr(registry, "_DIGEST_SETTLE_NS", 0)
     assert spec.weights_id() == first and len(calls) == 3
     assert spec.weights_id() == first and len(calls) == 3  # remembered
     assert (config.cache_dir() / "file-digests.json").is_file()

@@ -72,3 +72,33 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert result.returncode == 0, "mkdocs build --strict failed:\n" + result.stdout + result.stderr
     assert (site / "index.html").is_file()
     assert (site / "cli-reference" / "index.html").is_file()
+
+
+def _python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_the_documented_python_api_runs(tmp_path, monkeypatch) -> None:
+    """The Python API blocks of docs/python-api.md (the README's among them) run as written, with the shipped demo
+    model for coca-b32, generated photos for ~/Pictures and a temporary folder for the index."""
+    from PIL import Image
+
+    from cocatk.demo.scenes import generate_folder
+
+    monkeypatch.setenv("COCATK_CACHE", str(tmp_path / "cache"))
+    blocks = _python_blocks(ROOT / "docs" / "python-api.md")
+    readme = _python_blocks(README)
+    assert len(blocks) == 2 and readme and all(b in blocks for b in readme)
+    generate_folder(tmp_path / "photos", n=6, seed=3, min_size=64, max_size=96, png_fraction=0, manifest=False)
+    swaps = {'"coca-b32"': '"demo"', '"~/photos-index"': repr(str(tmp_path / "index")),
+             '["~/Pictures"]': repr([str(tmp_path / "photos")])}  # fmt: skip
+    jpegs = sorted((tmp_path / "photos").glob("*.jpg"))[:2]
+    scope: dict = {"pil_images": [Image.open(p).convert("RGB") for p in jpegs]}
+    model_block, index_block = blocks
+    for old, new in swaps.items():
+        model_block, index_block = model_block.replace(old, new), index_block.replace(old, new)
+    exec(compile(model_block, "python-api.md#model", "exec"), scope)  # noqa: S102 - the page's own code
+    assert scope["img"].shape == (2, scope["model"].embed_dim) and scope["ll"].shape == (2,)
+    scope.update(queries=scope["txt"], ids=[1, 2])
+    exec(compile(index_block, "python-api.md#index", "exec"), scope)  # noqa: S102
+    assert scope["index"].ntotal == scope["report"].total > 0

@@ -25,7 +25,7 @@ from cocatk.models import BF16_MIN_TOWER_PARAMS, resolve_precision
     [("amx", "bf16", False), ("avx512_bf16", "fp32", True), (None, "fp32", True)],
 )
 def test_auto_on_cpu_uses_bf16_only_where_measured_faster(monkeypatch, support, expected, noticed):
-    monkeypatch.setattr("cocatk.models.cpu_bf16_support", lambda: support)
+    monkeypatch.setattr("cocatk.models.precision.cpu_bf16_support", lambda: support)
     precision, notice = resolve_precision("auto", "cpu")
     assert precision == expected
     assert (notice is not None) == noticed
@@ -34,7 +34,7 @@ def test_auto_on_cpu_uses_bf16_only_where_measured_faster(monkeypatch, support, 
 
 
 def test_explicit_precisions(monkeypatch):
-    monkeypatch.setattr("cocatk.models.cpu_bf16_support", lambda: None)
+    monkeypatch.setattr("cocatk.models.precision.cpu_bf16_support", lambda: None)
     assert resolve_precision("fp32", "cpu") == ("fp32", None)
     prec, notice = resolve_precision("bf16", "cpu")
     assert prec == "bf16" and "emulated" in notice
@@ -48,13 +48,14 @@ def test_explicit_precisions(monkeypatch):
 
 def test_precision_env_var(monkeypatch):
     monkeypatch.setenv("COCATK_PRECISION", "fp32")
-    monkeypatch.setattr("cocatk.models.cpu_bf16_support", lambda: "amx")
+    monkeypatch.setattr("cocatk.models.precision.cpu_bf16_support", lambda: "amx")
     assert resolve_precision(None, "cpu") == ("fp32", None)
 
 
 def _fresh(name, pretrained, precision):
     """A model built now (not the per-process cache), with ``precision`` resolved as load_model does."""
-    from cocatk.models import _build, resolve_model
+    from cocatk.models import resolve_model
+    from cocatk.models.loading import _build
 
     prec, notice = resolve_precision(precision, "cpu")
     return _build(resolve_model(name, pretrained), "cpu", prec, notice, auto=precision == "auto")
@@ -64,7 +65,7 @@ def _fresh(name, pretrained, precision):
 def test_auto_keeps_a_tiny_tower_in_fp32_without_a_notice(monkeypatch, support):
     from conftest import TINY_CONFIG
 
-    monkeypatch.setattr("cocatk.models.cpu_bf16_support", lambda: support)
+    monkeypatch.setattr("cocatk.models.precision.cpu_bf16_support", lambda: support)
     m = _fresh(str(TINY_CONFIG), "none", "auto")
     assert sum(p.numel() for p in m.model.visual.parameters()) < BF16_MIN_TOWER_PARAMS
     assert m.precision == "fp32" and m.precision_notice is None and not m.cpu_bf16
@@ -77,14 +78,14 @@ def test_auto_on_a_cpu_without_amx_says_why_once_per_index_run(monkeypatch, tmp_
 
     from cocatk.cli import main
 
-    monkeypatch.setattr("cocatk.models.cpu_bf16_support", lambda: None)
-    monkeypatch.setattr("cocatk.models.BF16_MIN_TOWER_PARAMS", 0)  # the tiny test tower stands for a real one
+    monkeypatch.setattr("cocatk.models.precision.cpu_bf16_support", lambda: None)
+    monkeypatch.setattr("cocatk.models.loading.BF16_MIN_TOWER_PARAMS", 0)  # the tiny test tower stands for a real one
     m = _fresh(str(TINY_CONFIG), "none", "auto")
     assert m.precision == "fp32" and "--precision bf16 forces it" in m.precision_notice
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (40, 30), "red").save(photos / "a.png")
-    monkeypatch.setattr("cocatk.models._CACHE", {})  # build under the patches, not from an earlier test
+    monkeypatch.setattr("cocatk.models.loading._CACHE", {})  # build under the patches, not from an earlier test
     code = main(["index", str(photos), "--index", str(tmp_path / "ix"), "--model", str(TINY_CONFIG)]
                 + ["--pretrained", "none", "--json"])  # fmt: skip
     captured = capsys.readouterr()

@@ -1,6 +1,6 @@
-"""The torch-free rerank (:mod:`cocatk.decoderonnx`): the exported decoder reproduces open_clip's own decoder and
-cocatk's torch rerank, a default search from cached tokens runs it without importing torch and orders the hits as
-``--backend torch`` does, and every way it cannot run leaves the search on torch, saying why."""
+"""The torch-free rerank (:mod:`cocatk.models.onnx.decoder`): the exported decoder reproduces open_clip's own
+decoder and cocatk's torch rerank, a default search from cached tokens runs it without importing torch and orders the
+hits as ``--backend torch`` does, and every way it cannot run leaves the search on torch, saying why."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from cocatk import decoderonnx, load_model, textonnx
+from cocatk import load_model
+from cocatk.models import onnx as textonnx
+from cocatk.models.onnx import decoder as decoderonnx
 from cocatk.retrieval import Index
 from cocatk.retrieval.search import search_index
 

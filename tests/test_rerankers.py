@@ -50,7 +50,7 @@ def clip_index(tmp_path_factory):
 @pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory):
     """A tiny random BLIP-ITM saved like a hub snapshot: config, weights, a BERT tokenizer, the image processor."""
-    from cocatk.rerankers import stand_in_tokenizer
+    from cocatk.models.blip import stand_in_tokenizer
 
     folder = tmp_path_factory.mktemp("blip")
     tok = stand_in_tokenizer(128, folder / "vocab")
@@ -183,7 +183,7 @@ def test_unknown_reranker(clip_index):
 
 # ---- BLIP-ITM ---------------------------------------------------------------------------------------------------
 def test_blip_itm_equals_transformers_forward(blip_dir):
-    from cocatk.rerankers import load_blip_itm
+    from cocatk.models.blip import load_blip_itm
 
     blip = load_blip_itm(str(blip_dir), device="cpu")
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 30, 3), dtype=np.uint8)) for i in range(5)]
@@ -205,7 +205,7 @@ def test_blip_itm_equals_transformers_forward(blip_dir):
 
 
 def test_blip_offline_and_missing_are_one_line(tmp_path):
-    from cocatk.rerankers import load_blip_itm
+    from cocatk.models.blip import load_blip_itm
 
     with pytest.raises(RerankerError) as e:
         load_blip_itm("Salesforce/blip-itm-base-coco", device="cpu")
@@ -215,7 +215,7 @@ def test_blip_offline_and_missing_are_one_line(tmp_path):
 
 
 def test_blip_reranks_the_same_candidates(clip_index, blip_dir):
-    from cocatk.rerankers import load_blip_itm
+    from cocatk.models.blip import load_blip_itm
 
     with _open(clip_index[0]) as idx:
         base = search_index(idx, "a red bicycle", n=5, rerank=False)

@@ -1,4 +1,4 @@
-"""The torch-free text query path (:mod:`cocatk.textonnx`): the export reproduces open_clip's tokens and torch's fp32
+"""The torch-free text query path (:mod:`cocatk.models.onnx`): the export reproduces open_clip's tokens and torch's fp32
 embeddings, a search through it returns what the torch path returns, a cold text query imports no torch, and every
 way the export can be missing or fail leaves the index whole and the query on the torch path."""
 
@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cocatk import load_model, textonnx
+from cocatk import load_model
 from cocatk.errors import ExportError, UsageError
+from cocatk.models import onnx as textonnx
+from cocatk.models.onnx import cache as export_cache
+from cocatk.models.onnx import export as onnx_export
 from cocatk.retrieval import Index
 
 DATA = Path(__file__).parent / "data"
@@ -191,7 +194,7 @@ def test_unsupported_tokenizer_is_recorded_and_skipped(cache, monkeypatch):
 
     model = load_model(str(DATA / "clip_tiny.json"), "none", device="cpu")
     monkeypatch.setattr(model.tokenizer, "clean_fn", oct._clean_whitespace)
-    monkeypatch.setattr(textonnx, "cache_folder", lambda identity: cache / "unsupported")
+    monkeypatch.setattr(export_cache, "cache_folder", lambda identity: cache / "unsupported")
     assert textonnx.export_text_onnx(model) is None
     assert "tokenizer" in textonnx.read_meta(model.spec.identity())["error"]
     assert textonnx.open_text_onnx(model.spec.identity()) is None
@@ -203,7 +206,7 @@ def test_failed_check_is_a_warning_and_the_index_is_whole(tmp_path, monkeypatch)
     line, the index is complete, and text queries keep the torch path."""
     from cocatk.demo.scenes import generate_folder
 
-    monkeypatch.setattr(textonnx, "MAX_ABS_DIFF", -1.0)
+    monkeypatch.setattr(onnx_export, "MAX_ABS_DIFF", -1.0)
     generate_folder(tmp_path / "photos", n=6, seed=1, min_size=64, max_size=96)
     with Index.open(tmp_path / "index", model=str(DATA / "coca_tiny.json"), pretrained="none", create=True) as ix:
         report = ix.update([tmp_path / "photos"], workers=0)
@@ -221,7 +224,7 @@ def test_failed_check_is_a_warning_and_the_index_is_whole(tmp_path, monkeypatch)
 
 def test_unwritable_cache_is_an_export_error_and_not_recorded(tmp_path, monkeypatch):
     if os.geteuid() == 0:
-        monkeypatch.setattr(textonnx, "_write_graph", _raise_oserror)
+        monkeypatch.setattr(onnx_export, "_write_graph", _raise_oserror)
     else:
         (tmp_path / "ro").mkdir(mode=0o500)
     monkeypatch.setenv("COCATK_CACHE", str(tmp_path / "ro"))
@@ -237,7 +240,7 @@ def _raise_oserror(*args):
 
 def test_corrupt_record_reads_as_none_and_is_redone(cache, monkeypatch, tmp_path):
     model = load_model(str(DATA / "coca_tiny.json"), "none", device="cpu")
-    monkeypatch.setattr(textonnx, "cache_folder", lambda identity: tmp_path / "x")
+    monkeypatch.setattr(export_cache, "cache_folder", lambda identity: tmp_path / "x")
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "meta.json").write_text("{not json")
     (tmp_path / "x" / "text.onnx").write_text("half a file")
@@ -297,7 +300,7 @@ def test_broken_export_falls_back_to_torch_and_is_removed(tmp_path, monkeypatch)
     with Index.open(tmp_path / "index", model=str(DATA / "coca_tiny.json"), pretrained="none", create=True) as ix:
         assert ix.update([tmp_path / "photos"], workers=0).text_export == "exported"
         identity = ix.manifest["identity"]
-    weights = textonnx.cache_folder(identity) / textonnx.WEIGHTS
+    weights = textonnx.cache_folder(identity) / export_cache.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])
     with Index.open(tmp_path / "index") as ix, pytest.raises(ExportError, match="cannot be loaded"):
         search_index(ix, "a red circle", rerank=False, backend="onnx")
@@ -314,23 +317,23 @@ def test_exporter_failure_is_recorded_with_versions_and_retried_when_they_change
     """An error of the exporter itself (not an OSError) is an ExportError, recorded with the package versions: not
     tried again until one of them changes."""
     model = load_model(str(DATA / "clip_tiny.json"), "none", device="cpu")
-    monkeypatch.setattr(textonnx, "cache_folder", lambda identity: tmp_path / "x")
+    monkeypatch.setattr(export_cache, "cache_folder", lambda identity: tmp_path / "x")
 
     def boom(*args):
         raise RuntimeError("Exporting the operator 'aten::frobnicate' to ONNX opset version 17 is not supported")
 
-    monkeypatch.setattr(textonnx, "_write_graph", boom)
+    monkeypatch.setattr(onnx_export, "_write_graph", boom)
     with pytest.raises(ExportError, match="aten::frobnicate"):
         textonnx.export_text_onnx(model)
     meta = textonnx.read_meta(model.spec.identity())
     assert "frobnicate" in meta["error"] and meta["versions"]["onnxruntime"] != "absent"
     assert not textonnx.needs_export(model.spec.identity())
     assert textonnx.export_text_onnx(model) is None  # recorded: not tried again
-    monkeypatch.setattr(textonnx, "_versions", lambda: {**meta["versions"], "torch": "9.9"})
+    monkeypatch.setattr(export_cache, "versions", lambda: {**meta["versions"], "torch": "9.9"})
     assert textonnx.needs_export(model.spec.identity())
     monkeypatch.undo()
-    monkeypatch.setattr(textonnx, "cache_folder", lambda identity: tmp_path / "x")
-    monkeypatch.setattr(textonnx, "_versions", lambda: {**meta["versions"], "torch": "9.9"})
+    monkeypatch.setattr(export_cache, "cache_folder", lambda identity: tmp_path / "x")
+    monkeypatch.setattr(export_cache, "versions", lambda: {**meta["versions"], "torch": "9.9"})
     assert textonnx.export_text_onnx(model) == tmp_path / "x"  # the newer versions export it
 
 
@@ -347,9 +350,9 @@ def test_a_gpu_model_is_exported_from_a_cpu_copy(cache, monkeypatch, tmp_path):
     """The export path for a model on a GPU traces a float32 CPU copy (here the model is on the CPU and only claims
     a GPU, which exercises the copy)."""
     model = load_model(str(DATA / "coca_tiny.json"), "none", device="cpu")
-    monkeypatch.setattr(textonnx, "cache_folder", lambda identity: tmp_path / "gpu")
+    monkeypatch.setattr(export_cache, "cache_folder", lambda identity: tmp_path / "gpu")
     monkeypatch.setattr(model, "device", "cuda:0")
-    latent, module, device = textonnx._fp32_cpu_text(model)
+    latent, module, device = onnx_export._fp32_cpu_text(model)
     assert device == "cuda:0" and module is not model.model
     assert textonnx.export_text_onnx(model) is not None
     meta = textonnx.read_meta(model.spec.identity())

@@ -94,7 +94,7 @@ def eval_retrieval(
     published open_clip numbers for the same model beside them."""
     from ..evaluation import evaluate_retrieval, open_captioned_dataset
     from ..models import load_model
-    from ..rerankers import check_reranker, load_blip_itm
+    from ..models.blip import check_reranker, load_blip_itm
 
     ks = _parse_ks(rerank)
     chosen = [check_reranker(r) for r in reranker.split(",") if r.strip()]

@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..models import ClipModel, CocaModel
-    from ..rerankers import BlipItmReranker
+    from ..models.blip import BlipItmReranker
 
 #: Recall cut-offs reported (the published tables use these).
 RECALL_KS = (1, 5, 10)
@@ -237,7 +237,7 @@ def evaluate_retrieval(
     Args:
         model: a loaded :class:`~cocatk.models.ClipModel` (CoCa or any dual encoder): the first stage.
         rerank_model: the CoCa of the likelihood rerank (default ``model`` when it is a CoCa).
-        blip: a :class:`~cocatk.rerankers.BlipItmReranker`: also report ``blip-itm@k`` (text -> image).
+        blip: a :class:`~cocatk.models.blip.BlipItmReranker`: also report ``blip-itm@k`` (text -> image).
         likelihood: False leaves the CoCa likelihood rerank out (only BLIP, or contrastive only).
         cost_queries: measure each scorer's cost per query at each k on this many captions (``costs_ms``).
         data: from :func:`open_captioned_dataset`.

@@ -1,5 +1,5 @@
 """One ``cocatk index`` run on an open index: the update (:mod:`.updater`), the captions it asks for
-(:mod:`.captions`), then the exports that let later cold queries run without torch (:mod:`cocatk.textonnx`)."""
+(:mod:`.captions`), then the exports that let later cold queries run without torch (:mod:`cocatk.models.onnx`)."""
 
 from __future__ import annotations
 
@@ -30,22 +30,22 @@ def run_update(index: IndexFolder, options: UpdateOptions) -> IndexReport:
 
 
 def export_for_queries(index: IndexFolder, report: IndexReport, progress: ProgressCallback | None) -> None:
-    """Export the model's text tower for torch-free text queries (:mod:`cocatk.textonnx`) unless that was done
+    """Export the model's text tower for torch-free text queries (:mod:`cocatk.models.onnx`) unless that was done
     (or found impossible) before for this model; loads the model when this run did not need it. A failure is a
     warning on the report: the index is complete, text queries keep the torch path."""
-    from .. import textonnx
     from ..errors import CocatkError
+    from ..models import onnx
 
-    if not config.text_onnx_enabled() or index.is_empty or not textonnx.available():
+    if not config.text_onnx_enabled() or index.is_empty or not onnx.available():
         return
     identity = index.manifest["identity"]
-    if not textonnx.needs_export(identity):
+    if not onnx.needs_export(identity):
         return
     t0 = time.perf_counter()
     if progress is not None:
         progress("text-onnx", 0, None)
     try:
-        done = textonnx.export_text_onnx(index.model, identity)
+        done = onnx.export_text_onnx(index.model, identity)
         report.text_export = "exported" if done is not None else None  # None: a model it cannot export
     except CocatkError as e:  # the export's, or the model's when this run had to load it
         report.warnings.append(f"{e.message}; text queries load torch")

@@ -122,7 +122,7 @@ def compact_index(index: IndexFolder) -> dict[str, Any]:
 
 def index_info(index: IndexFolder) -> dict[str, Any]:
     """Manifest, counts, roots, size on disk and failures, as plain data."""
-    from ..textonnx import describe
+    from ..models.onnx import describe
 
     failures = index.store.failures()
     size = folder_bytes(index.dir)
@@ -141,7 +141,7 @@ def index_info(index: IndexFolder) -> dict[str, Any]:
         "captions": index.store.caption_configs(),
         "failed": dict(Counter(f["reason"] for f in failures)),
         "failures": [json_failure(f) for f in failures],
-        # What embeds a cold text query (cocatk.textonnx); None for an empty index.
+        # What embeds a cold text query (cocatk.models.onnx); None for an empty index.
         "text_queries": describe(manifest["identity"]) if manifest else None,
     }
 

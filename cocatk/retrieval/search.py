@@ -1,7 +1,7 @@
 """Search an index: FAISS top-k over contrastive embeddings, then a rerank of the top-k.
 
 Stage 1 embeds the query with the index's model (a CoCa, CLIP, SigLIP or EVA text tower) and takes the exact
-inner-product top-k from FAISS (k = ``rerank_k`` when reranking, else ``n``). Stage 2 (:mod:`cocatk.rerankers`)
+inner-product top-k from FAISS (k = ``rerank_k`` when reranking, else ``n``). Stage 2 (:mod:`cocatk.models.blip`)
 scores each of the k candidates, by default by CoCa caption log-likelihood log p(query | image) (the text tower runs
 once, the decoder is batched over candidates) with the index's own CoCa or a separate ``rerank_model``; or by
 BLIP's image-text matching probability (``reranker="blip-itm"``). For one fixed query, log P(query) is the same for
@@ -301,9 +301,9 @@ def search_index(
         backend: what embeds a text query (image and stored-vector queries are always torch's). ``"auto"``: when
             nothing will load torch anyway (a text-only query that is not reranked, in a process whose torch model is
             not loaded yet, with no device or precision named), the index model's text tower exported to ONNX
-            (:mod:`cocatk.textonnx`, made by ``cocatk index``) if there is one, else torch. It embeds in float32 on
+            (:mod:`cocatk.models.onnx`, made by ``cocatk index``) if there is one, else torch. It embeds in float32 on
             the CPU: on a GPU or an AMX CPU, where torch would run bf16, it is the closer of the two to fp32.
-            A default CoCa rerank from cached tokens runs in ONNX Runtime too (:mod:`cocatk.decoderonnx`), so a
+            A default CoCa rerank from cached tokens runs in ONNX Runtime too (:mod:`cocatk.models.onnx.decoder`), so a
             default text search imports no torch. ``"onnx"``: that export, required for a text-only query (the rerank
             takes it when the candidates' tokens are cached, else torch). ``"torch"``: never it (the reference).
         notify: called with a one-line message before a long wait (candidates' tokens computed from their files).
@@ -316,7 +316,7 @@ def search_index(
         IndexMismatchError: a ``rerank_model`` other than the one the index records.
         DecoderRequiredError: a ``rerank_model`` that is not a CoCa. RerankerError: BLIP cannot be loaded.
     """
-    from ..rerankers import check_reranker
+    from ..models.blip import check_reranker
 
     reranker = check_reranker(reranker)
     if (like_id is not None or embedding is not None) and (
@@ -403,9 +403,9 @@ def search_index(
                 try:
                     scores = engine.caption_loglik(text, tokens)
                 except ExportUnreadableError as e:  # set aside: the next `cocatk index` exports again
-                    from .. import textonnx
+                    from ..models import onnx
 
-                    textonnx.remove_export(index.manifest["identity"])
+                    onnx.remove_export(index.manifest["identity"])
                     warnings.append(f"{e.message}: removed; the next `cocatk index` exports it again")
                     scorer = _load_reranker(index, index.model, reranker, rerank_model, rerank_pretrained)
                     import torch
@@ -503,15 +503,15 @@ def _text_engine(
 ) -> tuple[Any, str | None]:
     """The ONNX text tower, loaded, that embeds this query instead of the torch model (see ``backend`` in
     :func:`search_index`), or None for torch; and a warning when an export could not be used."""
-    from .. import textonnx
     from ..errors import ExportError, ExportUnreadableError
+    from ..models import onnx
 
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", hint=f"use one of: {', '.join(BACKENDS)}")
     rerank = rerank and text is not None  # an image alone is never reranked
     if backend == "torch" or other_query or (text is None and not image):
         return None, None  # stored vectors are torch's (and no query: build_query_vector says so)
-    engine = textonnx.open_text_onnx(index.manifest["identity"])
+    engine = onnx.open_text_onnx(index.manifest["identity"])
     if engine is not None and engine.embed_dim != index.dim:
         engine = None  # as IndexFolder.model: an export of another width is not this index's model
     if image:  # an image query takes the exported image tower under auto (and --backend onnx) where there is one
@@ -535,7 +535,7 @@ def _text_engine(
             raise
         if isinstance(e, ExportUnreadableError):
             # Files that cannot be loaded are set aside: the next `cocatk index` exports again.
-            textonnx.remove_export(index.manifest["identity"])
+            onnx.remove_export(index.manifest["identity"])
             return None, f"{e.message}: removed; the next `cocatk index` exports it again"
         return None, f"{e.message}; this query used torch ({e.hint})"
 
@@ -592,7 +592,7 @@ def _load_reranker(index: IndexFolder, model: Any, reranker: str, name: str | No
     """The stage-2 scorer: a BLIP-ITM, a CoCa (given, recorded, or the index's own), or None when the index's model
     has no decoder and no CoCa is named."""
     if reranker == "blip-itm":
-        from ..rerankers import load_blip_itm
+        from ..models.blip import load_blip_itm
 
         return load_blip_itm(name, pretrained, device=index.device)
     if name is not None or pretrained is not None:

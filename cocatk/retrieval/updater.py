@@ -116,11 +116,11 @@ class IndexReport:
     #: ``ray_start`` (starting or joining Ray), ``ray_first_result`` (until the first block: worker processes and the
     #: actors' model loads) and ``ray`` (waiting on the pipeline after that) instead of the model and decode keys.
     #: After the run, outside ``seconds``: ``text_onnx``, the one-time export of the text tower
-    #: (:mod:`cocatk.textonnx`), when it ran.
+    #: (:mod:`cocatk.models.onnx`), when it ran.
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     #: ``"exported"`` or ``"failed"`` when this run exported the text tower for torch-free queries
-    #: (:mod:`cocatk.textonnx`; a failure is also a warning), else None.
+    #: (:mod:`cocatk.models.onnx`; a failure is also a warning), else None.
     text_export: str | None = None
     #: Precisions the images of this run were encoded at (``fp32``, ``bf16``); the manifest keeps the union.
     precisions: list[str] = field(default_factory=list)

@@ -1,5 +1,5 @@
 """The image tower without torch, for cold image queries: open_clip's image tower exported to ONNX beside the text
-tower (:mod:`cocatk.textonnx`, same cache folder and records), run by ONNX Runtime.
+tower (:mod:`cocatk.models.onnx`, same cache folder and records), run by ONNX Runtime.
 
 A cold ``cocatk search --image PHOTO`` spent ~2.7 of its ~3.3 s importing torch and open_clip and building the model
 (benchmarks/RESULTS.md section 6.3); the image tower itself takes 0.1-0.4 s. So ``cocatk index`` exports the image
@@ -16,18 +16,25 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .session import open_session
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+
 GRAPH, WEIGHTS = "image.onnx", "image.onnx.data"
+
 #: Largest |ONNX - torch fp32| embedding component allowed at export.
 MAX_ABS_DIFF = 1e-4
 
 
 class ImageOnnx:
     """An exported image tower: PIL images in, L2-normalised float32 embeddings (N, D) out. Made by
-    :meth:`cocatk.textonnx.TextOnnx.image_tower`; nothing is loaded until the first call."""
+    :meth:`cocatk.models.onnx.text.TextOnnx.image_tower`; nothing is loaded until the first call."""
 
     def __init__(self, folder: Path, meta: dict[str, Any]) -> None:
         self.folder = folder
@@ -37,7 +44,7 @@ class ImageOnnx:
 
     def pixels(self, images: Sequence[Any]) -> np.ndarray:
         """(N, S, S, 3) uint8: open_clip's resize and crop, without torch."""
-        from .preprocess import resize_crop
+        from ...preprocess import resize_crop
 
         spec = self.meta["preprocess"]
         return np.ascontiguousarray(np.stack([resize_crop(im, spec) for im in images]))
@@ -55,8 +62,6 @@ class ImageOnnx:
         Raises:
             ExportUnreadableError: the graph cannot be loaded.
         """
-        from .decoderonnx import open_session
-
         with self._lock:
             if self._session is None:
                 self._session = open_session(self.folder / GRAPH, "image tower")
@@ -69,7 +74,7 @@ def export_image_tower(module: Any, spec: dict[str, Any], folder: Path, example:
     float32 embeddings (N, D)."""
     import torch
 
-    from .decoderonnx import export_graph
+    from .decoder import export_graph
 
     mean = torch.tensor(spec["mean"], dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(spec["std"], dtype=torch.float32).view(1, -1, 1, 1)
@@ -98,7 +103,7 @@ def fp32_image_module(module: Any) -> Any:
 
     import torch
 
-    from .models import float32_copy
+    from ..precision import float32_copy
 
     if all(p.dtype == torch.float32 for p in module.visual.parameters()):
         return module
@@ -126,7 +131,7 @@ def verify(model: Any, module: Any, tower: ImageOnnx) -> float:
     """
     import torch
 
-    from .errors import ExportMismatchError
+    from ...errors import ExportMismatchError
 
     images = probe_images(int(model.image_size))
     x = torch.stack([model.preprocess(im) for im in images])

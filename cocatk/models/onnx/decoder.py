@@ -3,7 +3,7 @@
 The default ``cocatk search`` reranks its top 50 by log p(query | image). From cached decoder tokens that is one
 decoder pass over the candidates, but through torch a cold process first spends seconds importing torch and
 open_clip and building the model (benchmarks/RESULTS.md section 5). So ``cocatk index`` exports the decoder once per
-model, next to the text tower (:mod:`cocatk.textonnx`, same cache folder, same records), and a cold search runs both
+model, next to the text tower (:mod:`cocatk.models.onnx`, same cache folder, same records), and a cold search runs both
 in ONNX Runtime.
 
 What is exported and checked:
@@ -16,7 +16,7 @@ What is exported and checked:
       :data:`PROBE_IMAGES` token sets, before anything is kept: within :data:`MAX_NATS_PER_TOKEN`.
 
 This module is the lower half: it writes and runs the graph from token embeddings. Tokenising the query and running
-the text tower (whose graph also returns those token embeddings) is :class:`cocatk.textonnx.TextOnnx`'s.
+the text tower (whose graph also returns those token embeddings) is :class:`cocatk.models.onnx.text.TextOnnx`'s.
 """
 
 from __future__ import annotations
@@ -27,14 +27,22 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .session import open_session
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+
 GRAPH, WEIGHTS = "decoder.onnx", "decoder.onnx.data"
+
 #: Largest |ONNX - torch fp32| log-likelihood allowed at export, per scored token (measured ~2e-6 on coca_ViT-B-32
 #: random weights and the demo model: the same float32 arithmetic in another order).
 MAX_NATS_PER_TOKEN = 1e-3
+
 #: Texts scored at export: one word, a query, a long caption (the folded path at H L >= T too), odd tokens.
 PROBES: tuple[str, ...] = (
     "x",
@@ -42,16 +50,18 @@ PROBES: tuple[str, ...] = (
     "two dogs playing in the snow at night next to a wooden fence and a small red house with a chimney",
     "route 66 in 1999: 3.14 km/h!!! 🐕",
 )
+
 #: Images whose decoder tokens the probes are scored against: seeded noise and flat colours, decoded at the model's
 #: size (more than one, so a graph that mixed up candidates would fail).
 PROBE_IMAGES = 5
+
 #: Logits per ONNX run are kept near this many bytes (N x L x vocab float32), as torch's chunking does.
 CHUNK_BYTES = 256 << 20
 
 
 class DecoderOnnx:
     """An exported decoder: scores one text against N images' cached tokens. Made by
-    :meth:`cocatk.textonnx.TextOnnx.decoder`; nothing is loaded until the first call."""
+    :meth:`cocatk.models.onnx.text.TextOnnx.decoder`; nothing is loaded until the first call."""
 
     def __init__(self, folder: Path, meta: dict[str, Any]) -> None:
         self.folder = folder
@@ -88,47 +98,6 @@ class DecoderOnnx:
             return self._session
 
 
-def open_session(path: Path, what: str) -> Any:
-    """An ONNX Runtime CPU session of one of cocatk's heavy graphs (the decoder, the image tower) on
-    :func:`rerank_threads` threads.
-
-    Raises:
-        ExportUnreadableError: the graph cannot be loaded (truncated, edited, an ONNX Runtime too old for it).
-    """
-    import onnxruntime as ort
-
-    from .errors import ExportUnreadableError
-
-    try:
-        return ort.InferenceSession(
-            str(path), session_options(ort, threads=rerank_threads()), providers=["CPUExecutionProvider"]
-        )
-    except Exception as e:  # ONNX Runtime raises its own types (protobuf, I/O, graph)
-        raise ExportUnreadableError(
-            f"the ONNX {what} in {path.parent} cannot be loaded ({str(e).splitlines()[0][:120]})",
-            hint=f"delete {path.parent}: the next `cocatk index` exports it again; or use --backend torch",
-        ) from e
-
-
-def rerank_threads() -> int:
-    """Threads for a rerank pass: the decoder over 50 candidates is ~1 s of matrix work on one core, which a second
-    core halves on an idle machine; more than two gained nothing on the 2-core machines measured."""
-    return max(1, min(2, os.cpu_count() or 1))
-
-
-def session_options(ort: Any, threads: int = 1) -> Any:
-    """ONNX Runtime session options of cocatk's CPU graphs: ``threads`` intra-op threads that do not spin between
-    runs (a spinning thread beside another program costs it a core), quiet logs, no weight pre-packing (a cold
-    session opens in about half the time)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # ONNX Runtime's own warnings would reach the user's terminal
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
-
-
 def export_decoder(decoder: Any, folder: Path, example_tokens: Any, example_embs: Any) -> None:
     """Write ``decoder`` (open_clip's ``MultimodalTransformer``, float32 on the CPU) as ``folder``/decoder.onnx with
     its weights in decoder.onnx.data.
@@ -138,7 +107,7 @@ def export_decoder(decoder: Any, folder: Path, example_tokens: Any, example_embs
     """
     import torch
 
-    from .models import decoder_logits
+    from ..coca import decoder_logits
 
     class _Scorer(torch.nn.Module):
         def __init__(self) -> None:

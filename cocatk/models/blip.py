@@ -1,15 +1,15 @@
-"""Second-stage rerankers: score a first stage's top-k images against one text query.
+"""BLIP-ITM, the reranker family: score a first stage's top-k images against one text query.
 
 Two rerankers, whatever model built the index (CoCa, CLIP, SigLIP, EVA):
 
-- ``coca`` (:class:`LikelihoodReranker`): caption log-likelihood log p(text | image) from a CoCa's multimodal decoder
+- ``coca``: caption log-likelihood log p(text | image) from a CoCa's multimodal decoder
   (:meth:`cocatk.models.CocaModel.caption_loglik`). The index's own model when it is a CoCa, or a separate
   ``--rerank-model``; its decoder tokens come from the index's token cache when that cache was built for it.
 - ``blip-itm`` (:class:`BlipItmReranker`): BLIP's image-text matching head, P(match | image, text) = softmax of
   ``BlipForImageTextRetrieval``'s ``itm_score`` (transformers, extra ``cocatk[blip]``).
 
 Example:
-    >>> from cocatk.rerankers import load_blip_itm
+    >>> from cocatk.models.blip import load_blip_itm
     >>> blip = load_blip_itm("Salesforce/blip-itm-base-coco")            # doctest: +SKIP
     >>> blip.score("a red bicycle", images)                               # doctest: +SKIP
     array([0.93, 0.02, ...])
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import RerankerError, UsageError
+from ..errors import RerankerError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -174,10 +174,10 @@ def load_blip_itm(name: str | None = None, pretrained: str | None = None, device
         RerankerError: transformers is missing, or the weights / tokenizer are neither a local folder nor in the
             Hugging Face cache and cannot be downloaded.
     """
-    from .models import _resolve_device
+    from .precision import resolve_device
 
     name = (name or DEFAULT_BLIP).strip()
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     random_weights = (pretrained or "").strip().lower() == "none"
     key = (name, "none" if random_weights else "", dev)
     with _CACHE_LOCK:
@@ -187,7 +187,7 @@ def load_blip_itm(name: str | None = None, pretrained: str | None = None, device
 
 
 def _load_pretrained(name: str, device: str) -> BlipItmReranker:
-    from .models import _hub_unreachable_reason
+    from .registry import hub_unreachable_reason
 
     tf = _transformers()
     local = Path(name).expanduser()
@@ -196,7 +196,7 @@ def _load_pretrained(name: str, device: str) -> BlipItmReranker:
     if not is_dir and looks_local:
         raise RerankerError(f"BLIP model folder {name} not found", hint="pass an existing folder or a hub repo name")
     source = str(local) if is_dir else name
-    offline = None if is_dir else _hub_unreachable_reason()
+    offline = None if is_dir else hub_unreachable_reason()
     try:
         with _quiet():
             model = tf.BlipForImageTextRetrieval.from_pretrained(source, local_files_only=offline is not None)
