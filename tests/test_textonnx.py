@@ -19,6 +19,7 @@ from cocatk.errors import ExportError, UsageError
 from cocatk.models import onnx as textonnx
 from cocatk.models.onnx import cache as export_cache
 from cocatk.models.onnx import export as onnx_export
+from cocatk.models.onnx.text import forget_open_engines
 from cocatk.retrieval import Index
 
 DATA = Path(__file__).parent / "data"
@@ -363,6 +364,7 @@ def test_broken_onnxruntime_install_keeps_torch_and_the_export(demo_index, cache
     from cocatk.retrieval.search import search_index
 
     folder, queries = demo_index
+    forget_open_engines()  # a fresh process: no session of an earlier test's query is held
     # An installed onnxruntime whose import fails (as with a missing shared library).
     (tmp_path / "onnxruntime").mkdir()
     (tmp_path / "onnxruntime" / "__init__.py").write_text("raise ImportError('libonnxruntime.so: cannot open')\n")
@@ -392,3 +394,22 @@ def test_dual_encoder_index_with_default_rerank_takes_onnx(tmp_path):
     assert fast.model["backend"] == "onnxruntime" and not fast.reranked
     assert any(w.startswith("not reranked") for w in fast.warnings) and fast.warnings == ref.warnings
     assert [h.id for h in fast.hits] == [h.id for h in ref.hits]
+
+
+def test_one_engine_per_export_answers_a_process(demo_index, cache):
+    """A second query of a process reuses the loaded sessions; a new record (a re-export) opens a new engine."""
+    folder, queries = demo_index
+    with Index.open(folder) as ix:
+        identity = ix.manifest["identity"]
+    first = textonnx.open_text_onnx(identity)
+    first.encode_texts(queries[:1])
+    assert textonnx.open_text_onnx(identity) is first
+    meta_file = textonnx.cache_folder(identity) / "meta.json"
+    saved = meta_file.read_text()
+    try:
+        meta_file.write_text(json.dumps({**json.loads(saved), "created_at": "later"}))
+        again = textonnx.open_text_onnx(identity)
+        assert again is not first and again.meta["created_at"] == "later"
+        np.testing.assert_array_equal(again.encode_texts(queries[:1]), first.encode_texts(queries[:1]))
+    finally:
+        meta_file.write_text(saved)
