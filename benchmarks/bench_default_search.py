@@ -15,8 +15,9 @@ alternating, ``--reps`` times each, after one untimed warm-up of each (page cach
 - ``no-rerank``: the same with ``--no-rerank`` (ONNX text tower only);
 - ``torch``: the default search with ``--backend torch`` (torch for the text and the rerank, cached tokens);
 - ``uncached``: the default search on the ``--no-cache-tokens`` index (torch re-decodes the 50 candidates);
-- ``image`` (with ``--image``): ``cocatk search --image PHOTO`` (the image tower, torch), cold; and beside it the
-  same query five times in one process (the first, and the median of the last four: warm);
+- ``image`` (with ``--image``): ``cocatk search --image PHOTO`` (auto: the image tower exported to ONNX Runtime),
+  cold, and ``image torch`` the same with ``--backend torch``; and beside them the same query five times in one
+  process for each backend (the first, and the median of the last four: warm);
 - ``rclip -n``: rclip's cold query without re-indexing, on its own index of the same folder (``bench_rclip.py``'s
   environment and stand-in ONNX model), with ``--rclip`` (default on; ``--no-rclip`` leaves it out).
 
@@ -56,8 +57,8 @@ def ensure_weights(cache: Path, arch: str) -> Path:
     return ensure_random_weights(cache / f"weights-{arch}" / "open_clip_model.safetensors", arch)
 
 
-#: argv: index, photo. Opens the index once, runs the image query 5 times: the first (model load included) and the
-#: median of the last 4 (warm), in seconds.
+#: argv: index, photo, backend. Opens the index once, runs the image query 5 times: the first (model load included)
+#: and the median of the last 4 (warm), in seconds.
 _WARM_IMAGE = """
 import json, statistics, sys, time
 from cocatk.retrieval import Index
@@ -65,8 +66,11 @@ from cocatk.retrieval.search import search_index
 ix = Index.open(sys.argv[1])
 times = []
 for _ in range(5):
-    t = time.perf_counter(); search_index(ix, image=sys.argv[2], n=10); times.append(time.perf_counter() - t)
-print(json.dumps({"first": round(times[0], 3), "warm_median": round(statistics.median(times[1:]), 3)}))
+    t = time.perf_counter()
+    r = search_index(ix, image=sys.argv[2], n=10, backend=sys.argv[3])
+    times.append(time.perf_counter() - t)
+print(json.dumps({"first": round(times[0], 3), "warm_median": round(statistics.median(times[1:]), 3),
+                  "backend": r.model.get("backend", "torch")}))
 """
 
 
@@ -136,12 +140,14 @@ def main() -> None:
                  env),
                 (f"{name} uncached", cocatk_cmd("search", QUERY, "--index", uncached, "--json"), None, env),
             ]  # fmt: skip
-            if args.image:  # --image: the image tower through torch, cold, and warm in one process
+            if args.image:  # the image tower (ONNX Runtime under auto, and torch), cold, and warm in one process
                 photo = str(paths[0])
-                plan.append((f"{name} image", cocatk_cmd("search", "--image", photo, "--index", cached, "--json"),
-                             None, env))  # fmt: skip
-                r = run_process([sys.executable, "-c", _WARM_IMAGE, cached, photo], env=env)
-                record.setdefault("image_warm_s", {})[name] = json.loads(r["stdout"])
+                image_cmd = cocatk_cmd("search", "--image", photo, "--index", cached, "--json")
+                plan.append((f"{name} image", image_cmd, None, env))
+                plan.append((f"{name} image torch", [*image_cmd, "--backend", "torch"], None, env))
+                for backend in ("auto", "torch"):
+                    r = run_process([sys.executable, "-c", _WARM_IMAGE, cached, photo, backend], env=env)
+                    record.setdefault("image_warm_s", {}).setdefault(name, {})[backend] = json.loads(r["stdout"])
                 print(f"{name} image query, warm in one process: {record['image_warm_s'][name]}", flush=True)
         if args.rclip:
             python = ensure_rclip_python(CACHE_DIR, None, "rclip")
