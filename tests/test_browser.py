@@ -275,7 +275,7 @@ def test_empty_query_and_error_states(page, demo):
     page.locator("#search-btn").click()
     sync_api.expect(page.locator("#empty")).to_be_visible()
     assert page.evaluate("document.activeElement.id") == "q" and not requests
-    # A folder that is not indexed: the server's 400 shows its error and hint.
+    # A folder that is not indexed: the server's 404 shows its error and hint.
     error = page.locator("#error")
     page.goto("/?q=red&under=" + str(demo / "nowhere"))
     sync_api.expect(error).to_be_visible()

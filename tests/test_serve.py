@@ -275,9 +275,10 @@ def test_compat_bodies_as_clip_front_sends_them(client, lib, built):
 def test_compat_refusals(client):
     url = {"image_url": "http://example.com/x.jpg", "modality": "image", "num_images": 3, "indice_name": "cocatk"}
     assert "network" in _error(client.post("/knn-service", json=url), 400)["error"]
-    _error(client.post("/knn-service", json={"modality": "image", "num_images": 3}), 400)
-    _error(client.post("/knn-service", json={"text": "x", "modality": "text", "num_images": 3}), 400)
-    _error(client.post("/knn-service", json={"text": "x", "num_images": 3, "indice_name": "laion5B"}), 400)
+    assert "no query" in _error(client.post("/knn-service", json={"modality": "image", "num_images": 3}), 422)["error"]
+    _error(client.post("/knn-service", json={"text": "", "image": "", "num_images": 3}), 422)
+    _error(client.post("/knn-service", json={"text": "x", "modality": "text", "num_images": 3}), 422)
+    _error(client.post("/knn-service", json={"text": "x", "num_images": 3, "indice_name": "laion5B"}), 404)
     _error(client.post("/knn-service", json={"image": "%%%not base64", "num_images": 3}), 400)
     _error(client.post("/knn-service", json={"embedding_input": [1.0, 2.0], "num_images": 3}), 400)
     _error(client.post("/knn-service", json={"text": "x", "num_images": "many"}), 422)
@@ -356,6 +357,25 @@ def test_path_like_ids_are_refused(client, bad):
         assert b"root:" not in r.content
 
 
+def test_ids_past_int64_are_422_not_500(client, lib):
+    """Issue 29's five 500s (sqlite3's OverflowError on ids past int64), now refused by the schema's bounds: ids
+    are bounded to 2^53-1, the largest integer a JSON number (a double) holds exactly."""
+    for route in ("thumb", "image", "similar"):
+        for bad in ("99999999999999999999999", str(2**63), str(2**53)):
+            assert "less than or equal to" in _error(client.get(f"/api/{route}/{bad}"), 422)["error"]
+    assert "not in the index" in _error(client.get(f"/api/thumb/{2**53 - 1}"), 404)["error"]
+    _error(client.post("/metadata", json={"ids": [-1, 99999999999999999999]}), 422)
+    _error(client.post("/metadata", json={"ids": [True]}), 422)  # a JSON true is not the id 1
+    meta = client.post("/metadata", json={"ids": [-1, -(2**53 - 1), 2**53 - 1, 1.0]})
+    assert meta.status_code == 200 and [m["id"] for m in meta.json()] == [-1, -(2**53 - 1), 2**53 - 1, 1]
+    assert [m["metadata"] for m in meta.json()][:3] == [{}, {}, {}] and meta.json()[3]["metadata"]
+    assert lib.store.paths_for_ids([2**64, -(2**70), -1]) == [None, None, None]  # the store itself guards too
+    assert "no body" in _error(client.post("/metadata"), 422)["error"]
+    _error(client.post("/knn-service", content=b" "), 422)
+    url = {"image_url": f"/api/image/{2**64}", "num_images": 2.0}
+    assert "network" in _error(client.post("/knn-service", json=url), 400)["error"]
+
+
 def test_ids_not_in_the_index(client):
     for route in ("thumb", "image", "similar"):
         assert "not in the index" in _error(client.get(f"/api/{route}/99999"), 404)["error"]
@@ -364,7 +384,7 @@ def test_ids_not_in_the_index(client):
 def test_bad_queries_are_4xx_json(client, built):
     _error(client.get("/api/search"), 422)
     _error(client.get("/api/search", params={"q": ""}), 422)
-    _error(client.get("/api/search", params={"q": " "}), 400)
+    _error(client.get("/api/search", params={"q": " "}), 422)
     _error(client.get("/api/search", params={"q": "x", "n": 0}), 422)
     _error(client.get("/api/search", params={"q": "x", "n": "ten"}), 422)
     _error(client.get("/api/nowhere"), 404)
@@ -372,7 +392,7 @@ def test_bad_queries_are_4xx_json(client, built):
     for under in ("/etc", "/", str(built[0]), str(built[1] / "sub" / ".."), "../photos"):
         assert (
             "not a folder of the index"
-            in _error(client.get("/api/search", params={"q": "x", "under": under}), 400)["error"]
+            in _error(client.get("/api/search", params={"q": "x", "under": under}), 404)["error"]
         )
     _error(client.post("/api/search/image", files={"file": ("x.png", b"not an image", "image/png")}), 400)
     _error(client.post("/api/search/image", files={"file": ("x.png", b"", "image/png")}), 400)

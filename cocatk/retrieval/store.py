@@ -148,6 +148,16 @@ def _chunks(values: Sequence[Any], n: int = _CHUNK) -> Iterable[Sequence[Any]]:
         yield values[i : i + n]
 
 
+#: The largest row id SQLite holds (a signed 64-bit integer); FAISS's ids are int64 too.
+MAX_ROW_ID = 2**63 - 1
+
+
+def _row_ids(ids: Iterable[int]) -> list[int]:
+    """The distinct ids, sorted, that can be rows (0 <= id <= 2^63-1): any other id (FAISS's -1 padding, a client's
+    id past int64, which sqlite3 would refuse with OverflowError) is simply not in the store."""
+    return sorted({i for i in ids if 0 <= i <= MAX_ROW_ID})
+
+
 class Store:
     """The SQLite side of an index. Not thread-safe: use it from one thread (the indexer's main thread).
 
@@ -342,7 +352,7 @@ class Store:
     def sizes_for_ids(self, ids: Sequence[int]) -> dict[int, int]:
         """``{id: size in bytes}`` of the indexed files ``ids`` (unknown ids are left out)."""
         out: dict[int, int] = {}
-        for chunk in _chunks([int(i) for i in ids]):
+        for chunk in _chunks(_row_ids(int(i) for i in ids)):
             marks = ",".join("?" * len(chunk))
             for fid, size in self.conn.execute(f"SELECT id, size FROM files WHERE id IN ({marks})", chunk):
                 out[int(fid)] = int(size)
@@ -362,7 +372,7 @@ class Store:
         """Stored embeddings of ``ids`` in that order: (N, dim) float32. Raises KeyError for an unknown id."""
         ids = [int(i) for i in ids]
         found: dict[int, bytes] = {}
-        for chunk in _chunks(ids):
+        for chunk in _chunks(_row_ids(ids)):
             marks = ",".join("?" * len(chunk))
             for i, blob in self.conn.execute(f"SELECT id, embedding FROM files WHERE id IN ({marks})", chunk):
                 found[int(i)] = blob
@@ -391,8 +401,7 @@ class Store:
         """The path of each id (None for an id that is not in the store, e.g. FAISS's -1 padding)."""
         wanted = [int(i) for i in ids]
         found: dict[int, str] = {}
-        valid = sorted({i for i in wanted if i >= 0})
-        for chunk in _chunks(valid):
+        for chunk in _chunks(_row_ids(wanted)):
             marks = ",".join("?" * len(chunk))
             for i, p in self.conn.execute(f"SELECT id, path FROM files WHERE id IN ({marks})", chunk):
                 found[int(i)] = from_bytes(p)
@@ -402,7 +411,7 @@ class Store:
         """Content hash of each id (identical files share it; search can collapse duplicates with it)."""
         wanted = [int(i) for i in ids]
         found: dict[int, str] = {}
-        for chunk in _chunks(sorted({i for i in wanted if i >= 0})):
+        for chunk in _chunks(_row_ids(wanted)):
             marks = ",".join("?" * len(chunk))
             for i, h in self.conn.execute(f"SELECT id, hash FROM files WHERE id IN ({marks})", chunk):
                 found[int(i)] = h
@@ -461,7 +470,7 @@ class Store:
 
     def captions_for_ids(self, ids: Sequence[int], key: str | None = None) -> dict[int, str]:
         """The caption of each id that has one: for ``key``, else the most recent of any settings."""
-        wanted = sorted({int(i) for i in ids if int(i) >= 0})
+        wanted = _row_ids(int(i) for i in ids)
         found: dict[int, tuple[float, str]] = {}
         for chunk in _chunks(wanted):
             marks = ",".join("?" * len(chunk))
@@ -505,7 +514,7 @@ class Store:
         """Cached tokens of ``ids`` in order, (N, T, D) float16, or None when any id has none."""
         ids = [int(i) for i in ids]
         found: dict[int, bytes] = {}
-        for chunk in _chunks(sorted(set(ids))):
+        for chunk in _chunks(_row_ids(ids)):
             marks = ",".join("?" * len(chunk))
             for i, blob in self.conn.execute(f"SELECT id, data FROM tokens WHERE id IN ({marks})", chunk):
                 found[int(i)] = blob

@@ -18,8 +18,6 @@ New generations. Nothing here caches vectors or paths: each search reads ``index
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
 import hmac
@@ -29,34 +27,44 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import config
 from ..errors import CocatkError, EmptyIndexError, ImageError, IndexBusyError, IndexNotFoundError, UsageError
 from ..paths import json_path, text_path
+from .schemas import (
+    COMPAT_INDEX_NAME,
+    ERROR_RESPONSES,
+    MAX_N,
+    THUMB_MAX,
+    THUMB_MIN,
+    ApiError,
+    FileId,
+    KnnRequest,
+    MetadataRequest,
+    check_indice,
+    decode_b64_image,
+    error_response,
+    json_body_schema,
+    own_image_id,
+    read_json_body,
+    read_upload,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..retrieval.index import Index
     from ..retrieval.search import SearchResult
 
 T = TypeVar("T")
-BM = TypeVar("BM", bound=BaseModel)
 
 STATIC_DIR = Path(__file__).parent / "static"
-#: Name of the one index in the clip-retrieval endpoints (``/indices-list``, ``indice_name``).
-COMPAT_INDEX_NAME = "cocatk"
 TOKEN_COOKIE = "cocatk_token"
-#: Thumbnail sizes the API accepts (pixels, longest side); bounded so a client cannot fill the cache disk.
-THUMB_MIN, THUMB_MAX = 32, 1024
-#: Hits per request: large enough for any page, small enough that one request cannot pin a worker for minutes.
-MAX_N = 1000
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -75,18 +83,6 @@ class ServeSettings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
-
-
-class ApiError(Exception):
-    """An HTTP error in the API's one shape: ``{"error": message, "hint": what to do}``."""
-
-    def __init__(self, status: int, message: str, hint: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.hint, self.headers = status, message, hint, headers
-
-
-def error_response(status: int, message: str, hint: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "hint": hint}, status_code=status, headers=headers)
 
 
 def _status_of(e: CocatkError) -> int:
@@ -163,7 +159,7 @@ class Backend:
             if text_path(folder) == want:
                 return folder
         raise ApiError(
-            400,
+            404,
             f"under={under!r} is not a folder of the index",
             "pass one of the folders that /api/folders lists (a root or a folder holding indexed images)",
         )
@@ -308,46 +304,6 @@ def _json_info(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# ---- the clip-retrieval request ----------------------------------------------------------------------------------
-class KnnRequest(BaseModel):
-    """clip-retrieval's ``/knn-service`` body (clip_back.py 2.45), plus cocatk's optional ``rerank``/``rerank_k``.
-
-    Accepted and ignored (no such model here): ``use_mclip``, ``deduplicate``, ``use_safety_model``,
-    ``use_violence_detector``, ``aesthetic_score``, ``aesthetic_weight``.
-    """
-
-    model_config = ConfigDict(extra="ignore")
-
-    text: str | None = None
-    image: str | None = Field(None, description="the image file, base64")
-    image_url: str | None = Field(None, description="refused: the server fetches nothing from the network")
-    embedding_input: list[float] | None = None
-    modality: Literal["image", "text"] = "image"
-    num_images: int = Field(40, ge=1, le=MAX_N)
-    num_result_ids: int | None = Field(None, ge=1, le=100_000)
-    indice_name: str | None = None
-    use_mclip: bool = False
-    deduplicate: bool = False
-    use_safety_model: bool = False
-    use_violence_detector: bool = False
-    aesthetic_score: int | str | None = ""
-    aesthetic_weight: float | str | None = ""
-    rerank: bool = Field(True, description="cocatk: rerank text queries by caption likelihood (as `cocatk search`)")
-    rerank_k: int = Field(50, ge=1, le=MAX_N, description="cocatk: candidates for the rerank")
-
-
-class MetadataRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    ids: list[int] = Field(default_factory=list, max_length=100_000)
-    indice_name: str | None = None
-
-
-def _check_indice(name: str | None) -> None:
-    if name is not None and name != COMPAT_INDEX_NAME:
-        raise ApiError(400, f"unknown indice_name {name!r}", f'use "{COMPAT_INDEX_NAME}" (GET /indices-list)')
-
-
 # ---- the application ---------------------------------------------------------------------------------------------
 def create_app(settings: ServeSettings) -> FastAPI:
     """The `cocatk serve` application. The index and its model open in the lifespan (start-up), once.
@@ -374,8 +330,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.settings = settings
     _install_error_handlers(app)
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(require_token)])
-    compat = APIRouter(dependencies=[Depends(require_token)], tags=["clip-retrieval"])
+    api = APIRouter(prefix="/api", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
+    compat = APIRouter(dependencies=[Depends(require_token)], tags=["clip-retrieval"], responses=ERROR_RESPONSES)
 
     def backend_of(request: Request) -> Backend:
         return request.app.state.backend
@@ -414,7 +370,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @api.get("/search")
     async def search(
         request: Request,
-        q: str = Query(..., min_length=1, max_length=2000, description="What to look for"),
+        q: str = Query(..., min_length=1, max_length=2000, pattern=r"\S", description="What to look for (not blank)"),
         n: int = Query(10, ge=1, le=MAX_N),
         rerank: bool = True,
         rerank_k: int = Query(50, ge=1, le=MAX_N),
@@ -448,7 +404,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         from ..retrieval.search import search_index
 
         b = backend_of(request)
-        data = await _read_upload(file, settings.max_upload_bytes, settings.max_upload_mb)
+        data = await read_upload(file, settings.max_upload_bytes, settings.max_upload_mb)
         text = q if q and q.strip() else None
 
         def go(index: Index) -> SearchResult:
@@ -461,7 +417,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @api.get("/similar/{file_id}")
     async def similar(
         request: Request,
-        file_id: int,
+        file_id: FileId,
         n: int = Query(10, ge=1, le=MAX_N),
         under: str | None = Query(None),
     ) -> dict[str, Any]:
@@ -477,7 +433,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return render_search(await b.run(go))
 
     @api.get("/thumb/{file_id}", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
-    async def thumb(request: Request, file_id: int, size: int = Query(256, ge=THUMB_MIN, le=THUMB_MAX)) -> Response:
+    async def thumb(request: Request, file_id: FileId, size: int = Query(256, ge=THUMB_MIN, le=THUMB_MAX)) -> Response:
         """A JPEG thumbnail (longest side ``size``, EXIF orientation applied), cached on disk by content hash."""
         b = backend_of(request)
         path, content_hash, max_mp = await b.run(lambda ix: (*b.file_of(ix, file_id), b.max_megapixels(ix)))
@@ -495,7 +451,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return FileResponse(target, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @api.get("/image/{file_id}", response_class=Response, responses={200: {"content": {"image/*": {}}}})
-    async def image(request: Request, file_id: int) -> Response:
+    async def image(request: Request, file_id: FileId) -> Response:
         """The original file of an indexed image, with its media type."""
         b = backend_of(request)
         path, _ = await b.run(lambda ix: b.file_of(ix, file_id))
@@ -516,7 +472,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         """clip-retrieval: the index names (one: ``cocatk``)."""
         return [COMPAT_INDEX_NAME]
 
-    @compat.post("/knn-service", openapi_extra=_json_body_schema(KnnRequest))
+    @compat.post("/knn-service", openapi_extra=json_body_schema(KnnRequest))
     async def knn_service(request: Request) -> list[dict[str, Any]]:
         """clip-retrieval's knn query: ``[{"id", "similarity", "url", "caption", "image_path", ...}]``.
 
@@ -525,29 +481,29 @@ def create_app(settings: ServeSettings) -> FastAPI:
         """
         from ..retrieval.search import search_index
 
-        body = await _json_body(request, KnnRequest)
+        body = await read_json_body(request, KnnRequest)
         b = backend_of(request)
-        _check_indice(body.indice_name)
-        if body.modality != "image":
-            raise ApiError(400, "this index holds image embeddings only", 'use "modality": "image"')
-        text = body.text if body.text else None
+        check_indice(body.indice_name)
+        # The schema requires one query field (empty ones count as absent): text, else image, else image_url, else
+        # embedding_input.
+        text = body.text or None
         data: bytes | None = None
         like_id: int | None = None
-        if text is None and body.image is None and body.image_url:
+        embedding: list[float] | None = None
+        if text is None and body.image:
+            data = decode_b64_image(body.image, settings.max_upload_bytes, settings.max_upload_mb)
+        elif text is None and body.image_url:
             # clip front's click-to-search sends a hit's own url back: this server's /api/image/{id}, answered as
             # "more like this" from the stored embedding. Any other url is refused: nothing is fetched.
-            like_id = _own_image_id(body.image_url, request)
+            like_id = own_image_id(body.image_url, request)
             if like_id is None:
                 raise ApiError(
                     400,
                     "image_url is not supported: the server fetches nothing from the network",
                     'send the image file itself, base64-encoded, as "image"',
                 )
-        if text is None and body.image is not None:
-            data = _b64_image(body.image, settings.max_upload_bytes, settings.max_upload_mb)
-        embedding = body.embedding_input if text is None and data is None and like_id is None else None
-        if text is None and data is None and embedding is None and like_id is None:
-            raise ApiError(400, "no query", 'send "text", "image" (base64) or "embedding_input"')
+        elif text is None:
+            embedding = body.embedding_input
         n = min(body.num_images, body.num_result_ids or body.num_images)
 
         def go(index: Index) -> SearchResult:
@@ -563,12 +519,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             out.append(row)
         return out
 
-    @compat.post("/metadata", openapi_extra=_json_body_schema(MetadataRequest))
+    @compat.post("/metadata", openapi_extra=json_body_schema(MetadataRequest))
     async def metadata(request: Request) -> list[dict[str, Any]]:
         """clip-retrieval: ``[{"id", "metadata": {"url", "caption", "image_path"}}]``; {} for an unknown id."""
-        body = await _json_body(request, MetadataRequest)
+        body = await read_json_body(request, MetadataRequest)
         b = backend_of(request)
-        _check_indice(body.indice_name)
+        check_indice(body.indice_name)
         if not body.ids:
             return []
         paths = await b.run(lambda ix: ix.store.paths_for_ids(body.ids))
@@ -611,61 +567,6 @@ def _compat_metadata(base: str, file_id: int, path: str) -> dict[str, Any]:
     path is ``image_path``."""
     shown = text_path(path)
     return {"url": f"{base}/api/image/{file_id}", "caption": os.path.basename(shown) or shown, "image_path": shown}
-
-
-def _json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI for an endpoint that parses its JSON body itself (see :func:`_json_body`)."""
-    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
-
-
-async def _json_body(request: Request, model: type[BM]) -> BM:
-    """The body as JSON whatever its Content-Type: clip front posts ``fetch(url, {body: JSON.stringify(...)})``,
-    which browsers send as text/plain (and so without a CORS preflight)."""
-    from pydantic import ValidationError
-
-    raw = await request.body()
-    try:
-        return model.model_validate_json(raw or b"{}")
-    except ValidationError as e:
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ())) or "body"
-        raise ApiError(422, f"{where}: {first.get('msg', 'invalid request')}", "see /docs for the request shape") from e
-
-
-def _own_image_id(url: str, request: Request) -> int | None:
-    """The id in a url of this server's own ``/api/image/{id}`` (absolute on this host, or relative), else None."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.netloc and parts.netloc != request.url.netloc:
-        return None
-    head, _, tail = parts.path.rpartition("/")
-    if head != "/api/image" or not tail.isdigit():
-        return None
-    return int(tail)
-
-
-async def _read_upload(file: UploadFile, limit: int, shown_mb: float) -> bytes:
-    data = await file.read(limit + 1)
-    if len(data) > limit:
-        raise ApiError(413, f"the image is larger than the upload limit ({shown_mb:g} MB)",
-                       "send a smaller image, or restart the server with a larger --max-upload-mb")  # fmt: skip
-    if not data:
-        raise ApiError(400, "the uploaded file is empty", "send the bytes of an image file as `file`")
-    return data
-
-
-def _b64_image(text: str, limit: int, shown_mb: float) -> bytes:
-    if len(text) > (limit + 2) // 3 * 4 + 4:
-        raise ApiError(413, f"the image is larger than the upload limit ({shown_mb:g} MB)",
-                       "send a smaller image, or restart the server with a larger --max-upload-mb")  # fmt: skip
-    try:
-        data = base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(400, "image is not valid base64", 'send the image file base64-encoded as "image"') from e
-    if not data:
-        raise ApiError(400, "the image is empty", 'send the image file base64-encoded as "image"')
-    return data
 
 
 def _install_error_handlers(app: FastAPI) -> None:
