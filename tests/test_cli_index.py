@@ -79,3 +79,31 @@ def test_missing_path_creates_no_index(tmp_path, capsys):
     code = main(["index", str(tmp_path / "nope"), "--index", str(tmp_path / "idx"), "--pretrained", "none"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "idx").exists()
+
+
+def test_check_passes_then_lists_a_problem_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cocatk check` is Index.check() on the command line: 0 when consistent, 1 with each problem listed."""
+    import sqlite3
+
+    photos = tmp_path / "photos"
+    make_images(photos, 4)
+    idx = str(tmp_path / "idx")
+    assert main(["index", str(photos), "--index", idx, *TINY]) == 0
+    capsys.readouterr()
+    assert main(["check", "--index", idx, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["problems"] == [] and report["files"] == report["vectors"] == 4
+    assert main(["check", "--index", idx]) == 0
+    assert "consistent (4 files, 4 vectors" in capsys.readouterr().out
+    # A caption for a row that no longer exists (what an interrupted writer must never leave behind).
+    with sqlite3.connect(Path(idx) / "index.sqlite") as conn:
+        conn.execute("INSERT INTO caption_configs (key, settings, created_at) VALUES ('k', '{}', 0)")
+        conn.execute("INSERT INTO captions (id, config, hash, text, logprob, at) VALUES (999, 'k', 'h', 't', 0, 0)")
+    assert main(["check", "--index", idx]) == 1
+    got = capsys.readouterr()
+    assert "1 captioned ids without a file, e.g. 999" in got.err and "Traceback" not in got.err
+    assert main(["check", "--index", idx, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and report["problems"] == ["1 captioned ids without a file, e.g. 999"]
+    assert main(["check", "--index", str(tmp_path / "none")]) == 1
+    assert "no index at" in capsys.readouterr().err

@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
     app.command("info")(info)
     app.command("forget")(forget)
     app.command("compact")(compact)
+    app.command("check")(check)
 
 
 def index(
@@ -382,3 +383,28 @@ def compact(index_dir: options.IndexDir = None, json_: options.Json = False) -> 
         highlight=False,
         markup=False,
     )
+
+
+def check(index_dir: options.IndexDir = None, json_: options.Json = False) -> None:
+    """Verify an index: SQLite and FAISS agree, tokens and captions only for indexed files. Exit 1 on a problem."""
+    from ..retrieval.index import Index
+
+    with Index.open(index_dir) as ix:
+        report = ix.check()
+        where = str(ix.dir)
+    if json_:
+        print_json({"index_dir": where, **report.to_dict()})
+    elif report.ok:
+        out.print(
+            f"{display_path(where)}: consistent ({report.files} files, {report.vectors} vectors, "
+            f"{report.tokens} token sets)",
+            highlight=False,
+            markup=False,
+        )
+    else:
+        for problem in report.problems:
+            err.print(Text.assemble(("problem: ", "red"), problem), highlight=False)
+        note(f"{len(report.problems)} problems in {display_path(where)}: rerun the command that was interrupted; "
+             "if they stay, `cocatk index --rebuild` rebuilds the index from the images")  # fmt: skip
+    if not report.ok:
+        raise typer.Exit(1)

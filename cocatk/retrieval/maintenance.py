@@ -147,8 +147,9 @@ def index_info(index: IndexFolder) -> dict[str, Any]:
 
 
 def check_index(index: IndexFolder) -> CheckReport:
-    """Verify that SQLite and FAISS agree: same ids, same count, same vectors (exact for Flat), tokens only
-    for indexed files, every file under a root, SQLite integrity. Does not modify anything."""
+    """Verify that SQLite and FAISS agree: same ids, same count, same vectors (exact for Flat), tokens and
+    captions only for indexed files, every file under a root, SQLite integrity. Does not modify anything
+    (`cocatk check`; a problem it lists is one that a rerun of the interrupted command did not repair)."""
     problems = list(index.store.integrity_problems())
     m = index.manifest
     store_ids = index.store.ids()
@@ -175,6 +176,11 @@ def check_index(index: IndexFolder) -> CheckReport:
     orphans = tok_ids - set(store_ids.tolist())
     if orphans:
         problems.append(f"{len(orphans)} token rows without a file")
+    caption_orphans = index.store.caption_ids() - set(store_ids.tolist())
+    if caption_orphans:
+        problems.append(f"{len(caption_orphans)} captioned ids without a file, e.g. {min(caption_orphans)}")
+    if m is not None and m.get("cache_tokens") and len(tok_ids) > len(store_ids):
+        problems.append(f"{len(tok_ids)} token rows for {len(store_ids)} files")
     roots = index.store.roots()
     outside = [p for p in index.store.file_rows() if not is_under(p, roots)]
     if outside:

@@ -504,6 +504,10 @@ class Store:
         """Delete every cached token row (inside the caller's transaction)."""
         self.conn.execute("DELETE FROM tokens")
 
+    def caption_ids(self) -> set[int]:
+        """Ids that have at least one caption."""
+        return {int(r[0]) for r in self.conn.execute("SELECT DISTINCT id FROM captions")}
+
     def token_ids(self) -> set[int]:
         return {int(r[0]) for r in self.conn.execute("SELECT id FROM tokens")}
 
