@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,8 +253,30 @@ class Store:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def manifest(self) -> dict[str, Any] | None:
+        """The stored manifest; None for a stub (no model recorded yet).
+
+        Raises:
+            IndexCorruptError: the stored manifest is not JSON or not a manifest (found by tests/test_properties.py:
+                a damaged one raised JSONDecodeError, or AttributeError in `cocatk info`).
+        """
         value = self.get_meta("manifest")
-        return None if value is None else json.loads(value)
+        if value is None:
+            return None
+        try:
+            manifest = json.loads(value)
+        except ValueError as e:
+            raise self._bad_manifest(f"it is not JSON ({e})") from e
+        problem = manifest_problem(manifest)
+        if problem:
+            raise self._bad_manifest(problem)
+        return manifest
+
+    def _bad_manifest(self, why: str) -> IndexCorruptError:
+        folder = self.path.parent
+        return IndexCorruptError(
+            f"the manifest stored in {self.path} is damaged: {why}",
+            hint=f"move {folder} away and re-run `cocatk index PATH --index {folder}`",
+        )
 
     def set_manifest(self, manifest: dict[str, Any]) -> None:
         self.set_meta("manifest", json.dumps(manifest, sort_keys=True))
@@ -551,6 +573,58 @@ class Store:
     def integrity_problems(self) -> list[str]:
         rows = [r[0] for r in self.conn.execute("PRAGMA integrity_check")]
         return [] if rows == ["ok"] else [f"sqlite: {r}" for r in rows]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_identity(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+#: What each manifest key must hold where present (older manifests lack some keys: they read as the default).
+_MANIFEST_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "identity": ("an object of strings", _is_identity),
+    "model": ("a string", lambda v: isinstance(v, str) and bool(v)),
+    "pretrained": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "embed_dim": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "image_size": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "factory": ("a string", lambda v: isinstance(v, str)),
+    "cache_tokens": ("true, false or null", lambda v: v is None or isinstance(v, bool)),
+    "token_shape": (
+        "null or two positive integers",
+        lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)),
+    ),
+    "rerank_model": (
+        "null or an object with identity, model and pretrained",
+        lambda v: (
+            v is None
+            or (
+                isinstance(v, dict)
+                and _is_identity(v.get("identity"))
+                and isinstance(v.get("model"), str)
+                and (v.get("pretrained") is None or isinstance(v.get("pretrained"), str))
+            )
+        ),
+    ),
+    "schema_version": ("an integer", _is_int),
+}
+#: Keys every manifest has held since the first release; the readers cannot do without them.
+_MANIFEST_REQUIRED = ("identity", "model", "pretrained", "embed_dim")
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a parsed manifest (one phrase), or None when the readers can use it."""
+    if not isinstance(manifest, dict):
+        return f"it is a JSON {type(manifest).__name__}, not an object"
+    for key in _MANIFEST_REQUIRED:
+        if key not in manifest:
+            return f"it has no {key!r}"
+    for key, (what, ok) in _MANIFEST_TYPES.items():
+        if key in manifest and not ok(manifest[key]):
+            return f"{key!r} is not {what}"
+    return None
 
 
 def _statements(script: str) -> Iterable[str]:
