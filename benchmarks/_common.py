@@ -170,3 +170,23 @@ def ensure_random_weights(path: Path, arch: str) -> Path:
         subprocess.run([sys.executable, "-c", code, str(path)], check=True)
         Path(str(path) + ".tmp").rename(path)
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a server a benchmark starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: Any, timeout: float = 20) -> None:
+    """Terminate a subprocess (a server a benchmark started), killing it when it does not exit within ``timeout``."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

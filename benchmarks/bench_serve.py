@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,17 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, _THREADS)
 
 import numpy as np  # noqa: E402
-from _common import ROOT, add_threads_option, machine_info, median, percentile, print_table, write_record  # noqa: E402
+from _common import (  # noqa: E402
+    ROOT,
+    add_threads_option,
+    free_port,
+    machine_info,
+    median,
+    percentile,
+    print_table,
+    stop_process,
+    write_record,
+)
 
 TINY = str(ROOT / "tests" / "data" / "coca_tiny.json")
 QUERIES = ["a red bicycle", "a dog on a beach", "a city at night", "a bowl of fruit", "two people talking",
@@ -49,12 +58,6 @@ def make_images(folder: Path, n: int) -> None:
         arr = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
         arr[: 10 + i % 60] = rng.integers(0, 255, 3)
         Image.fromarray(arr).save(folder / f"g{i:05d}.png")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mb(pid: int) -> float | None:
@@ -190,11 +193,7 @@ def bench_model(name: str, pretrained: str, args: argparse.Namespace, work: Path
         soak = run_clients(server_call, 16, args.soak, 10**9, None)
         soak.update({"seconds": args.soak, "clients": 16, "rss_start_mb": rss_start, "rss_end_mb": rss_mb(proc.pid)})
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
         idx.close()
     return {"model": name, "pretrained": pretrained, "index_s": index_s, "startup_s": startup_s,

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, machine_info, percentile, print_table, write_record
+from _common import ROOT, free_port, machine_info, percentile, print_table, stop_process, write_record
 
 QUERIES = ["a red ball on grass", "a blue cube", "a dog on a beach", "two green shapes", "a yellow sky",
            "a cat asleep", "an orange square", "a purple circle"]  # fmt: skip
@@ -172,11 +172,7 @@ def main() -> None:
             searchable = r.status_code == 200 and bool(new_hits) and all(p.startswith(str(new)) for p in new_hits)
         server_log = log.read_text(errors="replace")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
     generations = sorted({g for _, _, g in seen})
     record = {
@@ -212,14 +208,6 @@ def main() -> None:
     ok = (read_only["server_errors"] == 0 and with_writes["server_errors"] == 0 and writer.returncode == 0
           and searchable and visible_s is not None and record["server_tracebacks"] == 0)  # fmt: skip
     sys.exit(0 if ok else 1)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":
