@@ -7,8 +7,11 @@ Commands (the demo model on the CPU, so it runs offline): `index` (tokens cached
 built with --no-cache-tokens, then `index --cache-tokens` fills the tokens in), `caption`, `forget` (one of two
 roots), `compact` (after a forget, so VACUUM has work), `watch` (`index --watch`, killed while it picks up files
 being added to a root; the rerun is a plain `cocatk index`) and `ray` (`index --ray local`; only when `import ray`
-works). For each command an unkilled run is timed first; the kill moments are drawn with random.Random(seed) over
-5%-95% of that duration (for `watch`, of the time from the first added file until the watch has indexed them all).
+works). For each command an unkilled run is timed first, and a thread polls the index's SQLite write-ahead log
+(every 2 ms) to find the write window: from the first change of the log to the last, plus 30 ms each side. The kill
+moments are drawn with random.Random(seed): half over 5%-95% of the run (for `watch`, of the time from the first
+added file until the watch has indexed them all), half over the write window, so that kills land while the command
+commits and not only while it starts up.
 The whole process group gets SIGKILL (Ray's workers with it). After each kill the same command is rerun to
 completion, then `cocatk check --index IDX --json`, and the SQLite file is read (read-only) for extra invariants:
 rows == vectors == image files expected, no duplicate paths, tokens and captions only for existing ids, nothing left
@@ -79,6 +82,7 @@ def sqlite_facts(idx: Path) -> dict[str, Any]:
             "captions": q("SELECT COUNT(*) FROM captions"),
             "captioned_ids": q("SELECT COUNT(DISTINCT id) FROM captions"),
             "orphan_captions": q("SELECT COUNT(*) FROM captions WHERE id NOT IN (SELECT id FROM files)"),
+            "generation": int(q("SELECT value FROM meta WHERE key = 'generation'")),
             "roots": sorted(bytes(r[0]).decode() for r in db.execute("SELECT path FROM roots")),
             "paths": [bytes(r[0]).decode() for r in db.execute("SELECT path FROM files")],
         }
@@ -120,6 +124,45 @@ def verify(idx: Path, env: dict[str, str], spec: dict[str, Any]) -> tuple[bool, 
     facts = {k: v for k, v in f.items() if k != "paths"}
     facts["check"] = {k: rep.get(k) for k in ("ok", "files", "vectors", "tokens")}
     return not problems, problems, facts
+
+
+class LogWatcher:
+    """Record when ``idx/index.sqlite-wal`` changes (size or mtime), in seconds since :meth:`start`."""
+
+    def __init__(self, idx: Path, every: float = 0.002) -> None:
+        self.wal, self.every = idx / "index.sqlite-wal", every
+        self.changes: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def start(self) -> LogWatcher:
+        self.t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join()
+        return self.changes
+
+    def _poll(self) -> None:
+        last = None
+        while not self._stop.is_set():
+            try:
+                st = os.stat(self.wal)
+                now = (st.st_size, st.st_mtime_ns)
+            except FileNotFoundError:
+                now = None
+            if now != last and now is not None:
+                self.changes.append(time.monotonic() - self.t0)
+            last = now
+            time.sleep(self.every)
+
+
+def _window(changes: list[float], duration: float, pad: float = 0.03) -> tuple[float, float] | None:
+    if not changes:
+        return None
+    return max(0.0, changes[0] - pad), min(duration, changes[-1] + pad)
 
 
 class Cell:
@@ -221,16 +264,24 @@ class Cell:
         t.start()
         return t
 
+    def _generation(self) -> int:
+        try:
+            return sqlite_facts(self.idx)["generation"]
+        except sqlite3.Error:
+            return -1
+
     def _rows(self) -> int:
         try:
             return sqlite_facts(self.idx)["rows"]
         except sqlite3.Error:
             return -1
 
-    def baseline(self, base: Path | None) -> float:
+    def baseline(self, base: Path | None) -> tuple[float, tuple[float, float] | None]:
+        """The unkilled run: its duration and its write window (None when the log never changed)."""
         self.fresh(base)
         if self.name == "watch":
             p, lines, _ = self._watch_start()
+            watcher = LogWatcher(self.idx).start()
             t0 = time.monotonic()
             cp = self._add_files()
             want = self.spec()["rows"]
@@ -239,14 +290,16 @@ class Cell:
             dt = time.monotonic() - t0
             kill_group(p)
             cp.join()
-            return dt
+            return dt, _window(watcher.stop(), dt)
+        watcher = LogWatcher(self.idx).start()
         t0 = time.monotonic()
         r = run(self.args(), self.env)
         dt = time.monotonic() - t0
+        changes = watcher.stop()
         assert r.returncode == 0, f"unkilled {self.name} failed: {(r.stdout + r.stderr)[-2000:]}"
         ok, probs, _ = verify(self.idx, self.env, self.spec())
         assert ok, f"unkilled {self.name} is not consistent: {probs}"
-        return dt
+        return dt, _window(changes, dt)
 
     def trial(self, base: Path | None, at: float) -> dict[str, Any]:
         self.fresh(base)
@@ -262,12 +315,14 @@ class Cell:
         if cp is not None:
             cp.join()  # the files all land before the rerun
         rows_before = self._rows()
+        gen_before = self._generation()
         r = run(self.rerun_args(), self.env)
         out = (r.stdout + r.stderr).strip()
         res: dict[str, Any] = {
             "kill_at_s": round(at, 3),
             "exited_before_kill": exited,
             "rows_before_rerun": rows_before,
+            "generation_before_rerun": gen_before,
             "rerun_rc": r.returncode,
             "rerun_tail": out[-600:],
         }
@@ -344,33 +399,50 @@ def main() -> int:
     for name in cmds:
         if name == "ray" and not ray_ok:
             record["cells"][name] = {"outcome": "not run (import ray fails)"}
-            rows.append([name, "-", "-", "-", "-", "not run (import ray fails)"])
+            rows.append([name, "-", "-", "-", "-", "-", "-", "not run (import ray fails)"])
             continue
         cell = Cell(name, work, env, data)
         base = cell.base()
-        dur = cell.baseline(base)
+        base_gen = -1
+        if base is not None:
+            cell.fresh(base)
+            base_gen = cell._generation()
+        dur, window = cell.baseline(base)
         rng = random.Random(f"{args.seed}:{name}")
-        moments = sorted(rng.uniform(0.05, 0.95) * dur for _ in range(args.kills))
-        print(f"{name}: unkilled run {dur:.2f} s; kills at {[round(m, 2) for m in moments]}", flush=True)
+        in_window = args.kills // 2 if window is not None else 0
+        moments = sorted(
+            [rng.uniform(0.05, 0.95) * dur for _ in range(args.kills - in_window)]
+            + [rng.uniform(*window) for _ in range(in_window)]  # type: ignore[misc]
+        )
+        wtext = "none" if window is None else f"{window[0]:.3f}-{window[1]:.3f} s"
+        print(f"{name}: unkilled run {dur:.2f} s, write window {wtext}; kills at {[round(m, 3) for m in moments]}",
+              flush=True)  # fmt: skip
         trials = []
         for k, at in enumerate(moments):
             t = cell.trial(base, at)
+            t["committed_before_kill"] = t["generation_before_rerun"] > max(base_gen, 0)
             trials.append(t)
             print(
                 f"  kill {k + 1}/{len(moments)} at {at:.2f} s: {t['outcome']}"
-                f" (rows before rerun {t['rows_before_rerun']}) {'; '.join(t['problems'])[:300]}",
+                f" (rows before rerun {t['rows_before_rerun']}, generation {t['generation_before_rerun']}"
+                f"{', after a commit' if t['committed_before_kill'] else ''})"
+                f" {'; '.join(t['problems'])[:300]}",
                 flush=True,
             )
         counts: dict[str, int] = {}
         for t in trials:
             counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
         failed |= any(t["outcome"] != "consistent" for t in trials)
-        record["cells"][name] = {"unkilled_s": round(dur, 3), "trials": trials, "counts": counts}
+        mid = sum(t["committed_before_kill"] and not t["exited_before_kill"] for t in trials)
+        record["cells"][name] = {"unkilled_s": round(dur, 3), "write_window_s": window, "trials": trials,
+                                 "counts": counts, "killed_after_a_commit": mid}  # fmt: skip
         rows.append(
             [
                 name,
                 f"{dur:.2f}",
+                wtext,
                 len(trials),
+                mid,
                 counts.get("consistent", 0),
                 counts.get("inconsistent", 0),
                 counts.get("rerun failed", 0),
@@ -381,7 +453,16 @@ def main() -> int:
             args.json.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print_table(
         "durability: command x kills x outcome",
-        ["command", "unkilled s", "kills", "consistent", "inconsistent", "rerun failed"],
+        [
+            "command",
+            "unkilled s",
+            "write window",
+            "kills",
+            "after a commit",
+            "consistent",
+            "inconsistent",
+            "rerun failed",
+        ],
         rows,
     )
     if args.json:

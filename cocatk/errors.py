@@ -88,6 +88,10 @@ class IndexCorruptError(IndexError_):
     """The index files are inconsistent or unreadable."""
 
 
+class IndexReadOnlyError(IndexError_):
+    """The index folder (or its SQLite file) cannot be written by this user: a writer cannot run there."""
+
+
 class EmptyIndexError(IndexError_):
     """The index holds no images yet."""
 
@@ -113,6 +117,7 @@ __all__ = [
     "IndexError_",
     "IndexMismatchError",
     "IndexNotFoundError",
+    "IndexReadOnlyError",
     "MissingDependencyError",
     "ModelConfigError",
     "ModelError",

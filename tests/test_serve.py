@@ -315,6 +315,42 @@ def test_new_generation_is_picked_up_without_restart(tmp_path):
         idx.close()
 
 
+def test_index_removed_or_replaced_while_serving_is_410_with_the_fix(tmp_path):
+    """Issue 29: answers from memory about an index that is gone from disk are wrong; every endpoint that uses the
+    index says so (410, one line, the fix), /api/health included, so a supervisor sees it."""
+    import shutil
+
+    _make_images(tmp_path / "a", 3, seed=4)
+    idx = Index.open(tmp_path / "idx", model=MODEL, pretrained="none", device="cpu", create=True)
+    idx.update([tmp_path / "a"], workers=0)
+    fid = next(iter(idx.store.file_rows().values())).id
+    idx.close()
+    c = _client(tmp_path / "idx", tmp_path / "cache")
+    try:
+        assert c.get("/api/health").status_code == 200
+        assert c.get("/api/search", params={"q": "a cat", "rerank": False}).status_code == 200
+        shutil.rmtree(tmp_path / "idx")
+        requests = [
+            c.get("/api/health"),
+            c.get("/api/info"),
+            c.get("/api/search", params={"q": "a cat", "rerank": False}),
+            c.get(f"/api/thumb/{fid}"),
+            c.get(f"/api/similar/{fid}"),
+            c.post("/knn-service", json={"text": "a cat", "indice_name": "cocatk"}),
+            c.post("/metadata", json={"ids": [fid]}),
+        ]
+        for r in requests:
+            body = _error(r, 410)
+            assert "was removed" in body["error"] and "restart `cocatk serve`" in body["hint"], body
+        # a new index built in the same place is another index: the server says so instead of mixing the two
+        _make_images(tmp_path / "b", 2, seed=5)
+        with Index.open(tmp_path / "idx", model=MODEL, pretrained="none", device="cpu", create=True) as new:
+            new.update([tmp_path / "b"], workers=0)
+        assert "was replaced" in _error(c.get("/api/search", params={"q": "a cat", "rerank": False}), 410)["error"]
+    finally:
+        c.__exit__(None, None, None)
+
+
 def test_concurrent_requests_equal_the_library(client, lib, built):
     queries = ["a red bicycle", "a dog", "a beach", "a cat"]
     want = {

@@ -26,6 +26,7 @@ checkpoint; the next run resumes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +46,7 @@ from ..errors import (
     UsageError,
 )
 from .layout import LOCK_NAME, MANIFEST_NAME, ProgressCallback, vector_file_name
-from .store import DB_NAME, SCHEMA_VERSION, Store
+from .store import DB_NAME, SCHEMA_VERSION, Store, read_only_error
 from .vectors import DEFAULT_FACTORY, VectorIndex
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -92,6 +93,7 @@ class IndexFolder:
         self._vectors_gen = -1
         self._lock_fd: int | None = None
         self.model_choice: ModelChoice | None = None
+        self._db_identity = _file_identity(folder / DB_NAME)
 
     # ---- opening -----------------------------------------------------------------------------------------------
     @classmethod
@@ -372,6 +374,16 @@ class IndexFolder:
         self._release_lock()
         self.store.close()
 
+    def missing_from_disk(self) -> str | None:
+        """Why this open index no longer is the one on disk (its folder or database removed, or replaced by
+        another index), or None while it still is. A long-lived reader (`cocatk serve`) asks before each use."""
+        now = _file_identity(self.dir / DB_NAME)
+        if now is None:
+            return f"the index folder {self.dir} was removed (or its {DB_NAME}) while this process had it open"
+        if now != self._db_identity:
+            return f"the index at {self.dir} was replaced by another one while this process had it open"
+        return None
+
     def __enter__(self) -> IndexFolder:
         return self
 
@@ -529,7 +541,16 @@ class IndexFolder:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no cross-process writer guard
             return
-        fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.store.read_only:
+            raise read_only_error(self.dir)
+        try:
+            fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as e:
+            raise read_only_error(self.dir) from e
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                raise read_only_error(self.dir) from e
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -546,6 +567,14 @@ class IndexFolder:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _load_with_progress(

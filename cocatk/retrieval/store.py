@@ -21,6 +21,7 @@ Tables (schema version :data:`SCHEMA_VERSION`, numbered migrations in :data:`MIG
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,102 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import IndexCorruptError, IndexMismatchError
+from ..errors import IndexCorruptError, IndexMismatchError, IndexReadOnlyError
 from ..paths import from_bytes, to_bytes
+from .migrations import MIGRATIONS, SCHEMA_VERSION, statements
 
-#: Numbered migrations: entry i brings the schema from version i to i + 1.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE roots (path TEXT PRIMARY KEY, added_at REAL NOT NULL);
-    CREATE TABLE files (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        path TEXT NOT NULL UNIQUE,
-        size INTEGER NOT NULL,
-        mtime_ns INTEGER NOT NULL,
-        hash TEXT NOT NULL,
-        embedding BLOB NOT NULL,
-        indexed_at REAL NOT NULL
-    );
-    CREATE INDEX files_hash ON files (hash);
-    CREATE TABLE tokens (id INTEGER PRIMARY KEY REFERENCES files (id) ON DELETE CASCADE, data BLOB NOT NULL);
-    CREATE TABLE failures (
-        path TEXT PRIMARY KEY,
-        reason TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        size INTEGER,
-        mtime_ns INTEGER,
-        at REAL NOT NULL
-    );
-    INSERT INTO meta (key, value) VALUES ('generation', '0');
-    """,
-    # 2: paths become BLOBs holding the file name's bytes (a name that is not UTF-8 could not be stored as TEXT).
-    # Tables are rebuilt (SQLite cannot change a column's type); ids and the AUTOINCREMENT counter are kept.
-    """
-    CREATE TABLE roots_v2 (path BLOB PRIMARY KEY, added_at REAL NOT NULL);
-    INSERT INTO roots_v2 SELECT CAST(path AS BLOB), added_at FROM roots;
-    DROP TABLE roots;
-    ALTER TABLE roots_v2 RENAME TO roots;
-    CREATE TABLE files_v2 (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        path BLOB NOT NULL UNIQUE,
-        size INTEGER NOT NULL,
-        mtime_ns INTEGER NOT NULL,
-        hash TEXT NOT NULL,
-        embedding BLOB NOT NULL,
-        indexed_at REAL NOT NULL
-    );
-    INSERT INTO files_v2 SELECT id, CAST(path AS BLOB), size, mtime_ns, hash, embedding, indexed_at FROM files;
-    INSERT INTO sqlite_sequence (name, seq) SELECT 'files_v2', seq FROM sqlite_sequence
-        WHERE name = 'files' AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'files_v2');
-    UPDATE sqlite_sequence SET seq = (SELECT MAX(seq) FROM sqlite_sequence WHERE name IN ('files', 'files_v2'))
-        WHERE name = 'files_v2';
-    DROP TABLE files;
-    ALTER TABLE files_v2 RENAME TO files;
-    CREATE INDEX files_hash ON files (hash);
-    CREATE TABLE failures_v2 (
-        path BLOB PRIMARY KEY,
-        reason TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        size INTEGER,
-        mtime_ns INTEGER,
-        at REAL NOT NULL
-    );
-    INSERT INTO failures_v2 SELECT CAST(path AS BLOB), reason, detail, size, mtime_ns, at FROM failures;
-    DROP TABLE failures;
-    ALTER TABLE failures_v2 RENAME TO failures;
-    """,
-    # 3: generated captions. One row per (file, caption settings); a caption describes the content it was made from
-    # (`hash`): a changed file loses it, a removed file's go with it (ON DELETE CASCADE). `caption_configs` records the
-    # model identity and generation settings behind each key. `captions_fts` is an FTS5 index over the texts, kept
-    # in step by triggers (external content: the text is stored once).
-    """
-    CREATE TABLE caption_configs (key TEXT PRIMARY KEY, settings TEXT NOT NULL, created_at REAL NOT NULL);
-    CREATE TABLE captions (
-        cid INTEGER PRIMARY KEY,
-        id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
-        config TEXT NOT NULL REFERENCES caption_configs (key),
-        hash TEXT NOT NULL,
-        text TEXT NOT NULL,
-        logprob REAL,
-        at REAL NOT NULL,
-        UNIQUE (id, config)
-    );
-    CREATE INDEX captions_config ON captions (config);
-    CREATE VIRTUAL TABLE captions_fts USING fts5(text, content='captions', content_rowid='cid');
-    CREATE TRIGGER captions_ai AFTER INSERT ON captions BEGIN
-        INSERT INTO captions_fts (rowid, text) VALUES (new.cid, new.text);
-    END;
-    CREATE TRIGGER captions_ad AFTER DELETE ON captions BEGIN
-        INSERT INTO captions_fts (captions_fts, rowid, text) VALUES ('delete', old.cid, old.text);
-    END;
-    CREATE TRIGGER captions_au AFTER UPDATE ON captions BEGIN
-        INSERT INTO captions_fts (captions_fts, rowid, text) VALUES ('delete', old.cid, old.text);
-        INSERT INTO captions_fts (rowid, text) VALUES (new.cid, new.text);
-    END;
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
 DB_NAME = "index.sqlite"
 
 # SQLite limits host parameters per statement (32766 on modern builds, 999 on old ones).
@@ -168,14 +77,22 @@ class Store:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
+        #: True when the folder is not writable by this user (see :meth:`open`).
+        self.read_only = False
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: Path, create: bool = False) -> Store:
-        """Open (and migrate) ``folder/index.sqlite``; create it when ``create``."""
+        """Open (and migrate) ``folder/index.sqlite``; create it when ``create``.
+
+        A folder this user cannot write (a read-only mount, another user's index) is opened read-only: the queries
+        work and :meth:`begin` raises :class:`IndexReadOnlyError`, as does a schema that would need a migration.
+        """
         path = folder / DB_NAME
         if not create and not path.is_file():
             raise FileNotFoundError(path)
+        if path.is_file() and not _writable(folder, path):
+            return cls._open_read_only(folder, path)
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
             _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
@@ -183,11 +100,44 @@ class Store:
             conn.execute("PRAGMA foreign_keys=ON")
             store = cls(conn, path)
             store._migrate()
+        except sqlite3.OperationalError as e:
+            if _is_read_only(e):
+                raise read_only_error(folder) from e
+            raise _corrupt(folder, path, e) from e
         except sqlite3.DatabaseError as e:
-            raise IndexCorruptError(
-                f"cannot open {path}: {e}",
-                hint=f"the SQLite file is damaged; move {folder} away and re-run `cocatk index PATH --index {folder}`",
-            ) from e
+            raise _corrupt(folder, path, e) from e
+        return store
+
+    @classmethod
+    def _open_read_only(cls, folder: Path, path: Path) -> Store:
+        # WAL needs the -shm file, which a reader cannot create in a read-only folder. Without a -wal file every
+        # committed checkpoint is in the main file and nobody here can write it: read it as immutable.
+        wal = path.with_name(path.name + "-wal")
+        shm = path.with_name(path.name + "-shm")
+        has_log = wal.is_file() and wal.stat().st_size > 0
+        if has_log and not shm.is_file():  # immutable would not see the log's checkpoints: refuse, never read stale
+            raise IndexReadOnlyError(
+                f"index {folder} is read-only here and holds a write-ahead log that only a writable open can apply",
+                hint=f"open it once where it is writable (chmod -R u+w {folder}; `cocatk check --index {folder}`)",
+            )
+        immutable = not has_log
+        uri = path.resolve().as_uri() + ("?immutable=1" if immutable else "?mode=ro")
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0)
+            store = cls(conn, path)
+            store.read_only = True
+            version = store.schema_version
+        except sqlite3.DatabaseError as e:
+            raise _corrupt(folder, path, e) from e
+        if version > SCHEMA_VERSION:
+            store._migrate()  # raises IndexMismatchError
+        if version < SCHEMA_VERSION:
+            conn.close()
+            raise IndexReadOnlyError(
+                f"index {folder} has schema version {version} and this cocatk needs {SCHEMA_VERSION}, "
+                "but the folder is not writable, so it cannot be upgraded",
+                hint=f"make it writable (chmod -R u+w {folder}) and run `cocatk info --index {folder}` once",
+            )
         return store
 
     def _migrate(self) -> None:
@@ -209,7 +159,7 @@ class Store:
             try:
                 version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
                 for v in range(version, SCHEMA_VERSION):
-                    for statement in _statements(MIGRATIONS[v]):
+                    for statement in statements(MIGRATIONS[v]):
                         self.conn.execute(statement)
                     self.conn.execute(f"PRAGMA user_version = {v + 1}")
                 self.conn.execute("COMMIT")
@@ -231,7 +181,14 @@ class Store:
 
     # ---- transactions ------------------------------------------------------------------------------------------
     def begin(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
+        if self.read_only:
+            raise read_only_error(self.path.parent)
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if _is_read_only(e):
+                raise read_only_error(self.path.parent) from e
+            raise
 
     def commit(self) -> None:
         self.conn.execute("COMMIT")
@@ -627,17 +584,30 @@ def manifest_problem(manifest: Any) -> str | None:
     return None
 
 
-def _statements(script: str) -> Iterable[str]:
-    """The SQL statements of a migration script, whole (a trigger's body holds semicolons of its own)."""
-    buf = ""
-    for line in script.splitlines(keepends=True):
-        buf += line
-        if sqlite3.complete_statement(buf):
-            if buf.strip():
-                yield buf.strip()
-            buf = ""
-    if buf.strip():
-        yield buf.strip()
+def read_only_error(folder: Path) -> IndexReadOnlyError:
+    """The one error every writer raises on an index folder this user cannot write."""
+    return IndexReadOnlyError(
+        f"index folder {folder} is read-only here (mounted read-only, or not writable by this user), so nothing can be "
+        "added, removed or cached there",
+        hint=f"make it writable (chmod -R u+w {folder}), or copy it and pass --index COPY; search, info and check "
+        "read it as it is",
+    )
+
+
+def _writable(folder: Path, path: Path) -> bool:
+    return os.access(folder, os.W_OK) and os.access(path, os.W_OK)
+
+
+def _is_read_only(e: sqlite3.OperationalError) -> bool:
+    text = str(e).lower()
+    return "readonly" in text or "read-only" in text
+
+
+def _corrupt(folder: Path, path: Path, e: Exception) -> IndexCorruptError:
+    return IndexCorruptError(
+        f"cannot open {path}: {e}",
+        hint=f"the SQLite file is damaged; move {folder} away and re-run `cocatk index PATH --index {folder}`",
+    )
 
 
 def _retry_locked(call: Any, seconds: float = 30.0) -> Any:

@@ -133,8 +133,17 @@ class Backend:
             self.index.close()
 
     def call(self, fn: Callable[[Index], T]) -> T:
-        """Run ``fn(index)`` holding the index lock (in a worker thread: the caller uses run_in_threadpool)."""
+        """Run ``fn(index)`` holding the index lock (in a worker thread: the caller uses run_in_threadpool).
+        A 410 once the index folder is gone from disk: answers from memory would be about files nobody has."""
         with self.lock:
+            gone = self.index.missing_from_disk()
+            if gone is not None:
+                raise ApiError(
+                    410,
+                    gone,
+                    f"restore the folder, or build the index again (`cocatk index PATH --index {self.index.dir}`), "
+                    "then restart `cocatk serve`",
+                )
             return fn(self.index)
 
     async def run(self, fn: Callable[[Index], T]) -> T:

@@ -70,6 +70,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: _error("The index (or the chosen folder) holds no images yet"),
     413: _error("The request is larger than the upload limit (--max-upload-mb)"),
     422: _error("The request does not match this document: a missing or out-of-range parameter, bad JSON"),
+    410: _error("The index folder was removed, or replaced by another index, while the server ran: restart it"),
     503: _error("The index is busy (a writer holds it); retry"),
 }  # fmt: skip
 
