@@ -342,11 +342,29 @@ def test_mutated_stored_manifest_opens_or_is_refused(
 
 # ---- 4. the environment (cocatk's only configuration) ----------------------------------------------------------
 #: A device or precision value: near-misses of the accepted ones, and any text (no NUL: an environment cannot hold
-#: it). "mps" is left out: on a machine without MPS it is a known bug (see the xfail regression test below).
+#: it); "mps" is among them (a typed refusal on a machine without MPS, see the regression test below).
 _env_value = st.one_of(
-    st.sampled_from(["", "cpu", "cuda", "cuda:0", "cuda:x", " cpu", "CPU", "cpu:0", "auto", "fp32", "bf16", "fp16"]),
+    st.sampled_from(
+        [
+            "",
+            "cpu",
+            "cuda",
+            "cuda:0",
+            "cuda:x",
+            "cuda:99",
+            " cpu",
+            "CPU",
+            "cpu:0",
+            "mps",
+            "mps:0",
+            "auto",
+            "fp32",
+            "bf16",
+            "fp16",
+        ]
+    ),
     st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=12),
-).filter(lambda v: v.strip() != "mps")
+)
 
 
 @pytest.mark.slow
@@ -409,17 +427,14 @@ def test_damaged_stored_manifest_is_a_typed_one_line_refusal(small_index: Path, 
     assert err.count("\n") == 1 and err.startswith("error: ") and "damaged" in err and "Fix:" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: device 'mps' without MPS raises torch's RuntimeError; the fix belongs in cocatk/models/precision.py "
-    "(resolve_device), outside the files this change may edit",
-)
 def test_mps_without_mps_is_a_typed_refusal() -> None:
+    """Found by the test above (issue 29): torch's RuntimeError reached the user as an internal error."""
     import torch
 
     from cocatk import load_model
 
     if torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
-    with pytest.raises(CocatkError):
+    with pytest.raises(CocatkError, match="MPS") as e:
         load_model(str(TINY_CONFIG), "none", device="mps")
+    assert e.value.hint == "use --device cpu"

@@ -5,6 +5,7 @@ support, the bf16 image-tower island, torch thread counts.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +25,21 @@ def resolve_device(device: str | None) -> str:
     device = device or config.default_device()
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError("CUDA was requested but no GPU is available", hint="use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise UsageError(f"unknown device '{device}'", hint="use cpu or cuda")
+    if not (device == "cpu" or device == "mps" or _CUDA.fullmatch(device)):
+        raise UsageError(f"unknown device '{device}'", hint="use cpu, cuda, cuda:N (a GPU's number) or mps")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError("CUDA was requested but no GPU is available", hint="use --device cpu")
+        n = torch.cuda.device_count()
+        if ":" in device and int(device.split(":")[1]) >= n:
+            raise DeviceError(f"{device} was requested but this machine has {n} GPU(s)",
+                              hint=f"use cuda:0 ... cuda:{n - 1}, or --device cpu")  # fmt: skip
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("MPS (an Apple GPU) was requested but is not available here", hint="use --device cpu")
     return device
+
+
+_CUDA = re.compile(r"cuda(:[0-9]{1,3})?")
 
 
 #: What ``--precision`` accepts; ``auto`` picks per device (see :func:`resolve_precision`).
