@@ -413,3 +413,43 @@ def test_one_engine_per_export_answers_a_process(demo_index, cache):
         np.testing.assert_array_equal(again.encode_texts(queries[:1]), first.encode_texts(queries[:1]))
     finally:
         meta_file.write_text(saved)
+
+
+def test_older_exports_are_removed_but_never_one_being_written(demo, cache):
+    """Issue 29: an exporter that finished first removed the temporary folder of another process exporting the same
+    model (pathlib's ``*`` matches ``.<key>-*``), whose next write failed with 'No such file or directory'."""
+    current = textonnx.export_text_onnx(demo)
+    assert current is not None
+    own = demo.spec.identity()
+    record = json.loads((current / export_cache.META).read_text())
+    older = current.parent / "0123456789abcdef01234567"  # an export made by an older open_clip or format
+    being_written = current.parent / f".{current.name}-race"  # another process's, its record already written
+    for folder in (older, being_written):
+        folder.mkdir()
+        (folder / export_cache.META).write_text(json.dumps({**record, "format": record["format"]}))
+    assert export_cache.remove_older_exports(own) == [older]
+    assert not older.exists() and being_written.is_dir() and current.is_dir()
+    (being_written / export_cache.META).unlink()
+    being_written.rmdir()
+
+
+def test_two_processes_export_into_one_empty_cache(tmp_path):
+    """Both finish, both get the export, and one valid folder is left (no temporary folder, no error)."""
+    code = (
+        "from cocatk import load_model\n"
+        "from cocatk.models.onnx import export_text_onnx\n"
+        "print(export_text_onnx(load_model('demo', device='cpu', precision='fp32')))\n"
+    )
+    env = {**os.environ, "COCATK_CACHE": str(tmp_path / "cache"), "COCATK_TEXT_ONNX": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-800:] for o in outs]
+    folders = {o[0].strip() for o in outs}
+    assert len(folders) == 1 and Path(folders.pop()).is_dir()
+    left = sorted(p.name for p in (tmp_path / "cache" / "text-onnx").iterdir())
+    assert len(left) == 1 and not left[0].startswith("."), left

@@ -116,8 +116,8 @@ def remove_older_exports(identity: dict[str, str]) -> list[Path]:
     removed = []
     for meta_file in current.parent.glob(f"*/{META}"):
         folder = meta_file.parent
-        if folder == current:
-            continue
+        if folder == current or folder.name.startswith("."):
+            continue  # pathlib's * matches dot names: ".<key>-*" is another process's export, still being written
         try:
             other = json.loads(meta_file.read_text())
         except (OSError, ValueError):
