@@ -83,6 +83,8 @@ def sqlite_facts(idx: Path) -> dict[str, Any]:
             "captioned_ids": q("SELECT COUNT(DISTINCT id) FROM captions"),
             "orphan_captions": q("SELECT COUNT(*) FROM captions WHERE id NOT IN (SELECT id FROM files)"),
             "generation": int(q("SELECT value FROM meta WHERE key = 'generation'")),
+            "pages": q("PRAGMA page_count"),
+            "free_pages": q("PRAGMA freelist_count"),
             "roots": sorted(bytes(r[0]).decode() for r in db.execute("SELECT path FROM roots")),
             "paths": [bytes(r[0]).decode() for r in db.execute("SELECT path FROM files")],
         }
@@ -153,7 +155,7 @@ class LogWatcher:
                 now = (st.st_size, st.st_mtime_ns)
             except FileNotFoundError:
                 now = None
-            if now != last and now is not None:
+            if now != last and now is not None and now[0] > 0:  # an open creates an empty log: not a write
                 self.changes.append(time.monotonic() - self.t0)
             last = now
             time.sleep(self.every)
@@ -270,6 +272,15 @@ class Cell:
         except sqlite3.Error:
             return -1
 
+    def progress(self) -> tuple[int, ...] | None:
+        """What a committed write changes: generation, rows, tokens, captions, and the database's page and free-page
+        counts (a VACUUM changes only those); None before the SQLite file exists."""
+        try:
+            f = sqlite_facts(self.idx)
+        except sqlite3.Error:
+            return None
+        return f["generation"], f["rows"], f["tokens"], f["captions"], f["pages"], f["free_pages"]
+
     def _rows(self) -> int:
         try:
             return sqlite_facts(self.idx)["rows"]
@@ -316,6 +327,7 @@ class Cell:
             cp.join()  # the files all land before the rerun
         rows_before = self._rows()
         gen_before = self._generation()
+        progress_before = self.progress()
         r = run(self.rerun_args(), self.env)
         out = (r.stdout + r.stderr).strip()
         res: dict[str, Any] = {
@@ -323,10 +335,14 @@ class Cell:
             "exited_before_kill": exited,
             "rows_before_rerun": rows_before,
             "generation_before_rerun": gen_before,
+            "progress_before_rerun": progress_before,
             "rerun_rc": r.returncode,
             "rerun_tail": out[-600:],
         }
-        if r.returncode != 0 and not (self.name == "forget" and r.returncode == 1 and "not" in out.lower()):
+        # A forget killed after its commit is done: the rerun is refused (exit 2, "is not a root"), as it should be.
+        done_already = self.name == "forget" and r.returncode == 2 and "is not a root" in out
+        res["rerun_refused_as_done"] = done_already
+        if r.returncode != 0 and not done_already:
             res["outcome"], res["problems"] = "rerun failed", [out[-600:]]
             return res
         ok, probs, facts = verify(self.idx, self.env, self.spec())
@@ -403,10 +419,10 @@ def main() -> int:
             continue
         cell = Cell(name, work, env, data)
         base = cell.base()
-        base_gen = -1
+        base_progress = None
         if base is not None:
             cell.fresh(base)
-            base_gen = cell._generation()
+            base_progress = cell.progress()
         dur, window = cell.baseline(base)
         rng = random.Random(f"{args.seed}:{name}")
         in_window = args.kills // 2 if window is not None else 0
@@ -420,7 +436,8 @@ def main() -> int:
         trials = []
         for k, at in enumerate(moments):
             t = cell.trial(base, at)
-            t["committed_before_kill"] = t["generation_before_rerun"] > max(base_gen, 0)
+            p = t["progress_before_rerun"]  # an empty new index (generation 0, no rows) is not progress yet
+            t["committed_before_kill"] = p is not None and p != base_progress and (base is not None or p[0] > 0)
             trials.append(t)
             print(
                 f"  kill {k + 1}/{len(moments)} at {at:.2f} s: {t['outcome']}"
