@@ -19,11 +19,11 @@ DOC = PACKAGE.parent / "docs" / "architecture.md"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("cocatk", "cocatk._version", "cocatk._lazy", "cocatk._imports", "cocatk.errors", "cocatk.config",
                     "cocatk.paths")),
-    ("inputs", ("cocatk.images", "cocatk.preprocess")),
+    ("inputs", ("cocatk.images", "cocatk.preprocess", "cocatk.sources")),
     ("models", ("cocatk.models", "cocatk.captioning")),
     ("zero-shot", ("cocatk.zeroshot",)),
     ("index layer", ("cocatk.retrieval.layout", "cocatk.retrieval.migrations", "cocatk.retrieval.store",
-                     "cocatk.retrieval.vectors", "cocatk.retrieval.folder")),
+                     "cocatk.retrieval.sourcestore", "cocatk.retrieval.vectors", "cocatk.retrieval.folder")),
     ("features", ("cocatk.retrieval",)),
     ("facade", ("cocatk.retrieval.index",)),
     ("applications", ("cocatk.evaluation", "cocatk.recaption", "cocatk.demo")),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cocatk.retrieval.store import MIGRATIONS, Store
+from cocatk.retrieval.store import MIGRATIONS, SCHEMA_VERSION, Store
 
 
 def _store(tmp_path: Path) -> Store:
@@ -56,7 +56,7 @@ def test_migration_3_adds_captions_to_a_version_2_index(tmp_path: Path) -> None:
     conn.execute("INSERT INTO files VALUES (7, x'2f702f612e6a7067', 1, 2, 'h', x'00000000', 0)")
     conn.close()
     store = Store.open(tmp_path)
-    assert store.schema_version == 3 and store.ids().tolist() == [7]
+    assert store.schema_version == SCHEMA_VERSION and store.ids().tolist() == [7]
     store.begin()
     store.ensure_caption_config("k", {})
     store.put_caption(7, "k", "h", "a black square", None)

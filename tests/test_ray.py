@@ -108,6 +108,25 @@ def test_index_help_does_not_import_ray() -> None:
 
 
 @needs_ray
+def test_ray_indexes_webdataset_shards_as_locally(tmp_path: Path, ray_local: Path, tiny_model) -> None:
+    """Issue 30: the actors read each item from its byte range in the shard (no file of that name exists)."""
+    from tests.test_webdataset import write_shards
+
+    write_shards(tmp_path / "s", 3, 5, corrupt=(2, 1))
+    shards = sorted(str(p) for p in (tmp_path / "s").glob("*.tar"))
+    local = open_tiny(tmp_path / "local")
+    r_local = local.update(shards, cache_tokens=True)
+    remote = open_tiny(tmp_path / "ray")
+    r_ray = remote.update(shards, cache_tokens=True, checkpoint_every=4, encoder=_ray_encoder(remote))
+    for key in ("new", "encoded", "failed", "tokens_cached", "total"):
+        assert getattr(r_ray, key) == getattr(r_local, key), key
+    assert r_ray.new == 14 and r_ray.failed_total == 1
+    _same_index(local, remote, tokens=True)
+    local.close()
+    remote.close()
+
+
+@needs_ray
 def test_ray_index_equals_local_index(tmp_path: Path, ray_local: Path, tiny_model) -> None:
     photos = _photos(tmp_path / "photos", 20)
     local = open_tiny(tmp_path / "local")

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
+from ..sources import Member, read_member
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import CocaModel
@@ -58,6 +59,27 @@ class EncodeJob:
     mtime_ns: int
     row: FileRow | None
     need_decode: bool = False
+    #: (shard, member) for an item of a WebDataset shard (:mod:`cocatk.sources`): its bytes are read from there.
+    member: tuple[str, Member] | None = None
+
+    def source(self) -> tuple[str, int, int]:
+        """(file to read, offset, size): the whole file (offset -1) or the member's byte range in its shard."""
+        if self.member is None:
+            return self.path, -1, -1
+        shard, m = self.member
+        return shard, m.offset, m.size
+
+
+def read_source(path: str, offset: int, size: int) -> bytes:
+    """The bytes :meth:`EncodeJob.source` names (``offset`` -1: the whole file).
+
+    Raises:
+        OSError: they cannot be read.
+    """
+    if offset < 0:
+        with open(path, "rb") as f:
+            return f.read()
+    return read_member(path, offset, size)
 
 
 @dataclass
@@ -143,8 +165,7 @@ class LocalEncoder:
         out = Encoded(job)
         t = time.perf_counter()
         try:
-            with open(job.path, "rb") as f:
-                data = f.read()
+            data = read_source(*job.source())
         except OSError as e:
             out.error = ImageDecodeError("unreadable", e.strerror or type(e).__name__, job.path)
             return out, None

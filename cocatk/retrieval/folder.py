@@ -374,6 +374,22 @@ class IndexFolder:
         self._release_lock()
         self.store.close()
 
+    def item_sources(self, ids: Sequence[int], paths: Sequence[str | None] | None = None) -> list[Any]:
+        """Where the image of each row lies, for a reader (:func:`cocatk.sources.source_bytes`): its file's path,
+        or a :class:`~cocatk.sources.MemberRef` for an item of a shard; None for an id not in the index. ``paths``:
+        the rows' stored paths when the caller has them."""
+        from . import sourcestore
+
+        paths = self.store.paths_for_ids([int(i) for i in ids]) if paths is None else paths
+        refs = sourcestore.locations(self.store, ids)
+        return [refs.get(int(i), p) for i, p in zip(ids, paths, strict=True)]
+
+    def item_meta(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """id -> the JSON field (url, width, height, ...) of the dataset items among ``ids`` that have one."""
+        from . import sourcestore
+
+        return sourcestore.item_meta(self.store, ids)
+
     def missing_from_disk(self) -> str | None:
         """Why this open index no longer is the one on disk (its folder or database removed, or replaced by
         another index), or None while it still is. A long-lived reader (`cocatk serve`) asks before each use."""

@@ -42,8 +42,10 @@ def resolve_roots(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     Raises:
         UsageError: a path does not exist (checked before anything is created or changed).
     """
+    from ..sources import expand_paths
+
     roots = []
-    for p in paths:
+    for p in expand_paths(paths):  # shards/{00000..00127}.tar and data/*.tar, as webdataset names shards
         path = Path(p).expanduser()
         if not path.exists():
             raise UsageError(f"{p} does not exist", hint="pass existing image files or folders")

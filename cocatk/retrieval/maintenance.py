@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UsageError
+from . import sourcestore
 from .layout import is_under, json_failure
 from .vectors import DEFAULT_FACTORY
 
@@ -66,6 +67,11 @@ def forget_roots(index: IndexFolder, roots: Sequence[str | os.PathLike[str]]) ->
                 )
             targets.append(match)
         ids = np.unique(np.concatenate([index.store.ids_under(r) for r in targets] or [np.zeros(0, np.int64)]))
+        # A shard's items are below it (shard#key), and only below it: a folder that holds a shard which stays a
+        # root keeps that shard's items.
+        kept = sourcestore.member_ids(index.store, [r for r in stored if r not in targets])
+        ids = np.union1d(ids, np.fromiter(sourcestore.member_ids(index.store, targets), np.int64))
+        ids = ids[~np.isin(ids, np.fromiter(kept, np.int64))] if kept else ids
         vectors = index.vectors if index.store.manifest() is not None else None
         failed = [f for f in index.store.failure_rows() if is_under(f, targets)]
         index.store.begin()
@@ -74,6 +80,7 @@ def forget_roots(index: IndexFolder, roots: Sequence[str | os.PathLike[str]]) ->
             index.store.delete_failures(failed)
             for r in targets:
                 index.store.remove_root(r)
+            sourcestore.forget_done(index.store, targets)
             gen = index.store.bump_generation()
             index.store.commit()
         except BaseException:
@@ -182,7 +189,8 @@ def check_index(index: IndexFolder) -> CheckReport:
     if m is not None and m.get("cache_tokens") and len(tok_ids) > len(store_ids):
         problems.append(f"{len(tok_ids)} token rows for {len(store_ids)} files")
     roots = index.store.roots()
-    outside = [p for p in index.store.file_rows() if not is_under(p, roots)]
+    shard_of = sourcestore.member_sources(index.store)  # an item is under the shard that holds it: shard#key
+    outside = [p for p in index.store.file_rows() if not is_under(shard_of.get(p, p), roots)]
     if outside:
         problems.append(f"{len(outside)} files outside every root, e.g. {outside[0]}")
     return CheckReport(not problems, problems, len(store_ids), vi.ntotal, len(tok_ids))

@@ -100,6 +100,29 @@ MIGRATIONS: list[str] = [
         INSERT INTO captions_fts (rowid, text) VALUES (new.cid, new.text);
     END;
     """,
+    # Collections that are datasets (cocatk.sources): a shard is recorded done with its size and mtime, so that a
+    # rerun skips it unread; a member row says where an item's bytes lie (``source``: the shard's path as bytes, as
+    # files.path) and keeps the sample's JSON field. Its text field (the caption) is a caption row, setting "dataset".
+    """
+    CREATE TABLE sources (
+        path BLOB PRIMARY KEY,
+        kind TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        items INTEGER NOT NULL,
+        done_at REAL NOT NULL
+    );
+    CREATE TABLE members (
+        id INTEGER PRIMARY KEY REFERENCES files (id) ON DELETE CASCADE,
+        source BLOB NOT NULL,
+        key TEXT NOT NULL,
+        field TEXT NOT NULL,
+        offset INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        meta TEXT
+    );
+    CREATE INDEX members_source ON members (source);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

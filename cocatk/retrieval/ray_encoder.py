@@ -50,7 +50,7 @@ import numpy as np
 
 from ..errors import CocatkError, MissingDependencyError
 from ..images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
-from .encoder import Encoded, EncodeJob, StageTimer, hash_bytes
+from .encoder import Encoded, EncodeJob, StageTimer, hash_bytes, read_source
 
 #: Files per decode task. Small enough that a few tasks per core keep the actors fed, large enough that the per-task
 #: overhead (a few ms) stays small against decoding (1-100 ms per photo).
@@ -130,11 +130,10 @@ def _decode_batch(
     read_s, decode_s = np.zeros(n), np.zeros(n)
     queued: set[str] = set()  # contents decoded in this batch: a repeat is encoded once
     for i in range(n):
-        path = os.fsdecode(batch["path"][i])
+        path = os.fsdecode(batch["path"][i])  # a file, or the shard that holds an item (offset >= 0)
         t = time.perf_counter()
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_source(path, int(batch["offset"][i]), int(batch["size"][i]))
         except OSError as e:
             detail = e.strerror or type(e).__name__
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -539,7 +538,7 @@ class RayEncoder(_RayRun):
         with timed("ray_start"):
             ray = self._ray()
             known_ref = ray.put(frozenset(known)) if known else None
-            items = [{"pos": i, "path": os.fsencode(j.path), "need_decode": j.need_decode} for i, j in enumerate(jobs)]
+            items = [_item(i, j) for i, j in enumerate(jobs)]
             ds = self._dataset(ray, items, draft=True, known_ref=known_ref, tokens=tokens)
         started: set[str] = set()  # contents given an embedding in this call: a later repeat reuses it
         for pos, batch, i in self._ordered(
@@ -621,7 +620,8 @@ class RayCaptioner(_RayRun):
         fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
         with timed("ray_start"):
             ray = self._ray()
-            items = [{"pos": i, "path": os.fsencode(p), "need_decode": True} for i, p in enumerate(paths)]
+            items = [{"pos": i, "path": os.fsencode(p), "offset": -1, "size": -1, "need_decode": True}
+                     for i, p in enumerate(paths)]  # fmt: skip
             ds = self._dataset(ray, items, draft=draft, known_ref=None, config=fields)
         # content hash -> caption of the recent files: a decode task sends a content once, so a repeat's first copy is
         # among the last DECODE_BATCH files (bounded: a 100M-file run must not keep every caption)
@@ -643,6 +643,12 @@ class RayCaptioner(_RayRun):
             else:  # not expected (a decode task's files are in order): recorded, and the next run captions it
                 out.reason, out.detail = "not captioned", "a repeat of a file captioned after it; run again"
             yield out
+
+
+def _item(pos: int, job: EncodeJob) -> dict[str, Any]:
+    """A job as a row of the Ray dataset: what to read (a file, or a byte range of a shard) and whether to decode."""
+    path, offset, size = job.source()
+    return {"pos": pos, "path": os.fsencode(path), "offset": offset, "size": size, "need_decode": job.need_decode}
 
 
 __all__ = ["FAULT_ENV", "RayCaption", "RayCaptioner", "RayEncoder", "RayEncoderError", "require_ray"]

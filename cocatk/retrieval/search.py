@@ -211,7 +211,9 @@ def candidate_tokens(
     for start in range(0, len(paths), batch):
         if progress is not None:
             progress("rerank-tokens", start, len(paths))
-        got, where, lost = candidate_images(paths[start : start + batch], model.image_size, max_megapixels)
+        part = ids[start : start + batch]
+        got, where, lost = candidate_images(index.item_sources(part, paths[start : start + batch]), model.image_size,
+                                            max_megapixels)  # fmt: skip
         kept += [start + j for j in where]
         dropped += lost
         if got:
@@ -237,22 +239,25 @@ def _recompute_message(index: IndexFolder, k: int, use_cache: bool) -> str:
 
 
 def candidate_images(
-    paths: Sequence[str], draft_size: int, max_megapixels: float | None = None
+    sources: Sequence[Any], draft_size: int, max_megapixels: float | None = None
 ) -> tuple[list[Any], list[int], list[tuple[str, str]]]:
-    """Decode candidate files like the indexer does: (images, positions kept (into ``paths``), dropped (path,
-    reason))."""
+    """Decode candidates like the indexer does: (images, positions kept (into ``sources``), dropped (path,
+    reason)). ``sources``: :meth:`IndexFolder.item_sources` (files' paths, items' places in their shards)."""
     from ..images import load_image
+    from ..sources import source_bytes, source_exists, source_name
 
     kept: list[int] = []
     images = []
     dropped: list[tuple[str, str]] = []
     kwargs = {} if max_megapixels is None else {"max_megapixels": max_megapixels}
-    for i, path in enumerate(paths):
-        if not os.path.exists(path):
+    for i, source in enumerate(sources):
+        path = source_name(source)
+        if not source_exists(source):
             dropped.append((path, "file is gone"))
             continue
         try:
-            images.append(load_image(path, draft_size=draft_size, **kwargs))
+            data = source if isinstance(source, str) else source_bytes(source)
+            images.append(load_image(data, draft_size=draft_size, **kwargs))
             kept.append(i)
         except ImageError as e:
             dropped.append((path, getattr(e, "reason", None) or e.message))
@@ -393,7 +398,8 @@ def search_index(
         assert text is not None
         ids, paths = [c[0] for c in candidates], [c[1] for c in candidates]
         if reranker == "blip-itm":
-            images, kept, unreadable = candidate_images(paths, scorer.image_size, max_megapixels)
+            images, kept, unreadable = candidate_images(index.item_sources(ids, paths), scorer.image_size,
+                                                        max_megapixels)  # fmt: skip
             source = "files"
             scores = scorer.score(text, images) if images else np.zeros(0)
         else:
@@ -610,18 +616,21 @@ def _existing_candidates(
     A file deleted since the last `cocatk index` is never returned, in any mode: FAISS is asked for more hits
     (doubling k) until ``want`` existing files are found or the index is exhausted.
     """
+    from ..sources import source_exists
+
     k = min(want, total)
     while True:
         s, i = vectors.search(query, k, id_selector=selector)
         keep = i[0] >= 0
         scores, ids = s[0][keep], i[0][keep]
         paths = index.store.paths_for_ids(ids.tolist())
+        sources = index.item_sources(ids.tolist(), paths)
         found: list[tuple[int, str, float]] = []
         gone: list[tuple[str, str]] = []
-        for fid, path, score in zip(ids, paths, scores, strict=True):
+        for fid, path, source, score in zip(ids, paths, sources, scores, strict=True):
             if path is None:
                 continue
-            if os.path.exists(path):
+            if source_exists(source):
                 found.append((int(fid), path, float(score)))
             else:
                 gone.append((path, "file is gone"))

@@ -13,26 +13,26 @@ way: index -> updater).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UsageError
-from ..images import DEFAULT_MAX_MEGAPIXELS, find_images
+from ..images import DEFAULT_MAX_MEGAPIXELS, find_images, image_extensions
+from . import shards
 from .encoder import Encoded, EncodeJob, Encoder, LocalEncoder
 from .layout import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_TOKEN_CACHE_LIMIT_GB,
     ProgressCallback,
     is_under,
-    json_failure,
     resolve_roots,
 )
+from .report import IndexReport, StageTimer
 from .store import FileRow
 from .vectors import VectorIndex, min_training_points
 
@@ -83,90 +83,6 @@ class UpdateOptions:
             raise UsageError(f"batch size must be >= 1, got {self.batch_size}", hint="pass --batch-size 1 or more")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"workers must be >= 0, got {self.workers}", hint="pass --workers 0 or more")
-
-
-@dataclass
-class IndexReport:
-    """What one :meth:`Index.update` did. ``to_dict()`` gives the JSON the CLI prints."""
-
-    index_dir: str
-    roots: list[str]
-    scanned: int = 0
-    new: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    moved: int = 0
-    duplicates: int = 0
-    removed: int = 0
-    encoded: int = 0
-    #: Images captioned in this run (``caption=``), in the encoding pass and after it.
-    captioned: int = 0
-    failed: dict[str, int] = field(default_factory=dict)
-    failures: list[dict[str, str]] = field(default_factory=list)
-    missing_roots: list[str] = field(default_factory=list)
-    tokens_cached: int = 0
-    token_cache_bytes: int = 0
-    checkpoints: int = 0
-    total: int = 0
-    seconds: float = 0.0
-    #: Where the time went, in seconds. Main thread (they add up to ``seconds``): ``scan``, ``model_load``,
-    #: ``wait_decode`` (blocked on the decode threads), ``model`` (image tower), ``sqlite`` (rows, tokens, commits),
-    #: ``faiss`` (load, add, save), ``other``. Decode threads, summed over threads and overlapping the main thread:
-    #: ``read_hash`` and ``decode_preprocess``; ``decode_threads`` says how many there were. A Ray run has
-    #: ``ray_start`` (starting or joining Ray), ``ray_first_result`` (until the first block: worker processes and the
-    #: actors' model loads) and ``ray`` (waiting on the pipeline after that) instead of the model and decode keys.
-    #: After the run, outside ``seconds``: ``text_onnx``, the one-time export of the text tower
-    #: (:mod:`cocatk.models.onnx`), when it ran.
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    #: ``"exported"`` or ``"failed"`` when this run exported the text tower for torch-free queries
-    #: (:mod:`cocatk.models.onnx`; a failure is also a warning), else None.
-    text_export: str | None = None
-    #: Precisions the images of this run were encoded at (``fp32``, ``bf16``); the manifest keeps the union.
-    precisions: list[str] = field(default_factory=list)
-
-    @property
-    def failed_total(self) -> int:
-        return sum(self.failed.values())
-
-    @property
-    def images_per_s(self) -> float:
-        """Images through the model per second of the whole run (scan, decode and save included)."""
-        return self.encoded / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["failed_total"] = self.failed_total
-        d["images_per_s"] = round(self.images_per_s, 1)
-        d["seconds"] = round(self.seconds, 3)
-        d["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
-        d["failures"] = [json_failure(f) for f in self.failures]
-        return d
-
-
-class StageTimer:
-    """Seconds per stage on one thread; time in a nested stage is not counted in the stage around it."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._stack: list[str] = []
-        self._since = 0.0
-
-    def _charge(self, now: float) -> None:
-        if self._stack:
-            top = self._stack[-1]
-            self.seconds[top] = self.seconds.get(top, 0.0) + now - self._since
-        self._since = now
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        self._charge(time.perf_counter())
-        self._stack.append(stage)
-        try:
-            yield
-        finally:
-            self._charge(time.perf_counter())
-            self._stack.pop()
 
 
 class Updater:
@@ -289,10 +205,15 @@ class Updater:
         # Scan before changing anything, so that a bad option fails fast.
         with self.timed("scan"):
             found = self._scan(roots)
-            self.report.scanned = len(found)
+            plan = shards.plan(self.store, roots, sorted(image_extensions()), self.progress)
+            found += plan.found
+            self.report.scanned = len(found) + len(plan.kept)
+            self.report.unchanged += len(plan.kept)
             rows = self.store.file_rows()
-            present = {p for p, _, _ in found}
-            vanished = [r for path, r in rows.items() if path not in present and is_under(path, roots)]
+            present = {p for p, _, _ in found} | plan.kept
+            # An item of a shard vanishes only from a shard scanned as a root: never from a folder that holds it.
+            vanished = [r for path, r in rows.items() if path not in present
+                        and (path in plan.owned if path in plan.all_members else is_under(path, roots))]  # fmt: skip
 
         if factory:
             expected = len(rows) - len(vanished) + sum(1 for p, _, _ in found if p not in rows)
@@ -308,6 +229,8 @@ class Updater:
         manifest = index.manifest
         cache_tokens = bool(manifest.get("cache_tokens"))
         todo, stale_failures = self._decide(found, rows, roots, present, cache_tokens)
+        for job in todo:
+            job.member = plan.members.get(job.path)
 
         encoder = None
         if todo:
@@ -344,6 +267,7 @@ class Updater:
                 self._process(encoder, todo, rows, cache_tokens)
                 self._flush_captions()
             self._remove()
+            shards.finish(self.store, plan, self.report)
             self._checkpoint(final=True)
         except BaseException:
             # Roll back to the last checkpoint; the in-memory FAISS index is discarded with it.
@@ -490,7 +414,7 @@ class Updater:
                 break
             with self.timed("sqlite"):
                 if not self._commit(res):
-                    retry.append(EncodeJob(res.job.path, res.job.size, res.job.mtime_ns, res.job.row, True))
+                    retry.append(replace(res.job, need_decode=True))
                 self._maybe_checkpoint()
             done += 1
             if done % 16 == 0 or done == total:
@@ -512,6 +436,7 @@ class Updater:
             self._fail(res)
         elif job.row is not None and res.hash == job.row.hash and not job.need_decode:
             self.store.update_stat(job.row.id, job.size, job.mtime_ns)  # touched, same content
+            self._placed(job, job.row.id, res.hash)
             self.report.unchanged += 1
             self._tick()
         elif res.embedding is not None:
@@ -544,6 +469,7 @@ class Updater:
         if job.row is None and movers and not job.need_decode:
             row = movers.pop()
             self.store.update_stat(row.id, job.size, job.mtime_ns, path=job.path)
+            self._placed(job, row.id, h)
             self.report.moved += 1
             self._tick()
             return True
@@ -553,13 +479,21 @@ class Updater:
         self._write_copy(res, src)
         return True
 
+    def _placed(self, job: EncodeJob, fid: int, content_hash: str | None) -> None:
+        """Row ``fid`` now holds ``job``: an item of a shard records where it lies (and its caption) beside it."""
+        if job.member is not None:
+            shards.record(self.store, fid, job.member, content_hash or "")
+
     def _upsert(self, res: Encoded, emb: np.ndarray) -> int:
         """Insert a new row, or replace a known row's content (dropping its old vector); count it; return the id."""
         job = res.job
         if job.row is None:
             self.report.new += 1
-            return self.store.insert_file(job.path, job.size, job.mtime_ns, res.hash or "", emb)
+            fid = self.store.insert_file(job.path, job.size, job.mtime_ns, res.hash or "", emb)
+            self._placed(job, fid, res.hash)
+            return fid
         fid = job.row.id
+        self._placed(job, fid, res.hash)
         self.store.update_content(fid, job.size, job.mtime_ns, res.hash or "", emb)
         if not self.vectors.remove(np.array([fid])):
             self._vectors_dirty = True
@@ -592,6 +526,7 @@ class Updater:
         if self.store.copy_tokens(src, fid):
             self.report.tokens_cached += 1
         self.store.copy_captions(src, fid)  # the same content: its captions describe this file too
+        self._placed(res.job, fid, res.hash)  # but an item's own caption is its own
         self._add_vector(fid, emb)
 
     def _fail(self, res: Encoded) -> None:

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import config
 from ..errors import CocatkError, EmptyIndexError, ImageError, IndexBusyError, IndexNotFoundError, UsageError
 from ..paths import json_path, text_path
+from ..sources import source_bytes, source_exists, source_name
 from .schemas import (
     COMPAT_INDEX_NAME,
     ERROR_RESPONSES,
@@ -173,12 +174,13 @@ class Backend:
             "pass one of the folders that /api/folders lists (a root or a folder holding indexed images)",
         )
 
-    def file_of(self, index: Index, file_id: int) -> tuple[str, str]:
-        """(path, content hash) of indexed file ``file_id``; 404 for an id that is not in the index."""
-        path = index.store.paths_for_ids([file_id])[0]
-        if path is None:
+    def file_of(self, index: Index, file_id: int) -> tuple[Any, str]:
+        """(source, content hash) of indexed image ``file_id``: its file's path, or an item's place in its shard
+        (:meth:`IndexFolder.item_sources`); 404 for an id that is not in the index."""
+        source = index.item_sources([file_id])[0]
+        if source is None:
             raise ApiError(404, f"id {file_id} is not in the index", "use ids returned by a search")
-        return path, index.store.hashes_for_ids([file_id])[0] or ""
+        return source, index.store.hashes_for_ids([file_id])[0] or ""
 
     def max_megapixels(self, index: Index) -> float | None:
         from ..images import DEFAULT_MAX_MEGAPIXELS
@@ -186,21 +188,37 @@ class Backend:
         return index.manifest.get("max_megapixels", DEFAULT_MAX_MEGAPIXELS)
 
 
-def _gone(path: str) -> ApiError:
+def _gone(source: Any) -> ApiError:
     return ApiError(
         404,
-        f"the indexed file {text_path(path)} is gone from disk",
+        f"the indexed file {text_path(source_name(source))} is gone from disk",
         "run `cocatk index` to refresh the index (it drops deleted files)",
     )
 
 
-def make_thumbnail(source: str, target: Path, size: int, max_megapixels: float | None) -> None:
-    """Write a JPEG thumbnail (longest side ``size``, EXIF orientation applied) atomically: temp file, rename."""
+def _media_of(key: str, data: bytes) -> str:
+    """The media type of an item's image bytes, as PIL identifies them (an item has no file name to go by)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            media = Image.MIME.get(im.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError):
+        media = "application/octet-stream"
+    return media if media.startswith("image/") and media != "image/svg+xml" else "application/octet-stream"
+
+
+def make_thumbnail(source: Any, target: Path, size: int, max_megapixels: float | None) -> None:
+    """Write a JPEG thumbnail (longest side ``size``, EXIF orientation applied) atomically: temp file, rename.
+    ``source``: a file's path, or an item's place in its shard."""
     from PIL import Image
 
     from ..images import load_image
 
-    im = load_image(source, draft_size=size, max_megapixels=max_megapixels)
+    im = load_image(source if isinstance(source, str) else source_bytes(source), draft_size=size,
+                    max_megapixels=max_megapixels)  # fmt: skip
     im.thumbnail((size, size), Image.Resampling.LANCZOS)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -448,7 +466,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         path, content_hash, max_mp = await b.run(lambda ix: (*b.file_of(ix, file_id), b.max_megapixels(ix)))
         target = b.thumb_dir / f"{file_id}-{content_hash[:16]}-{size}.jpg"
         if not target.is_file():
-            if not os.path.exists(path):
+            if not source_exists(path):
                 raise _gone(path)
             try:  # outside the index lock: decoding and resizing need no index
                 await run_in_threadpool(make_thumbnail, path, target, size, max_mp)
@@ -464,11 +482,20 @@ def create_app(settings: ServeSettings) -> FastAPI:
         """The original file of an indexed image, with its media type."""
         b = backend_of(request)
         path, _ = await b.run(lambda ix: b.file_of(ix, file_id))
-        if not os.path.isfile(path):
+        if not (os.path.isfile(path) if isinstance(path, str) else source_exists(path)):
             raise _gone(path)
-        media = mimetypes.guess_type(os.fsencode(path).decode("latin-1"))[0] or "application/octet-stream"
+        name = source_name(path)
+        media = mimetypes.guess_type(os.fsencode(name).decode("latin-1"))[0] or "application/octet-stream"
         if not media.startswith("image/") or media == "image/svg+xml":
             media = "application/octet-stream"  # never let a browser run an indexed file as a document
+        if not isinstance(path, str):  # an item of a shard: its bytes, read from their place in the shard
+            try:
+                data = await run_in_threadpool(source_bytes, path)
+            except OSError as e:
+                raise _gone(path) from e
+            media = _media_of(path.key, data)
+            headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
+            return Response(data, media_type=media, headers=headers)
         return FileResponse(
             path,
             media_type=media,
@@ -519,14 +546,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return search_index(index, text=text, image=data, embedding=embedding, like_id=like_id, n=n,
                                 rerank=body.rerank, rerank_k=body.rerank_k)  # fmt: skip
 
-        result = await b.run(go)
         base = str(request.base_url).rstrip("/")
-        out = []
-        for hit in result.hits:
-            row = _compat_metadata(base, hit.id, hit.path)
-            row.update({"id": hit.id, "similarity": hit.similarity, "loglik": hit.loglik})
-            out.append(row)
-        return out
+
+        def go_rows(index: Index) -> list[dict[str, Any]]:
+            result = go(index)
+            rows = _compat_rows(index, base, [h.id for h in result.hits], [h.path for h in result.hits])
+            for row, hit in zip(rows, result.hits, strict=True):
+                row.update({"id": hit.id, "similarity": hit.similarity, "loglik": hit.loglik})
+            return rows
+
+        return await b.run(go_rows)
 
     @compat.post("/metadata", openapi_extra=json_body_schema(MetadataRequest))
     async def metadata(request: Request) -> list[dict[str, Any]]:
@@ -536,12 +565,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
         check_indice(body.indice_name)
         if not body.ids:
             return []
-        paths = await b.run(lambda ix: ix.store.paths_for_ids(body.ids))
         base = str(request.base_url).rstrip("/")
-        return [
-            {"id": i, "metadata": _compat_metadata(base, i, p) if p is not None else {}}
-            for i, p in zip(body.ids, paths, strict=True)
-        ]
+
+        def rows(index: Index) -> list[dict[str, Any]]:
+            paths = index.store.paths_for_ids(body.ids)
+            held_ids = [i for i, p in zip(body.ids, paths, strict=True) if p is not None]
+            held_paths = [p for p in paths if p is not None]
+            found = dict(zip(held_ids, _compat_rows(index, base, held_ids, held_paths), strict=True))
+            return [{"id": i, "metadata": found.get(i, {})} for i in body.ids]
+
+        return await b.run(rows)
 
     app.include_router(api)
     app.include_router(compat)
@@ -571,11 +604,25 @@ def create_app(settings: ServeSettings) -> FastAPI:
     return app
 
 
-def _compat_metadata(base: str, file_id: int, path: str) -> dict[str, Any]:
-    """clip front shows ``caption`` under each image (cut to ~50 characters): the file name reads there; the full
-    path is ``image_path``."""
-    shown = text_path(path)
-    return {"url": f"{base}/api/image/{file_id}", "caption": os.path.basename(shown) or shown, "image_path": shown}
+def _compat_rows(index: Index, base: str, ids: list[int], paths: list[str]) -> list[dict[str, Any]]:
+    """clip-retrieval's metadata of each row (call with the index lock held). clip front shows ``caption`` under
+    each image (cut to ~50 characters): the image's caption where the index has one (a dataset item's own, else the
+    latest generated one), else the file name; the full path (``shard#key`` for an item) is ``image_path``. ``url``
+    is this server's copy of the image, which clip front displays; a dataset item's own url (its JSON field) is
+    ``source_url``, beside the JSON field's other scalar values (width, height, ...)."""
+    captions = index.store.captions_for_ids(ids)
+    metas = index.item_meta(ids)
+    out = []
+    for i, path in zip(ids, paths, strict=True):
+        shown = text_path(path)
+        row: dict[str, Any] = {}
+        for k, v in (metas.get(i) or {}).items():
+            if isinstance(v, (str, int, float, bool)) and k not in ("id", "similarity", "loglik"):
+                row["source_url" if k == "url" else k] = v
+        row.update(url=f"{base}/api/image/{i}", caption=captions.get(i) or os.path.basename(shown) or shown,
+                   image_path=shown)  # fmt: skip
+        out.append(row)
+    return out
 
 
 def _install_error_handlers(app: FastAPI) -> None:
