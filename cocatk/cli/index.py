@@ -96,12 +96,38 @@ def index(
             "until Ctrl-C or SIGTERM.",
         ),
     ] = False,
+    from_embeddings: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-embeddings",
+            metavar="OUT",
+            help="Import clip-retrieval's embeddings folder OUT (img_emb/, metadata/; `cocatk export` writes one) "
+            "instead of encoding: the vectors of the same --model, keyed by image_path; PATHs, if given, are the "
+            "roots the rows must lie below.",
+        ),
+    ] = None,
 ) -> None:
     """Index images: new and changed files are encoded, moved files keep their vectors, deleted files are removed.
 
     Safe to interrupt: the next run resumes from the last checkpoint.
     """
     from ..retrieval.index import Index, resolve_roots
+
+    if from_embeddings is not None:
+        from ..errors import UsageError
+        from .export import run_import
+
+        given = [o for o, v in (("--ray", ray), ("--watch", watch), ("--caption", caption), ("--faiss", faiss_factory),
+                                ("--cache-tokens", cache_tokens)) if v]  # fmt: skip
+        if given:
+            raise UsageError(
+                f"--from-embeddings imports vectors; it does not combine with {', '.join(given)}",
+                hint="import first, then run `cocatk index` with those options",
+            )
+        run_import(from_embeddings, paths, index_dir=index_dir, model=model, pretrained=pretrained, device=device,
+                   precision=precision, rebuild=rebuild, checkpoint_every=checkpoint_every, workers=workers,
+                   json_=json_)  # fmt: skip
+        return
 
     resolve_roots(paths or [])  # a bad PATH fails before an index folder is created
     if ray is not None:

@@ -13,6 +13,7 @@ STAGE_LABELS = {
     "start": "starting",
     "model": "loading model",
     "scan": "scanning",
+    "shards": "reading shards",
     "index": "indexing",
     "photos": "generating photos",
     "search": "searching",
@@ -22,6 +23,8 @@ STAGE_LABELS = {
     "zeroshot": "zero-shot",
     "text-onnx": "exporting ONNX",
     "rerank-tokens": "reading candidates",
+    "export": "exporting",
+    "import": "importing",
 }
 
 

@@ -20,11 +20,12 @@ Tables (schema version :data:`SCHEMA_VERSION`, numbered migrations in :data:`MIG
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,20 @@ class Store:
     @property
     def in_transaction(self) -> bool:
         return self.conn.in_transaction
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """The reads inside see one committed checkpoint (a read transaction: WAL keeps this reader's view while a
+        writer commits), as an export across several queries needs. Inside an open transaction: that one."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN DEFERRED")
+        try:
+            yield
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT")
 
     # ---- meta --------------------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
