@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
-from ..sources import Member, read_member
+from ..sources import Member, read_source
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import CocaModel
@@ -68,18 +68,6 @@ class EncodeJob:
             return self.path, -1, -1
         shard, m = self.member
         return shard, m.offset, m.size
-
-
-def read_source(path: str, offset: int, size: int) -> bytes:
-    """The bytes :meth:`EncodeJob.source` names (``offset`` -1: the whole file).
-
-    Raises:
-        OSError: they cannot be read.
-    """
-    if offset < 0:
-        with open(path, "rb") as f:
-            return f.read()
-    return read_member(path, offset, size)
 
 
 @dataclass

@@ -50,7 +50,8 @@ import numpy as np
 
 from ..errors import CocatkError, MissingDependencyError
 from ..images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
-from .encoder import Encoded, EncodeJob, StageTimer, hash_bytes, read_source
+from ..sources import read_source
+from .encoder import Encoded, EncodeJob, StageTimer, hash_bytes
 
 #: Files per decode task. Small enough that a few tasks per core keep the actors fed, large enough that the per-task
 #: overhead (a few ms) stays small against decoding (1-100 ms per photo).

@@ -66,7 +66,10 @@ def plan(
     shards = shard_roots(roots)
     if not shards:
         return out
-    out.all_members = sourcestore.member_paths(store)
+    by_shard: dict[str, set[str]] = {}  # one query for every stored item, not one per shard
+    for path, shard in sourcestore.member_sources(store).items():
+        by_shard.setdefault(shard, set()).add(path)
+    out.all_members = set().union(*by_shard.values())
     done = sourcestore.done_sources(store)
     last = time.monotonic()
     for n, shard in enumerate(shards, 1):
@@ -74,7 +77,7 @@ def plan(
         record = done.get(shard)
         if record is not None and record[:2] == (st.st_size, st.st_mtime_ns):
             out.skipped_shards += 1
-            out.kept |= sourcestore.members_of(store, [shard])
+            out.kept |= by_shard.get(shard, set())
         else:
             scan = scan_shard(shard, image_fields)
             for m in scan.members:
@@ -85,7 +88,7 @@ def plan(
         if progress is not None and (time.monotonic() - last >= _PROGRESS_INTERVAL_S or n == len(shards)):
             last = time.monotonic()
             progress("shards", n, len(shards))
-    out.owned = sourcestore.members_of(store, shards)
+    out.owned = set().union(*(by_shard.get(shard, set()) for shard in shards))
     return out
 
 

@@ -60,24 +60,6 @@ def member_sources(store: Store) -> dict[str, str]:
     return {from_bytes(p): from_bytes(src) for p, src in rows}
 
 
-def member_paths(store: Store) -> set[str]:
-    """The stored paths (identities) of every dataset item."""
-    return set(member_sources(store))
-
-
-def members_of(store: Store, sources: Sequence[str]) -> set[str]:
-    """The stored paths of the items of these shards."""
-    out: set[str] = set()
-    for i in range(0, len(sources), _CHUNK):
-        part = [to_bytes(s) for s in sources[i : i + _CHUNK]]
-        q = ",".join("?" * len(part))
-        rows = store.conn.execute(
-            f"SELECT f.path FROM members m JOIN files f ON f.id = m.id WHERE m.source IN ({q})", part
-        ).fetchall()
-        out |= {from_bytes(r[0]) for r in rows}
-    return out
-
-
 def member_ids(store: Store, sources: Sequence[str]) -> set[int]:
     """The row ids of the items of these shards."""
     out: set[int] = set()
@@ -124,8 +106,6 @@ __all__ = [
     "locations",
     "mark_done",
     "member_ids",
-    "member_paths",
     "member_sources",
-    "members_of",
     "put_member",
 ]

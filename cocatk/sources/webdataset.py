@@ -90,7 +90,18 @@ def source_bytes(source: str | MemberRef) -> bytes:
     """
     if isinstance(source, MemberRef):
         return read_member(source.shard, source.offset, source.size)
-    with open(source, "rb") as f:
+    return read_source(source)
+
+
+def read_source(path: str, offset: int = -1, size: int = -1) -> bytes:
+    """The bytes of a file (``offset`` -1), or ``size`` bytes at ``offset`` of a shard: what an encode job names.
+
+    Raises:
+        OSError: they cannot be read.
+    """
+    if offset >= 0:
+        return read_member(path, offset, size)
+    with open(path, "rb") as f:
         return f.read()
 
 
