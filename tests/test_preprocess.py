@@ -99,6 +99,7 @@ def _decode(paths: list[Path], pixels, size: int) -> dict:
         "path": np.array([str(p).encode() for p in paths], dtype=object),
         "offset": np.full(len(paths), -1),  # whole files (an item of a shard has its byte range here)
         "size": np.full(len(paths), -1),
+        "field": np.array([""] * len(paths), dtype=object),  # a table's image column for a row
         "need_decode": np.ones(len(paths), dtype=bool),
     }
     return _decode_batch(batch, pixels=pixels, draft=size, max_megapixels=None, known_ref=None)
@@ -164,7 +165,7 @@ def test_a_decode_task_imports_neither_torch_nor_open_clip(tmp_path: Path) -> No
         "import sys\nimport numpy as np\nfrom cocatk.retrieval.ray_encoder import _decode_batch\n"
         f"paths = {[str(p) for p in paths]!r}\n"
         "b = {'pos': np.arange(3), 'path': np.array([p.encode() for p in paths], dtype=object),"
-        " 'offset': np.full(3, -1), 'size': np.full(3, -1), 'need_decode': np.ones(3, dtype=bool)}\n"
+        " 'offset': np.full(3, -1), 'size': np.full(3, -1), 'field': np.array(['']*3, dtype=object), 'need_decode': np.ones(3, dtype=bool)}\n"
         f"out = _decode_batch(b, pixels={spec!r}, draft=32, max_megapixels=None, known_ref=None)\n"
         "assert [len(x) for x in out['pixels']] == [32 * 32 * 3] * 3, out\n"
         "print('HEAVY', [m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules])\n"

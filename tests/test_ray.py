@@ -409,3 +409,48 @@ def test_results_come_back_in_order_once_whatever_the_blocks_order() -> None:
     with pytest.raises(RayEncoderError, match="2 results missing") as e:
         list(run._ordered(Blocks([[0, 1], [3]]), 5, _timed, "the captions written so far are kept"))
     assert "the captions written so far are kept" in e.value.one_line()
+
+
+@needs_ray
+def test_ray_reads_tables_and_captions_dataset_items_as_locally(tmp_path: Path, ray_local: Path, capsys) -> None:
+    """Issue 30: `--ray` reads Parquet rows in the actors, and `cocatk caption --ray` over an index of dataset items
+    (a shard's members, a table's rows: no file of that name exists) captions what a local run captions."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    src = _scene_photos(tmp_path / "src")
+    images = sorted(p for p in src.iterdir() if p.name != "broken.png" and p.suffix in (".png", ".jpg"))
+    (tmp_path / "d").mkdir()
+    with wds.TarWriter(str(tmp_path / "d" / "00000.tar")) as w:
+        for p in images[:3]:
+            w.write({"__key__": p.stem, p.suffix[1:]: p.read_bytes()})
+    pq.write_table(pa.table({"jpg": [p.read_bytes() for p in images[3:]]}), tmp_path / "d" / "a.parquet",
+                   row_group_size=2)  # fmt: skip
+    sources = [str(tmp_path / "d" / "00000.tar"), str(tmp_path / "d" / "a.parquet")]
+    local = open_tiny(tmp_path / "local")
+    r_local = local.update(sources, cache_tokens=True)
+    remote = open_tiny(tmp_path / "remote")
+    r_ray = remote.update(sources, cache_tokens=True, checkpoint_every=2, encoder=_ray_encoder(remote))
+    assert r_ray.new == r_local.new == len(images) and r_ray.failed_total == 0
+    _same_index(local, remote, tokens=True)
+    local.close()
+    remote.close()
+
+    def run(*args: str) -> dict:
+        code = main([*args, "--json"])
+        cap = capsys.readouterr()
+        assert code == 0, cap.err
+        return json.loads(cap.out)
+
+    run("index", *sources, "--index", str(tmp_path / "a"), *DEMO)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    here = run("caption", "--index", str(tmp_path / "a"), "--device", "cpu", "--no-cache-tokens")
+    there = run("caption", "--index", str(tmp_path / "b"), "--device", "cpu", "--ray", "local")
+    assert there["captioned"] == here["captioned"] == len(images) and not there["failed"]
+    a, b = _captions_of(tmp_path / "a"), _captions_of(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) == len(images)
+    for name, (text, logprob) in a.items():
+        assert b[name][0] == text and abs(b[name][1] - logprob) <= 1e-4, name

@@ -27,7 +27,11 @@ def register(app: typer.Typer) -> None:
 def index(
     paths: Annotated[
         list[Path] | None,
-        typer.Argument(help="Image files or folders (recursive). Default: every folder already in the index."),
+        typer.Argument(
+            help="Image files or folders (recursive); dataset sources: WebDataset shards ('shards/{00000..00127}.tar'), "
+            "Parquet or Arrow files ('data/*.parquet'), hf:PATH (save_to_disk) or hf:NAME (the local Hugging Face "
+            "cache). Default: every root already in the index."
+        ),
     ] = None,
     index_dir: options.IndexDir = None,
     model: options.Model = None,
@@ -84,6 +88,16 @@ def index(
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Files per durable checkpoint.")
     ] = 256,
+    image_column: Annotated[
+        str | None,
+        typer.Option("--image-column", help="Parquet / Arrow / hf: column of the encoded images (kept for reruns).",
+                     show_default="the Image column, else image, img, jpg, ..."),
+    ] = None,
+    caption_column: Annotated[
+        str | None,
+        typer.Option("--caption-column", help="Parquet / Arrow / hf: column of the captions (kept for reruns).",
+                     show_default="caption, captions, txt or text"),
+    ] = None,
     json_: options.Json = False,
     ray: options.Ray = None,
     ray_actors: options.RayActors = None,
@@ -181,6 +195,8 @@ def index(
                 checkpoint_every=checkpoint_every,
                 progress=progress,
                 encoder=encoder,
+                image_column=image_column,
+                caption_column=caption_column,
             )
     data = report.to_dict()
     for root in report.missing_roots:

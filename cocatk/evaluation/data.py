@@ -11,7 +11,6 @@ Everything here imports ``datasets`` and PIL inside the functions that need them
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from collections import deque
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DatasetError, UsageError
+from ..sources import offline
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -28,20 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 # ---- Hugging Face ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def offline() -> Iterator[None]:
-    """Force datasets and huggingface_hub offline for one call: cocatk never downloads data silently."""
-    import datasets.config as dconfig
-    import huggingface_hub.constants as hconst
-
-    saved = (dconfig.HF_HUB_OFFLINE, hconst.HF_HUB_OFFLINE)
-    dconfig.HF_HUB_OFFLINE = hconst.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        dconfig.HF_HUB_OFFLINE, hconst.HF_HUB_OFFLINE = saved
-
-
 def pick_split(ds: Any, split: str | None, what: str, prefer: Sequence[str]) -> tuple[Any, str | None]:
     """One split of a ``DatasetDict`` (``split``, else the first of ``prefer``, else the first one); a ``Dataset``
     is returned as it is.

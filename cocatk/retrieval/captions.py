@@ -155,7 +155,8 @@ def caption_index(
         report_progress("caption", 0, len(todo))
         done = 0
         if captioner is not None:
-            results = captioner.caption([r.path for r in todo], cfg, draft=True)
+            sources = index.item_sources([r.id for r in todo], [r.path for r in todo])  # files, dataset items
+            results = captioner.caption(sources, cfg, draft=True)
             _store_ray_captions(store, key, todo, results, bs, report, report_progress)
         else:
             for start in range(0, len(todo), bs):

@@ -59,15 +59,16 @@ class EncodeJob:
     mtime_ns: int
     row: FileRow | None
     need_decode: bool = False
-    #: (shard, member) for an item of a WebDataset shard (:mod:`cocatk.sources`): its bytes are read from there.
+    #: (source, member) for an item of a dataset (a tar shard, a table; :mod:`cocatk.sources`): read from there.
     member: tuple[str, Member] | None = None
 
-    def source(self) -> tuple[str, int, int]:
-        """(file to read, offset, size): the whole file (offset -1) or the member's byte range in its shard."""
+    def source(self) -> tuple[str, int, int, str]:
+        """(file to read, offset, size, field) as :func:`cocatk.sources.read_source` takes them: the whole file
+        (offset -1), the member's byte range in its tar shard, or its row and column in its table."""
         if self.member is None:
-            return self.path, -1, -1
+            return self.path, -1, -1, ""
         shard, m = self.member
-        return shard, m.offset, m.size
+        return shard, m.offset, m.size, m.field
 
 
 @dataclass

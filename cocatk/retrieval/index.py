@@ -62,6 +62,8 @@ class Index(IndexFolder):
         encoder: Encoder | None = None,
         caption: Any = None,
         notify: Callable[[str], None] | None = None,
+        image_column: str | None = None,
+        caption_column: str | None = None,
     ) -> IndexReport:
         """Bring the index up to date with ``paths`` (default: every root already in the index).
 
@@ -91,6 +93,9 @@ class Index(IndexFolder):
             caption: also caption images (``cocatk index --caption``): generation settings or a mapping of the
                 fields to set. New and changed images are captioned from the tokens of the encoding pass (the image
                 tower runs once); indexed images without a caption for these settings are captioned after it.
+            image_column, caption_column: the columns of Parquet and Arrow sources (``data/*.parquet``,
+                ``hf:PATH``); recorded in the manifest, so later runs read the same columns. Default: found as
+                :mod:`cocatk.sources.tables` says.
 
         Returns:
             An :class:`IndexReport`.
@@ -113,6 +118,8 @@ class Index(IndexFolder):
             notify=notify,
             encoder=encoder,
             caption=caption,
+            image_column=image_column,
+            caption_column=caption_column,
         )
         return run_update(self, options)
 

@@ -50,7 +50,7 @@ import numpy as np
 
 from ..errors import CocatkError, MissingDependencyError
 from ..images import DEFAULT_MAX_MEGAPIXELS, ImageDecodeError, load_image
-from ..sources import read_source
+from ..sources import MemberRef, read_source
 from .encoder import Encoded, EncodeJob, StageTimer, hash_bytes
 
 #: Files per decode task. Small enough that a few tasks per core keep the actors fed, large enough that the per-task
@@ -134,7 +134,7 @@ def _decode_batch(
         path = os.fsdecode(batch["path"][i])  # a file, or the shard that holds an item (offset >= 0)
         t = time.perf_counter()
         try:
-            data = read_source(path, int(batch["offset"][i]), int(batch["size"][i]))
+            data = read_source(path, int(batch["offset"][i]), int(batch["size"][i]), str(batch["field"][i]))
         except OSError as e:
             detail = e.strerror or type(e).__name__
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -599,7 +599,7 @@ class RayCaptioner(_RayRun):
 
     def caption(
         self,
-        paths: Sequence[str],
+        paths: Sequence[str | MemberRef],
         config: Any,
         *,
         draft: bool = True,
@@ -608,6 +608,8 @@ class RayCaptioner(_RayRun):
         """One :class:`RayCaption` per path, in order.
 
         Args:
+            paths: files, or the places of indexed items (:meth:`IndexFolder.item_sources`: a shard's member, a
+                table's row), as the workers read them.
             config: the generation settings (a :class:`~cocatk.captioning.GenerationConfig` or its fields); pass the
                 driver's resolved config so that every actor runs exactly these settings.
             draft: JPEG draft decoding near the model's input size, as an index run and ``caption_index`` decode;
@@ -621,8 +623,7 @@ class RayCaptioner(_RayRun):
         fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
         with timed("ray_start"):
             ray = self._ray()
-            items = [{"pos": i, "path": os.fsencode(p), "offset": -1, "size": -1, "need_decode": True}
-                     for i, p in enumerate(paths)]  # fmt: skip
+            items = [_row(i, _source_of(p), True) for i, p in enumerate(paths)]
             ds = self._dataset(ray, items, draft=draft, known_ref=None, config=fields)
         # content hash -> caption of the recent files: a decode task sends a content once, so a repeat's first copy is
         # among the last DECODE_BATCH files (bounded: a 100M-file run must not keep every caption)
@@ -646,10 +647,22 @@ class RayCaptioner(_RayRun):
             yield out
 
 
+def _source_of(source: str | MemberRef) -> tuple[str, int, int, str]:
+    """What to read for a caption: a file's path, or an indexed item's place (:meth:`IndexFolder.item_sources`)."""
+    if isinstance(source, MemberRef):
+        return source.shard, source.offset, source.size, source.field
+    return source, -1, -1, ""
+
+
 def _item(pos: int, job: EncodeJob) -> dict[str, Any]:
     """A job as a row of the Ray dataset: what to read (a file, or a byte range of a shard) and whether to decode."""
-    path, offset, size = job.source()
-    return {"pos": pos, "path": os.fsencode(path), "offset": offset, "size": size, "need_decode": job.need_decode}
+    return _row(pos, job.source(), job.need_decode)
+
+
+def _row(pos: int, source: tuple[str, int, int, str], need_decode: bool) -> dict[str, Any]:
+    path, offset, size, field = source
+    return {"pos": pos, "path": os.fsencode(path), "offset": offset, "size": size, "field": field,
+            "need_decode": need_decode}  # fmt: skip
 
 
 __all__ = ["FAULT_ENV", "RayCaption", "RayCaptioner", "RayEncoder", "RayEncoderError", "require_ray"]

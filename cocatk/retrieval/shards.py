@@ -1,10 +1,11 @@
-"""WebDataset shards as roots of an index: which items to read, and what to record once they are committed.
+"""Dataset sources as roots of an index: which items to read, and what to record once they are committed.
 
-The updater hands its shard roots (``cocatk index shards/{00000..00127}.tar``) to :func:`plan` before it decides
-what to encode. A shard recorded done with the size and mtime it has now is not opened at all: its items are kept as
-they are. Every other shard is scanned (:func:`cocatk.sources.scan_shard`: headers, and the small text and JSON
-fields); its items join the files found by the folder scan with identity ``shard#key``, size the image member's,
-and mtime the shard's, so the updater's own rules (new, changed, unchanged, moved, copied, failed, resume) apply to
+The updater hands its shard roots (``cocatk index shards/{00000..00127}.tar``, ``data/*.parquet``, the Arrow files
+of ``hf:PATH``) to :func:`plan` before it decides what to encode. A shard recorded done with the size and mtime it
+has now is not opened at all: its items are kept as they are. Every other shard is scanned
+(:func:`cocatk.sources.scan_source`: a tar's headers and small text and JSON fields, a table's rows); its items join
+the files found by the folder scan with identity ``shard#key`` (``file.parquet#ROW``), size the image's, and mtime
+the shard's, so the updater's own rules (new, changed, unchanged, moved, copied, failed, resume) apply to
 them unchanged. :func:`record` writes an item's location, JSON field and caption beside its row, in the same
 transaction; :func:`finish` marks the shards read whole as done, in the final checkpoint, and records a damaged shard
 as one failure. A run killed before that checkpoint scans its shards again and finds the items it committed
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..sources import Member, ShardScan, is_shard, item_identity, scan_shard
+from ..sources import Columns, Member, ShardScan, is_shard, item_identity, scan_source
 from . import sourcestore
 from .layout import ProgressCallback
 
@@ -55,12 +56,18 @@ def shard_roots(roots: Sequence[str]) -> list[str]:
 
 
 def plan(
-    store: Store, roots: Sequence[str], image_fields: Sequence[str], progress: ProgressCallback | None = None
+    store: Store,
+    roots: Sequence[str],
+    image_fields: Sequence[str],
+    progress: ProgressCallback | None = None,
+    columns: Columns | None = None,
 ) -> ShardPlan:
-    """Scan the shards among ``roots`` that are not recorded done as they are now (see the module docstring).
+    """Scan the shards among ``roots`` that are not recorded done as they are now (see the module docstring):
+    tar shards by ``image_fields``, tables by ``columns``.
 
     Raises:
-        OSError: a shard cannot be opened (the caller checked that it exists).
+        OSError: a shard cannot be opened (the caller checked that it exists). UsageError, DatasetError: a table
+            has not the columns named (before anything is written).
     """
     out = ShardPlan()
     shards = shard_roots(roots)
@@ -79,7 +86,7 @@ def plan(
             out.skipped_shards += 1
             out.kept |= by_shard.get(shard, set())
         else:
-            scan = scan_shard(shard, image_fields)
+            scan = scan_source(shard, image_fields, columns)
             for m in scan.members:
                 identity = item_identity(shard, m.key)
                 out.found.append((identity, m.size, scan.mtime_ns))
@@ -109,7 +116,7 @@ def finish(store: Store, shard_plan: ShardPlan, report: IndexReport) -> None:
             _fail(store, report, item_identity(scan.path, key), "no image" if "no image" in why else "duplicate",
                   why, scan)  # fmt: skip
     for scan in shard_plan.complete:
-        sourcestore.mark_done(store, scan.path, "webdataset", scan.size, scan.mtime_ns, len(scan.members))
+        sourcestore.mark_done(store, scan.path, scan.kind, scan.size, scan.mtime_ns, len(scan.members))
     for scan in shard_plan.damaged:
         sourcestore.forget_done(store, [scan.path])
         _fail(store, report, scan.path, "truncated", f"{scan.error}; {len(scan.members)} items before it", scan)

@@ -77,10 +77,10 @@ def locations(store: Store, ids: Sequence[int]) -> dict[int, MemberRef]:
     for i in range(0, len(ids), _CHUNK):
         part = ids[i : i + _CHUNK]
         q = ",".join("?" * len(part))
-        for fid, src, key, off, size in store.conn.execute(
-            f"SELECT id, source, key, offset, size FROM members WHERE id IN ({q})", part
+        for fid, src, key, off, size, fld in store.conn.execute(
+            f"SELECT id, source, key, offset, size, field FROM members WHERE id IN ({q})", part
         ):
-            out[int(fid)] = MemberRef(from_bytes(src), key, int(off), int(size))
+            out[int(fid)] = MemberRef(from_bytes(src), key, int(off), int(size), fld or "")
     return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..images import DEFAULT_MAX_MEGAPIXELS, find_images, image_extensions
+from ..sources import Columns
 from . import shards
 from .encoder import Encoded, EncodeJob, Encoder, LocalEncoder
 from .layout import (
@@ -73,6 +74,9 @@ class UpdateOptions:
     #: Caption newly encoded images in the same pass (the image tower runs once): generation settings, or a mapping
     #: of the fields to set (see :func:`cocatk.captioning.make_config`); None: no captions.
     caption: Any = None
+    #: Columns of Parquet and Arrow sources (None: the index's recorded choice, else found).
+    image_column: str | None = None
+    caption_column: str | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
@@ -142,6 +146,10 @@ class Updater:
             m["token_shape"] = None
             self.store.drop_tokens()  # a cache: the files hold what it was made from
             changed = True
+        given = {k: v for k, v in (("image", self.opts.image_column), ("caption", self.opts.caption_column)) if v}
+        if given and {**(m.get("columns") or {}), **given} != m.get("columns"):  # the tables' columns, for reruns
+            m["columns"] = {**(m.get("columns") or {}), **given}
+            changed = True
         if self.opts.max_megapixels != m.get("max_megapixels"):  # what a rerank or caption re-decodes with
             m["max_megapixels"] = self.opts.max_megapixels
             changed = True
@@ -169,6 +177,12 @@ class Updater:
                 self.progress("scan", len(found), None)
         self.progress("scan", len(found), len(found))
         return found
+
+    def _columns(self) -> Columns:
+        """The columns of this run's tables: as given, else as the index recorded them."""
+        recorded = self.index.manifest.get("columns") or {}
+        return Columns(self.opts.image_column or recorded.get("image"),
+                       self.opts.caption_column or recorded.get("caption"))  # fmt: skip
 
     def _encoder_for(self) -> Encoder:
         """The encoder of this update; the default loads the index's model (reported as stage "model")."""
@@ -205,7 +219,7 @@ class Updater:
         # Scan before changing anything, so that a bad option fails fast.
         with self.timed("scan"):
             found = self._scan(roots)
-            plan = shards.plan(self.store, roots, sorted(image_extensions()), self.progress)
+            plan = shards.plan(self.store, roots, sorted(image_extensions()), self.progress, self._columns())
             found += plan.found
             self.report.scanned = len(found) + len(plan.kept)
             self.report.unchanged += len(plan.kept)

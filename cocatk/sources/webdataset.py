@@ -1,4 +1,4 @@
-"""WebDataset tar shards: the items of a shard, their byte ranges, and the shard names people type.
+"""WebDataset tar shards: the items of a shard and their byte ranges.
 
 A shard is an uncompressed POSIX tar whose members are grouped into samples by key, as the webdataset library
 does it (``webdataset.tariterators.base_plus_ext``): the key is the member name up to the first dot of its base
@@ -14,136 +14,27 @@ the damage and says where it stopped; a corrupt image is only found when it is d
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-#: File suffixes read as shards. Compressed tars (.tar.gz) have no byte ranges to read a member from.
-SHARD_SUFFIXES = (".tar",)
+from .base import Member, ShardScan
+
+#: File suffixes read as tar shards. Compressed tars (.tar.gz) have no byte ranges to read a member from.
+TAR_SUFFIXES = (".tar",)
 #: Text and JSON fields larger than this are not kept (a caption or a metadata record is far smaller).
 MAX_FIELD_BYTES = 1 << 16
 #: webdataset's rule (tariterators.base_plus_ext): key = up to the first dot of the base name, field = the rest.
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_GLOB = re.compile(r"[*?\[]")
-
-
-@dataclass
-class Member:
-    """One sample of a shard, by its image: the key, the image member's field and byte range, and the sample's text
-    (``txt``) and JSON (``json``) fields when it has them."""
-
-    key: str
-    field: str
-    offset: int
-    size: int
-    text: str | None = None
-    meta: dict[str, Any] | None = None
-
-
-@dataclass
-class ShardScan:
-    """What :func:`scan_shard` found: the samples with an image, the samples it skipped and why, and ``error``
-    (where reading stopped) for a truncated or unreadable shard."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    members: list[Member] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class MemberRef:
-    """Where an indexed item's image lies: ``size`` bytes at ``offset`` of the shard ``shard`` (sample ``key``)."""
-
-    shard: str
-    key: str
-    offset: int
-    size: int
-
-    @property
-    def identity(self) -> str:
-        return item_identity(self.shard, self.key)
-
-
-def source_exists(source: str | MemberRef) -> bool:
-    """True when the file, or the shard holding the item, is there."""
-    return os.path.exists(source.shard if isinstance(source, MemberRef) else source)
-
-
-def source_name(source: str | MemberRef) -> str:
-    """The stored identity: the file's path, or ``shard#key``."""
-    return source.identity if isinstance(source, MemberRef) else source
-
-
-def source_bytes(source: str | MemberRef) -> bytes:
-    """The image's bytes, from its file or its shard.
-
-    Raises:
-        OSError: they cannot be read.
-    """
-    if isinstance(source, MemberRef):
-        return read_member(source.shard, source.offset, source.size)
-    return read_source(source)
-
-
-def read_source(path: str, offset: int = -1, size: int = -1) -> bytes:
-    """The bytes of a file (``offset`` -1), or ``size`` bytes at ``offset`` of a shard: what an encode job names.
-
-    Raises:
-        OSError: they cannot be read.
-    """
-    if offset >= 0:
-        return read_member(path, offset, size)
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def is_shard(path: str | os.PathLike[str]) -> bool:
-    """True for a path that names a WebDataset shard (by its suffix)."""
-    return os.fspath(path).lower().endswith(SHARD_SUFFIXES)
-
-
-def item_identity(shard: str, key: str) -> str:
-    """The stored identity of sample ``key`` of ``shard`` (an absolute, resolved path): ``shard#key``."""
-    return f"{shard}#{key}"
 
 
 def split_key(name: str) -> tuple[str, str] | None:
     """(key, field) of a member name, webdataset's way; None for a name without a field."""
     m = _KEY.match(name)
     return (m.group(1), m.group(2)) if m else None
-
-
-def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
-    """The shard lists people type, expanded: brace ranges as webdataset writes them (``shards/{00000..00127}.tar``,
-    with the braceexpand package that webdataset uses) and globs (``data/*.tar``), when the text is not an existing
-    path itself. A pattern that matches nothing is kept as it is, so the caller reports it as missing."""
-    out: list[str] = []
-    for p in paths:
-        text = os.fspath(p)
-        if os.path.exists(text) or not ("{" in text or _GLOB.search(text)):
-            out.append(text)
-            continue
-        patterns = [text]
-        if "{" in text:
-            from braceexpand import braceexpand
-
-            patterns = list(braceexpand(text))
-        found: list[str] = []
-        for pattern in patterns:
-            if _GLOB.search(pattern):
-                found += sorted(glob.glob(os.path.expanduser(pattern)))
-            elif os.path.exists(os.path.expanduser(pattern)):
-                found.append(pattern)
-        out += found if found else [text]
-    return out
 
 
 def scan_shard(path: str, image_fields: Sequence[str]) -> ShardScan:
@@ -240,8 +131,3 @@ def read_member(shard: str | os.PathLike[str], offset: int, size: int) -> bytes:
         raise OSError(0, f"the shard ends {size - len(data)} bytes before this member (it changed since indexing)")
     return data
 
-
-def iter_members(scan: ShardScan) -> Iterator[tuple[str, Member]]:
-    """(identity, member) of every sample of ``scan``."""
-    for m in scan.members:
-        yield item_identity(scan.path, m.key), m
