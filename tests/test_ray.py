@@ -202,15 +202,35 @@ def _committed(db: Path) -> int:
         return 0
 
 
+def _kill_sources(folder: Path, kind: str) -> tuple[list[str], set[str]]:
+    """160 images as files, or as dataset items (80 in 4 WebDataset shards, 80 in 2 Parquet tables of row groups of
+    16): the roots to index and the identities the index must hold."""
+    if kind == "files":
+        make_images(folder, 160)
+        return [str(folder)], {str(p) for p in folder.iterdir()}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.test_webdataset import _jpeg, write_shards
+
+    written = write_shards(folder, 4, 20)
+    want = {f"{shard}#{key}" for key, (shard, *_) in written.items()}
+    for t in range(2):
+        images = [_jpeg(1000 + t * 40 + i) for i in range(40)]
+        pq.write_table(pa.table({"jpg": images}), folder / f"t{t}.parquet", row_group_size=16)
+        want |= {f"{(folder / f't{t}.parquet').resolve()}#{i}" for i in range(40)}
+    return sorted(str(p) for p in folder.iterdir()), want
+
+
 @needs_ray
-def test_sigkill_of_the_driver_then_resume_indexes_every_file_once(tmp_path: Path, ray_local: Path) -> None:
+@pytest.mark.parametrize("kind", ["files", "datasets"])
+def test_sigkill_of_the_driver_then_resume_indexes_every_item_once(tmp_path: Path, ray_local: Path, kind: str) -> None:
     import ray
 
-    photos = tmp_path / "photos"
-    make_images(photos, 160)
+    roots, want = _kill_sources(tmp_path / "photos", kind)
     idx = tmp_path / "idx"
     address = ray.get_runtime_context().gcs_address  # the driver subprocess joins the module's Ray
-    argv = [str(photos), "--index", str(idx), "--model", TINY, "--pretrained", "none", "--device", "cpu"]
+    argv = [*roots, "--index", str(idx), "--model", TINY, "--pretrained", "none", "--device", "cpu"]
     argv += ["--ray", address, "--checkpoint-every", "8", "--batch-size", "8", "--json"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
@@ -232,11 +252,11 @@ def test_sigkill_of_the_driver_then_resume_indexes_every_file_once(tmp_path: Pat
     done = ix.ntotal
     assert 8 <= done < 160
     ix = Index.open(idx, model=TINY, pretrained="none", device="cpu")
-    r = ix.update([photos], encoder=_ray_encoder(ix))
+    r = ix.update(roots, encoder=_ray_encoder(ix))
     assert r.encoded == r.new == 160 - done and r.unchanged == done and r.total == 160  # only the rest encoded
     paths = ix.store.paths_for_ids(ix.store.ids())
     assert len(paths) == len(set(paths)) == 160
-    assert sorted(paths) == sorted(str(p) for p in photos.iterdir())
+    assert set(paths) == want
     assert_consistent(ix)
 
 

@@ -385,6 +385,9 @@ def _captions_line(configs: dict[str, Any]) -> str:
         return "none (`cocatk caption` adds them)"
     lines = []
     for key, c in configs.items():
+        if "generation" not in c and c.get("source"):  # captions that came with a dataset, not generated
+            lines.append(f"{c['count']} (the dataset's own; key {key})")
+            continue
         g = c.get("generation", {})
         how = g.get("strategy", "?") + (f" {g['num_beams']} beams" if g.get("strategy") == "beam" else "")
         lines.append(f"{c['count']} ({how}, {c.get('model', {}).get('model', '?')}; key {key})")
