@@ -7,6 +7,11 @@ import base64
 import json
 import os
 import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +286,102 @@ def test_a_rerun_after_an_interrupted_import_imports_each_row_once(
         assert sorted(paths) == sorted(a.store.paths_for_ids(a.store.ids().tolist()))  # each row exactly once
     with Index.open(tmp_path / "new", device="cpu", lock=True) as ix:
         assert import_embeddings(ix, src).imported == 0
+
+
+def _float32_folder(out: Path, n: int, shard: int) -> tuple[np.ndarray, list[str]]:
+    """clip-retrieval's layout with float32 rows (np.save, pandas to_parquet), each row's file a few distinct bytes
+    under ``out/files``: (the vectors as written, their absolute paths in row order)."""
+    import pandas as pd
+
+    files = out / "files"
+    files.mkdir(parents=True)
+    files = files.resolve()  # the index keeps a row's folder resolved (a /tmp that is a symlink)
+    rng = np.random.default_rng(30)
+    vecs = rng.standard_normal((n, 64)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    paths = []
+    for i in range(n):
+        p = files / f"f{i:06d}.jpg"
+        p.write_bytes(i.to_bytes(4, "little"))
+        paths.append(str(p))
+    (out / "emb" / "img_emb").mkdir(parents=True)
+    (out / "emb" / "metadata").mkdir()
+    parts = range(0, n, shard)
+    width = len(str(len(parts) - 1))
+    for k, a in enumerate(parts):
+        np.save(out / "emb" / "img_emb" / f"img_emb_{str(k).zfill(width)}.npy", vecs[a : a + shard])
+        pd.DataFrame({"image_path": paths[a : a + shard]}).to_parquet(
+            out / "emb" / "metadata" / f"metadata_{str(k).zfill(width)}.parquet"
+        )
+    return vecs, paths
+
+
+def _committed_rows(db: Path) -> int | None:
+    """Rows committed in the index's SQLite file, read-only; None while it cannot be read yet."""
+    if not db.is_file():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+    except sqlite3.Error:
+        return None
+
+
+def _import_killed_when(argv: list[str], db: Path, at_least: int, timeout: float = 60) -> tuple[int, bool]:
+    """Run ``cocatk index --from-embeddings`` (a whole process), SIGKILL it once ``at_least`` rows are committed:
+    (rows committed when it died, whether it was still running at the kill)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cocatk", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ)
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (_committed_rows(db) or 0) >= at_least:
+                break
+            time.sleep(0.002)
+        running = proc.poll() is None
+        if running:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert running or proc.returncode == 0, err[-2000:]
+    return _committed_rows(db) or 0, running
+
+
+def test_sigkill_of_an_import_then_rerun_imports_each_row_once_bit_for_bit(tmp_path: Path, capsys) -> None:
+    """``cocatk index --from-embeddings`` SIGKILLed after its first checkpoint, mid-run and after its last commit
+    (while the FAISS file is written), each time rerun: every row once, with the source's vector bit for bit and the
+    ids an unkilled import gives (the source's row order)."""
+    n, every = 12_000, 400
+    vecs, paths = _float32_folder(tmp_path, n, shard=3_000)
+    emb, idx = tmp_path / "emb", tmp_path / "idx"
+    argv = ["index", "--from-embeddings", str(emb), "--index", str(idx), *TINY, "--checkpoint-every", str(every)]
+    db = idx / "index.sqlite"
+    done = 0
+    for at_least, mid_run in ((1, True), (n // 2, True), (n, False)):
+        committed, killed = _import_killed_when(argv, db, at_least)
+        assert killed or not mid_run, "the import ended before the kill: give it more rows"
+        if killed and mid_run:
+            assert at_least <= committed < n
+        assert committed % every == 0 and committed >= done  # whole checkpoints, none lost to a kill
+        with Index.open(idx, device="cpu") as ix:
+            assert ix.check().ok, ix.check().problems
+        done = committed
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["imported"], report["already"], report["total"]) == (n - done, done, n)
+    ref = tmp_path / "ref"  # the same folder imported without a kill
+    with open_tiny(ref, lock=True) as rx:
+        import_embeddings(rx, open_embeddings(emb), checkpoint_every=every)
+    with Index.open(idx, device="cpu") as ix, Index.open(ref, device="cpu") as rx:
+        assert_consistent(ix)
+        ids = ix.store.ids().tolist()
+        assert ids == rx.store.ids().tolist() == list(range(1, n + 1))
+        assert ix.store.paths_for_ids(ids) == rx.store.paths_for_ids(ids) == paths  # row order, each row once
+        assert np.abs(ix.embeddings(ids) - vecs).max() == 0  # float32: bit for bit
+        assert np.abs(ix.vectors.reconstruct(np.array(ids)) - vecs).max() == 0  # and so is the FAISS file
+        assert ix.store.file_rows().keys() == rx.store.file_rows().keys()
