@@ -145,3 +145,26 @@ class ExportMismatchError(ExportError):
 
 class ExportUnreadableError(ExportError):
     """An export's files cannot be loaded (truncated, edited, written by an incompatible version)."""
+
+
+class SidecarError(CocatkError):
+    """XMP sidecars cannot be handled at all: ExifTool (or PyExifTool, which drives it) is missing or broken."""
+
+    default_hint = (
+        "apt-get install libimage-exiftool-perl (Debian/Ubuntu), brew install exiftool (macOS), then pip install "
+        "PyExifTool"
+    )
+
+
+class SidecarWriteError(SidecarError):
+    """One sidecar cannot be written (read-only folder or file, permission denied, unreadable XMP): skip that image.
+
+    ``path`` is the sidecar, ``reason`` why it failed (the operating system's or ExifTool's own words).
+    """
+
+    default_hint = "make the folder and the sidecar writable (chmod u+w), or leave this image out"
+
+    def __init__(self, message: str, hint: str | None = None, *, path: str = "", reason: str = "") -> None:
+        super().__init__(message, hint)
+        self.path = path
+        self.reason = reason

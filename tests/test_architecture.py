@@ -19,7 +19,7 @@ DOC = PACKAGE.parent / "docs" / "architecture.md"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("cocatk", "cocatk._version", "cocatk._lazy", "cocatk._imports", "cocatk.errors", "cocatk.config",
                     "cocatk.paths")),
-    ("inputs", ("cocatk.images", "cocatk.preprocess", "cocatk.sources")),
+    ("inputs", ("cocatk.images", "cocatk.preprocess", "cocatk.sources", "cocatk.sidecars")),
     ("models", ("cocatk.models", "cocatk.captioning")),
     ("zero-shot", ("cocatk.zeroshot",)),
     ("index layer", ("cocatk.retrieval.layout", "cocatk.retrieval.migrations", "cocatk.retrieval.store",
