@@ -54,6 +54,19 @@ def index(
             show_default="Flat (exact inner product)",
         ),
     ] = None,
+    max_index_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-index-memory",
+            metavar="SIZE",
+            help="Instead of --faiss: choose the FAISS index for this much memory (4G, 512M; binary units), tuned "
+            "to recall@10 0.95 on held-out queries and recorded (`cocatk info` shows it); kept by later runs.",
+        ),
+    ] = None,
+    max_query_ms: Annotated[
+        float | None,
+        typer.Option("--max-query-ms", help="With --max-index-memory: the latency limit of one query while tuning."),
+    ] = None,
     cache_tokens: Annotated[
         bool | None,
         typer.Option(
@@ -127,12 +140,17 @@ def index(
     """
     from ..retrieval.index import Index, resolve_roots
 
+    if max_index_memory is not None or max_query_ms is not None:  # refused before an index folder is created
+        from ..retrieval.budget import check_budget_options
+
+        check_budget_options(max_index_memory, max_query_ms, faiss_factory)
     if from_embeddings is not None:
         from ..errors import UsageError
         from .export import run_import
 
         given = [o for o, v in (("--ray", ray), ("--watch", watch), ("--caption", caption), ("--faiss", faiss_factory),
-                                ("--cache-tokens", cache_tokens)) if v]  # fmt: skip
+                                ("--cache-tokens", cache_tokens), ("--max-index-memory", max_index_memory))
+                 if v]  # fmt: skip
         if given:
             raise UsageError(
                 f"--from-embeddings imports vectors; it does not combine with {', '.join(given)}",
@@ -197,8 +215,13 @@ def index(
                 encoder=encoder,
                 image_column=image_column,
                 caption_column=caption_column,
+                max_index_memory=max_index_memory,
+                max_query_ms=max_query_ms,
             )
+            chosen = ix.manifest.get("budget") if max_index_memory is not None else None
     data = report.to_dict()
+    if chosen:
+        data["budget"] = chosen
     for root in report.missing_roots:
         warn(f"root {display_path(root)} is missing (unmounted?): its files are kept")
     for message in report.warnings:
@@ -210,6 +233,8 @@ def index(
         print_json(data)
     else:
         _print_summary(data)
+        if chosen:
+            out.print(f"  faiss {_budget_line(chosen)}", highlight=False, markup=False)
     if watch:
         _watch(
             report.index_dir,
@@ -341,7 +366,7 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
         ("embedding", f"{m.get('embed_dim')}-d, {m.get('metric')}, image size {m.get('image_size')}"),
         ("precision", ", ".join(m.get("precisions") or []) or "not recorded (fp32: built before indexes recorded it)"),
         ("text queries", _text_queries_line(data.get("text_queries") or {})),
-        ("faiss", f"{m.get('factory')} ({data['faiss_file'] or 'rebuilt from SQLite on next open'})"),
+        ("faiss", _faiss_line(m, data["faiss_file"])),
         ("images", f"{data['files']} files, {data['unique_contents']} distinct contents" if data["files"] else "none"),
         ("tokens", f"{'cached' if m.get('cache_tokens') else 'not cached'} ({data['token_cache_bytes'] / 1e6:.1f} MB)"),
         ("captions", _captions_line(data.get("captions") or {})),
@@ -359,6 +384,20 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
         out.print(f"  ... and {len(data['failures']) - 20} more (`cocatk info --json` lists all)", markup=False)
     if data["files"] == 0:
         out.print("this index is empty: add images with `cocatk index PATH`", style="dim", highlight=False)
+
+
+def _faiss_line(m: dict[str, Any], faiss_file: str | None) -> str:
+    where = f"({faiss_file or 'rebuilt from SQLite on next open'})"
+    b = m.get("budget")
+    if b and b.get("factory") == m.get("factory"):
+        return f"{_budget_line(b)}\n{where}"
+    return f"{m.get('factory')} {where}"
+
+
+def _budget_line(b: dict[str, Any]) -> str:
+    from ..retrieval.budget import describe
+
+    return describe(b)
 
 
 def _text_queries_line(t: dict[str, Any]) -> str:

@@ -45,6 +45,7 @@ from ..errors import (
     IndexNotFoundError,
     UsageError,
 )
+from .budget import apply_recorded_params
 from .layout import LOCK_NAME, MANIFEST_NAME, ProgressCallback, vector_file_name
 from .store import DB_NAME, SCHEMA_VERSION, Store, read_only_error
 from .vectors import DEFAULT_FACTORY, VectorIndex
@@ -483,20 +484,20 @@ class IndexFolder:
             try:
                 vi = VectorIndex.load(path, factory)
                 if vi.ntotal == count and vi.dim == int(m["embed_dim"]):
-                    return vi
+                    return apply_recorded_params(vi, m)  # the knobs a --max-index-memory choice recorded
             except IndexCorruptError:
                 pass
         ids, vecs = self.store.all_embeddings(int(m["embed_dim"]))
         if len(ids) == 0:
             vi = VectorIndex.create(int(m["embed_dim"]), factory)
             if not vi.is_trained:
-                return vi
+                return apply_recorded_params(vi, m)
         else:
             vi = VectorIndex.build(int(m["embed_dim"]), factory, ids, vecs)
         if save:
             vi.save(path)
             self.cleanup_vector_files(keep=gen)
-        return vi
+        return apply_recorded_params(vi, m)
 
     def cleanup_vector_files(self, keep: int | None) -> None:
         for p in self.dir.glob("vectors.*.faiss*"):

@@ -35,7 +35,7 @@ from .layout import (
 )
 from .report import IndexReport, StageTimer
 from .store import FileRow
-from .vectors import VectorIndex, min_training_points
+from .vectors import VectorIndex, default_search_params, min_training_points
 
 if TYPE_CHECKING:  # pragma: no cover
     from .folder import IndexFolder
@@ -74,6 +74,11 @@ class UpdateOptions:
     #: Caption newly encoded images in the same pass (the image tower runs once): generation settings, or a mapping
     #: of the fields to set (see :func:`cocatk.captioning.make_config`); None: no captions.
     caption: Any = None
+    #: Choose the FAISS factory and its knobs for this many bytes of index (:mod:`cocatk.retrieval.budget`); the
+    #: budget is recorded and kept by later updates. None: the recorded budget, if any.
+    max_index_memory: int | None = None
+    #: With ``max_index_memory``: the latency limit of one query while tuning, in milliseconds.
+    max_query_ms: float | None = None
     #: Columns of Parquet and Arrow sources (None: the index's recorded choice, else found).
     image_column: str | None = None
     caption_column: str | None = None
@@ -87,6 +92,10 @@ class UpdateOptions:
             raise UsageError(f"batch size must be >= 1, got {self.batch_size}", hint="pass --batch-size 1 or more")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"workers must be >= 0, got {self.workers}", hint="pass --workers 0 or more")
+        if self.max_index_memory is not None or self.max_query_ms is not None:
+            from .budget import check_budget_options
+
+            check_budget_options(self.max_index_memory, self.max_query_ms, self.faiss_factory)
 
 
 class Updater:
@@ -130,6 +139,9 @@ class Updater:
         if factory and factory != m.get("factory"):
             VectorIndex.validate_factory(int(m["embed_dim"]), factory)
             m["factory"] = factory
+            changed = True
+        if factory and m.get("budget"):  # a factory named by --faiss replaces one chosen by budget
+            m.pop("budget")
             changed = True
         want = self.opts.cache_tokens
         if want is None and m.get("cache_tokens") is None:  # a new index: cache when its rerank model has a decoder
@@ -239,6 +251,11 @@ class Updater:
                     hint="drop --faiss (exact search is fast below ~1M images) or use a smaller factory "
                     "such as HNSW32 or IVF64,Flat",
                 )
+        if self.opts.max_index_memory is not None:  # fail fast when no index of the expected size fits
+            from .budget import check_budget
+
+            expected = len(rows) - len(vanished) + sum(1 for p, _, _ in found if p not in rows)
+            check_budget(expected, int(manifest["embed_dim"]), self.opts.max_index_memory)
         self._apply_options()
         manifest = index.manifest
         cache_tokens = bool(manifest.get("cache_tokens"))
@@ -288,6 +305,8 @@ class Updater:
             self.store.rollback()
             index.set_vectors(None, -1)
             raise
+        with self.timed("faiss"):
+            self._choose_by_budget()
         self.report.total = self.store.count()
         self.report.token_cache_bytes = self.store.token_bytes()
         self.report.seconds = time.monotonic() - t0
@@ -615,6 +634,43 @@ class Updater:
             index.cleanup_vector_files(keep=gen)
         self._last_save = time.monotonic()
         index.set_vectors(vi, gen)
+
+    # -- a factory chosen by budget --
+    def _choose_by_budget(self) -> None:
+        """After the final checkpoint, when the item count is known: choose the FAISS factory and knobs for the
+        budget (given now, or recorded by an earlier update) when :func:`~cocatk.retrieval.budget.rechoose_reason`
+        says so; record them as ``manifest["budget"]`` and ``manifest["factory"]`` in one commit, then save the
+        index built for them (a crash in between rebuilds it from SQLite on the next open)."""
+        from . import budget
+
+        index, m = self.index, self.index.manifest
+        plan = budget.plan_choice(m, self.store.count(), self.opts.max_index_memory, self.opts.max_query_ms)
+        if plan is None:
+            return
+        want, limit, notice = plan
+        if self.opts.notify is not None and notice:
+            self.opts.notify(notice)
+        ids, vecs = self.store.all_embeddings(index.dim)
+        choice, vi = budget.choose_index(ids, vecs, want, max_query_ms=limit)
+        same = choice.factory == m.get("factory") and self.vectors.is_trained and self.vectors.ntotal == len(ids)
+        m["budget"] = choice.to_dict()
+        m["factory"] = choice.factory
+        self.store.begin()
+        self.store.set_manifest(m)
+        gen = self.store.generation if same else self.store.bump_generation()
+        self.store.commit()
+        index.write_manifest_json()
+        if same:  # the index in memory (and on disk) is this factory already: only its knobs change
+            vi = self.vectors
+        else:
+            vi.save(index.vector_path(gen))
+            index.cleanup_vector_files(keep=gen)
+        vi.search_params = default_search_params(choice.factory)
+        budget.apply_recorded_params(vi, m)  # the chosen knobs; $COCATK_FAISS_PARAMS still wins
+        self.vectors = vi
+        index.set_vectors(vi, gen)
+        if not choice.fits and choice.why:
+            self.report.warnings.append(f"--max-index-memory: {choice.why}")
 
 
 def update_index(index: IndexFolder, options: UpdateOptions) -> IndexReport:
