@@ -88,7 +88,7 @@ def test_index_search_serve_and_rerun_parquet(tmp_path: Path, capsys: pytest.Cap
         assert set(rows) == set(written) and ix.manifest["columns"] == {"image": "jpg", "caption": "caption"}
         files = tmp_path / "files"  # the same bytes as files give the same embeddings
         files.mkdir()
-        for n, (ident, (data, _, _)) in enumerate(sorted(written.items())):
+        for n, (_, (data, _, _)) in enumerate(sorted(written.items())):
             (files / f"{n:03d}.img").with_suffix(".jpg" if data[:2] == b"\xff\xd8" else ".png").write_bytes(data)
         with open_tiny(tmp_path / "idx-files") as fx:
             fx.update([files], workers=0)

@@ -28,7 +28,8 @@ def index(
     paths: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Image files or folders (recursive); dataset sources: WebDataset shards ('shards/{00000..00127}.tar'), "
+            help="Image files or folders (recursive); dataset sources: WebDataset shards "
+            "('shards/{00000..00127}.tar'), "
             "Parquet or Arrow files ('data/*.parquet'), hf:PATH (save_to_disk) or hf:NAME (the local Hugging Face "
             "cache). Default: every root already in the index."
         ),
@@ -103,13 +104,19 @@ def index(
     ] = 256,
     image_column: Annotated[
         str | None,
-        typer.Option("--image-column", help="Parquet / Arrow / hf: column of the encoded images (kept for reruns).",
-                     show_default="the Image column, else image, img, jpg, ..."),
+        typer.Option(
+            "--image-column",
+            help="Parquet / Arrow / hf: column of the encoded images (kept for reruns).",
+            show_default="the Image column, else image, img, jpg, ...",
+        ),
     ] = None,
     caption_column: Annotated[
         str | None,
-        typer.Option("--caption-column", help="Parquet / Arrow / hf: column of the captions (kept for reruns).",
-                     show_default="caption, captions, txt or text"),
+        typer.Option(
+            "--caption-column",
+            help="Parquet / Arrow / hf: column of the captions (kept for reruns).",
+            show_default="caption, captions, txt or text",
+        ),
     ] = None,
     json_: options.Json = False,
     ray: options.Ray = None,

@@ -74,7 +74,8 @@ def source_bytes(source: str | MemberRef) -> bytes:
 def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
     """The shard lists people type, expanded: brace ranges as webdataset writes them (``shards/{00000..00127}.tar``,
     with the braceexpand package that webdataset uses) and globs (``data/*.tar``), when the text is not an existing
-    path itself; ``hf:PATH`` and ``hf:NAME`` become their Arrow files (:func:`.tables.hf_files`). A pattern that matches nothing is kept as it is, so the caller reports it as missing."""
+    path itself; ``hf:PATH`` and ``hf:NAME`` become their Arrow files (:func:`.tables.hf_files`). A pattern that
+    matches nothing is kept as it is, so the caller reports it as missing."""
     out: list[str] = []
     for p in paths:
         text = os.fspath(p)
@@ -97,7 +98,6 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
                 found.append(pattern)
         out += found if found else [text]
     return out
-
 
 
 __all__ = [

@@ -183,7 +183,6 @@ def pick_columns(schema: Any, columns: Columns, what: str) -> tuple[str, str | N
 # ---- scanning -----------------------------------------------------------------------------------------------
 def _open(path: str) -> tuple[Any, Any]:
     """(schema, batches(columns)) of a Parquet or Arrow file."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.lower().endswith(".parquet"):

@@ -130,4 +130,3 @@ def read_member(shard: str | os.PathLike[str], offset: int, size: int) -> bytes:
     if len(data) != size:
         raise OSError(0, f"the shard ends {size - len(data)} bytes before this member (it changed since indexing)")
     return data
-
