@@ -276,7 +276,7 @@ def test_migration_2_turns_text_paths_into_bytes_and_keeps_everything(tmp_path: 
     conn.close()
 
     store = Store.open(tmp_path)
-    assert store.schema_version == SCHEMA_VERSION == 4  # 2, 3 (captions) and 4 (dataset sources) applied on open
+    assert store.schema_version == SCHEMA_VERSION == 5  # 2, 3 (captions), 4 (dataset sources), 5 (tags) applied
     assert {p: r.id for p, r in store.file_rows().items()} == {"/p/a.jpg": 1, "/p/é.jpg": 2}
     assert store.token_ids() == {2} and store.roots() == ["/p"] and list(store.failure_rows()) == ["/p/bad.jpg"]
     types = store.conn.execute("SELECT DISTINCT typeof(path) FROM files").fetchall()

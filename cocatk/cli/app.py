@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .._version import __version__
-from . import caption, demo, duplicates, evaluate, export, index, models, search, serve, zeroshot
+from . import caption, demo, duplicates, evaluate, export, index, models, search, serve, tag, zeroshot
 
 app = typer.Typer(
     name="cocatk",
@@ -36,5 +36,5 @@ def _root(
     """Zero-shot image retrieval and classification with CoCa (Contrastive Captioners)."""
 
 
-for _module in (demo, evaluate, index, search, caption, serve, zeroshot, models, duplicates, export):
+for _module in (demo, evaluate, index, search, caption, serve, zeroshot, tag, models, duplicates, export):
     _module.register(app)

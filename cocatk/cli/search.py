@@ -43,6 +43,13 @@ def search(
             "OR, NOT, prefix*); `cocatk caption` makes the captions.",
         ),
     ] = None,
+    tag: Annotated[
+        str | None,
+        typer.Option(
+            "--tag",
+            help="Only images tagged with this label or group (e.g. beach, Animal); `cocatk tag` makes the tags.",
+        ),
+    ] = None,
     json_: options.Json = False,
     paths: Annotated[
         bool, typer.Option("--paths", help="Print each hit's path, one per line, as the exact bytes (for xargs).")
@@ -96,6 +103,7 @@ def search(
             under=under,
             use_token_cache=cache_tokens,
             match=match,
+            tag=tag,
             notify=warn,
             progress=progress,
         )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UsageError
-from . import sourcestore
+from . import sourcestore, tagstore
 from .layout import is_under, json_failure
 from .vectors import DEFAULT_FACTORY
 
@@ -146,6 +146,8 @@ def index_info(index: IndexFolder) -> dict[str, Any]:
         "size_bytes": size,
         "token_cache_bytes": index.store.token_bytes(),
         "captions": index.store.caption_configs(),
+        "tags": tagstore.configs(index.store),
+        "sidecars": len(tagstore.sidecars(index.store)),
         "failed": dict(Counter(f["reason"] for f in failures)),
         "failures": [json_failure(f) for f in failures],
         # What embeds a cold text query (cocatk.models.onnx); None for an empty index.

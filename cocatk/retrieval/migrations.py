@@ -123,6 +123,31 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX members_source ON members (source);
     """,
+    # 5: zero-shot tags (`cocatk tag`). One row per (file, tag settings, label) with the label's probability and the
+    # content it was computed from (`hash`: a file whose content changed has stale tags until the next run);
+    # `tag_configs` records the model, vocabulary and rule behind each key. `sidecars` records every XMP sidecar
+    # cocatk wrote (what it added, and the bytes it found there), so `cocatk tag --remove-xmp` can undo it exactly;
+    # it outlives the file's row (no foreign key): a sidecar stays undoable after its image leaves the index.
+    """
+    CREATE TABLE tag_configs (key TEXT PRIMARY KEY, settings TEXT NOT NULL, created_at REAL NOT NULL);
+    CREATE TABLE tags (
+        id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+        config TEXT NOT NULL REFERENCES tag_configs (key) ON DELETE CASCADE,
+        label TEXT NOT NULL,
+        path TEXT NOT NULL,
+        score REAL NOT NULL,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (id, config, label)
+    );
+    CREATE INDEX tags_label ON tags (config, label COLLATE NOCASE);
+    CREATE TABLE sidecars (
+        path BLOB PRIMARY KEY,
+        image BLOB NOT NULL,
+        config TEXT NOT NULL,
+        record TEXT NOT NULL,
+        written_at REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -45,12 +45,15 @@ class Hit:
     #: The file's generated caption (`cocatk caption`), the most recent of any settings; None when it has none.
     caption: str | None = None
     match: float | None = None
+    #: The file's zero-shot tags (`cocatk tag`, the latest settings), best first; None when the index has none.
+    tags: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; ``path`` follows :func:`cocatk.paths.json_path` (``path_b64`` for names that are not UTF-8)."""
         d = asdict(self)
-        if d["match"] is None:
-            del d["match"]
+        for optional in ("match", "tags"):
+            if d[optional] is None:
+                del d[optional]
         d.update(json_path(self.path))
         return d
 
@@ -279,6 +282,7 @@ def search_index(
     like_id: int | None = None,
     embedding: np.ndarray | Sequence[float] | None = None,
     match: str | None = None,
+    tag: str | None = None,
     reranker: str = "coca",
     rerank_model: str | None = None,
     rerank_pretrained: str | None = None,
@@ -298,6 +302,8 @@ def search_index(
         match: a full-text query over the generated captions (SQLite FTS5: words are ANDed, "a phrase", OR, NOT,
             prefix*). Only images whose caption matches are candidates; the dense query (and the rerank) orders
             them. Combines with ``under`` (both must hold).
+        tag: only images tagged with this label, or a group of the vocabulary's hierarchy (``cocatk tag``; the
+            latest tag settings; case-insensitive). Combines with ``under`` and ``match``.
         reranker: ``"coca"`` (caption log-likelihood) or ``"blip-itm"`` (BLIP's P(match | image, text)).
         rerank_model, rerank_pretrained: the reranker's model. For ``coca``: any CoCa (default the one the index
             records, else the index's own model when it is a CoCa; a dual-encoder index without one is not
@@ -347,6 +353,8 @@ def search_index(
         )
     if match is not None:
         selector = _match_ids(index, match, selector)
+    if tag is not None:
+        selector = _tag_ids(index, tag, selector)
     engine, engine_warning = _text_engine(
         index, backend, text, like_id is not None or embedding is not None,
         rerank, reranker, rerank_model, rerank_pretrained, use_token_cache, image is not None,
@@ -439,8 +447,10 @@ def search_index(
     else:
         hits = [Hit(rank + 1, c[0], c[1], c[2]) for rank, c in enumerate(candidates[:n])]
     captions = index.store.captions_for_ids([h.id for h in hits]) if hits else {}
+    tags = _tags_of(index, [h.id for h in hits])
     for h in hits:
         h.caption = captions.get(h.id)
+        h.tags = None if tags is None else [t["label"] for t in tags.get(h.id, [])]
     timings["total"] = sum(timings.values())
     return SearchResult(
         hits=hits,
@@ -489,6 +499,27 @@ def _match_ids(index: IndexFolder, match: str, selector: np.ndarray | None) -> n
     if len(ids) == 0:
         hint = "run `cocatk caption` first" if index.store.caption_count() == 0 else "try other words"
         raise EmptyIndexError(f"no indexed image has a caption matching {match!r}", hint=hint)
+    return ids
+
+
+def _tags_of(index: IndexFolder, ids: list[int]) -> dict[int, list[dict[str, Any]]] | None:
+    """The hits' tags (latest settings), or None when the index was never tagged."""
+    from . import tagstore
+
+    return tagstore.tags_for_ids(index.store, ids) if ids and tagstore.latest_config(index.store) else None
+
+
+def _tag_ids(index: IndexFolder, tag: str, selector: np.ndarray | None) -> np.ndarray:
+    """Ids tagged ``tag`` (:func:`.tagstore.ids_with_tag`), within ``selector`` when given."""
+    from . import tagstore
+
+    ids = tagstore.ids_with_tag(index.store, tag.strip()) if tag.strip() else np.zeros(0, np.int64)
+    ids = np.intersect1d(ids, selector) if selector is not None else ids
+    if len(ids) == 0:
+        none = tagstore.latest_config(index.store) is None
+        raise EmptyIndexError(f"no indexed image is tagged {tag!r}",
+                              hint="run `cocatk tag` first" if none else "try another label (`cocatk tag` lists the "
+                              "most common)")  # fmt: skip
     return ids
 
 

@@ -16,6 +16,8 @@ Tables (schema version :data:`SCHEMA_VERSION`, numbered migrations in :data:`MIG
 - ``failures(path, reason, detail, size, mtime_ns, at)``: files that could not be decoded in the last run.
 - ``captions(cid, id, config, hash, text, logprob, at)`` with ``caption_configs(key, settings)`` and the FTS5 index
   ``captions_fts``: generated captions per file and generation settings (``cocatk caption``).
+- ``sources``, ``members``: dataset items (:mod:`.sourcestore`); ``tags``, ``tag_configs``, ``sidecars``: zero-shot
+  tags and the XMP sidecars written with them (:mod:`.tagstore`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -160,7 +161,10 @@ class ZeroShotClassifier:
                 return cls(model, classnames, templates, weights, path, True, time.perf_counter() - t0)
         weights = build_class_weights(model, classnames, templates, progress)
         if path is not None:
-            _write_cache(path, weights, model.spec.identity(), classnames, templates)
+            extra = {"kind": getattr(model, "kind", "coca")}
+            with contextlib.suppress(AttributeError):  # the scale lets a reader use the weights without the model
+                extra["logit_scale"] = float(model.model.logit_scale.detach().exp().float().cpu())
+            _write_cache(path, weights, model.spec.identity(), classnames, templates, extra)
         return cls(model, classnames, templates, weights, path, False, time.perf_counter() - t0)
 
     # ---- scoring -------------------------------------------------------------------------------------------
@@ -223,8 +227,29 @@ def _read_cache(path: Path, num_classes: int, dim: int) -> np.ndarray | None:
     return np.ascontiguousarray(weights)
 
 
+def cached_weights(
+    identity: dict[str, str], classnames: Sequence[str], templates: Sequence[str], dim: int
+) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The cached weights of a classifier and its cache manifest (``logit_scale``, ``kind`` of the model), found by
+    the model's identity alone: without loading the model. None when not cached (or cached by an older cocatk)."""
+    path = config.cache_dir() / "zeroshot" / f"{classifier_key(identity, list(classnames), list(templates))}.npy"
+    weights = _read_cache(path, len(classnames), dim)
+    if weights is None:
+        return None
+    try:
+        manifest = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return weights, manifest
+
+
 def _write_cache(
-    path: Path, weights: np.ndarray, identity: dict[str, str], classnames: list[str], templates: list[str]
+    path: Path,
+    weights: np.ndarray,
+    identity: dict[str, str],
+    classnames: list[str],
+    templates: list[str],
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Weights first, manifest last: a manifest only exists next to a complete array."""
     _atomic_write(path, lambda f: np.save(f, weights, allow_pickle=False))
@@ -240,6 +265,7 @@ def _write_cache(
         "normalised": True,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cocatk_version": __version__,
+        **(extra or {}),
     }
     text = json.dumps(manifest, indent=1, ensure_ascii=False)
     _atomic_write(path.with_suffix(".json"), lambda f: f.write(text), mode="w")
