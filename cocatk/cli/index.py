@@ -377,6 +377,7 @@ def info(index_dir: options.IndexDir = None, json_: options.Json = False) -> Non
         ("images", f"{data['files']} files, {data['unique_contents']} distinct contents" if data["files"] else "none"),
         ("tokens", f"{'cached' if m.get('cache_tokens') else 'not cached'} ({data['token_cache_bytes'] / 1e6:.1f} MB)"),
         ("captions", _captions_line(data.get("captions") or {})),
+        ("tags", _tags_line(data.get("tags") or {}, data.get("sidecars") or 0)),
         ("size on disk", f"{data['size_bytes'] / 1e6:.1f} MB"),
         ("schema", f"v{m.get('schema_version')}, built by cocatk {m.get('cocatk_version')}"),
         ("roots", "\n".join(display_path(r) for r in data["roots"]) or "-"),
@@ -423,6 +424,19 @@ def _text_queries_line(t: dict[str, Any]) -> str:
             how += f"; image queries through torch: {images.get('why')}"
         return f"ONNX Runtime, without torch ({display_path(t['export'])}){how}"
     return f"torch: {t.get('why', 'unknown')}"
+
+
+def _tags_line(configs: dict[str, Any], sidecars: int) -> str:
+    """The latest tag settings: how many tags on how many images, the vocabulary and the rule; the sidecars."""
+    if not configs:
+        return "none (`cocatk tag` adds them)"
+    key, c = list(configs.items())[-1]
+    vocab, rule = c.get("vocabulary", {}), c.get("rule", {})
+    more = f"; {len(configs) - 1} older settings" if len(configs) > 1 else ""
+    side = f"; {sidecars} XMP sidecars written" if sidecars else ""
+    source = display_path(str(vocab.get("name")))
+    return (f"{c['count']} on {c['images']} images ({vocab.get('labels')} labels of {source}, "
+            f"p >= {rule.get('threshold')}; key {key}{more}{side})")  # fmt: skip
 
 
 def _captions_line(configs: dict[str, Any]) -> str:
