@@ -416,3 +416,29 @@ def test_clip_retrieval_front_end(browser, demo, clip_front, shots):
         finally:
             context.close()
             srv.stop()
+
+
+def test_tags_show_under_each_thumbnail(browser, demo, tmp_path):
+    """Issue 31: the page shows each hit's zero-shot tags (`cocatk tag`) under its thumbnail, as the API has them."""
+    import json
+    import shutil
+    import urllib.request
+
+    from cocatk.cli import main
+
+    idx = tmp_path / "tagged"
+    shutil.copytree(demo / "index", idx)
+    assert main(["tag", "--index", str(idx), "--threshold", "0.5", "--max-tags", "4", "--json"]) == 0
+    srv = Server(idx, demo / "home")
+    try:
+        context = browser.new_context(viewport=DESKTOP, base_url=srv.url)
+        pg = context.new_page()
+        pg.set_default_timeout(TIMEOUT)
+        cards = search(pg, QUERY)
+        with urllib.request.urlopen(f"{srv.url}/api/search?q={QUERY.replace(' ', '+')}&n=20") as r:
+            hits = json.load(r)["hits"]
+        shown = [[t.inner_text() for t in c.locator(".tag").all()] for c in cards]
+        assert shown == [h["tags"][:6] for h in hits] and any(shown), shown
+        context.close()
+    finally:
+        srv.stop()
