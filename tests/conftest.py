@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,16 @@ for _var in ("COCATK_MODEL", "COCATK_PRETRAINED", "COCATK_DEVICE", "COCATK_INDEX
 DATA = Path(__file__).parent / "data"
 #: A 64-wide, 2-layer, 32 px CoCa (vocab and context of the real tokenizer): builds in a fraction of a second.
 TINY_CONFIG = DATA / "coca_tiny.json"
+
+
+def unshare_works() -> bool:
+    """Whether this process can make a folder read-only for a child as root: a user and mount namespace
+    (``unshare -rm``) in which a bind mount can be made (tests/test_read_only_index.py, tests/test_sidecars.py)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount --bind / /mnt 2>/dev/null || mount --bind /tmp /tmp"],
+                           capture_output=True)  # fmt: skip
+    return probe.returncode == 0
 
 
 @pytest.fixture(autouse=True)

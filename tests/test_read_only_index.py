@@ -21,20 +21,11 @@ import pytest
 
 from cocatk.retrieval import Index
 from cocatk.retrieval.search import search_index
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, unshare_works
 from tests.test_index import make_images
 
-
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount --bind / /mnt 2>/dev/null || mount --bind /tmp /tmp"],
-                           capture_output=True)  # fmt: skip
-    return probe.returncode == 0
-
-
 AS_ROOT = os.geteuid() == 0
-if AS_ROOT and not _unshare_works():
+if AS_ROOT and not unshare_works():
     pytest.skip("running as root without user namespaces: no way to make a folder read-only", allow_module_level=True)
 
 

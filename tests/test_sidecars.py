@@ -32,6 +32,7 @@ from cocatk.sidecars import (
     sidecar_path,
     write_tags,
 )
+from tests.conftest import unshare_works
 
 EXIFTOOL = shutil.which("exiftool")
 try:
@@ -239,12 +240,6 @@ def test_a_caption_the_user_changed_is_theirs_and_one_we_replaced_comes_back(tmp
 
 
 # ---- what cannot be written ---------------------------------------------------------------------------------
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount --bind / /mnt 2>/dev/null || mount --bind /tmp /tmp"],
-                           capture_output=True)  # fmt: skip
-    return probe.returncode == 0
 
 
 _READ_ONLY_SCRIPT = """
@@ -279,7 +274,7 @@ def _write_in_read_only(folder: Path, image: Path) -> dict:
 
 @pytest.mark.parametrize("with_sidecar", [False, True], ids=["new sidecar", "user's sidecar"])
 def test_a_read_only_folder_raises_and_changes_nothing(tmp_path: Path, with_sidecar: bool) -> None:
-    if AS_ROOT and not _unshare_works():
+    if AS_ROOT and not unshare_works():
         pytest.skip("running as root without user namespaces (unshare -rm): no way to make a folder read-only")
     folder = tmp_path / "ro"
     image = jpeg(folder / "h.jpg")

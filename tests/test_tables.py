@@ -136,24 +136,12 @@ def test_a_changed_table_is_read_again_and_a_damaged_one_is_one_failure(tmp_path
 
 
 def test_an_interrupted_run_resumes_with_each_row_exactly_once(tmp_path: Path) -> None:
+    from tests.test_webdataset import assert_resumes_each_item_once
+
     for s in range(3):
         write_parquet(tmp_path / f"{s}.parquet", s * 10, 10, row_group=4)
     tables = sorted(str(p) for p in tmp_path.glob("*.parquet"))
-
-    def stop_after(stage: str, done: int, total: int | None) -> None:
-        if stage == "index" and done >= 12:
-            raise KeyboardInterrupt
-
-    with open_tiny(tmp_path / "idx") as ix:
-        with pytest.raises(KeyboardInterrupt):
-            ix.update(tables, workers=0, checkpoint_every=5, progress=stop_after)
-        committed = ix.store.count()
-        assert 0 < committed < 30
-        report = ix.update(tables, workers=0)
-        assert report.encoded == 30 - committed and report.unchanged == committed
-        paths = list(ix.store.file_rows())
-        assert len(paths) == len(set(paths)) == 30
-        assert_consistent(ix)
+    assert_resumes_each_item_once(tmp_path / "idx", tables, 30, stop_at=12)
 
 
 def test_wrong_columns_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -151,26 +151,30 @@ def test_truncated_shard_is_one_failure_and_the_rest_goes_on(tmp_path: Path) -> 
         assert again.failed.get("truncated") == 1 and again.encoded == 0
 
 
+def assert_resumes_each_item_once(folder: Path, sources: list[str], total: int, stop_at: int) -> None:
+    """Interrupt an update of ``sources`` after ``stop_at`` items (checkpoints of 5), run it again: every item is
+    committed once, and the rerun encodes only what the interrupted run did not commit."""
+
+    def stop_after(stage: str, done: int, total: int | None) -> None:
+        if stage == "index" and done >= stop_at:
+            raise KeyboardInterrupt
+
+    with open_tiny(folder) as ix:
+        with pytest.raises(KeyboardInterrupt):
+            ix.update(sources, workers=0, checkpoint_every=5, progress=stop_after)
+        committed = ix.store.count()
+        assert 0 < committed < total
+        report = ix.update(sources, workers=0)
+        assert report.encoded == total - committed and report.unchanged == committed
+        paths = list(ix.store.file_rows())
+        assert len(paths) == len(set(paths)) == total
+        assert_consistent(ix)
+
+
 def test_an_interrupted_run_resumes_with_each_item_exactly_once(tmp_path: Path) -> None:
     write_shards(tmp_path / "s", 4, 8)
     shards = sorted(str(p) for p in (tmp_path / "s").glob("*.tar"))
-    seen = []
-
-    def stop_after(stage: str, done: int, total: int | None) -> None:
-        if stage == "index" and done >= 16:
-            seen.append(done)
-            raise KeyboardInterrupt
-
-    with open_tiny(tmp_path / "idx") as ix:
-        with pytest.raises(KeyboardInterrupt):
-            ix.update(shards, workers=0, checkpoint_every=5, progress=stop_after)
-        committed = ix.store.count()
-        assert 0 < committed < 32
-        report = ix.update(shards, workers=0)
-        assert report.encoded == 32 - committed and report.unchanged == committed
-        paths = list(ix.store.file_rows())
-        assert len(paths) == len(set(paths)) == 32
-        assert_consistent(ix)
+    assert_resumes_each_item_once(tmp_path / "idx", shards, 32, stop_at=16)
 
 
 def test_forget_a_shard_drops_its_items_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
