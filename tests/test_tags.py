@@ -111,6 +111,14 @@ def test_tag_stores_searches_and_shows(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["tag", "--index", idx, "--vocabulary", vocab, "--threshold", "0.99", "--max-tags", "3", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["classifier_from_cache"] and again["tags"] == first["tags"] and again["key"] == first["key"]
+    # a run whose label embeddings are cached loads no model: torch is not even imported
+    import subprocess
+    import sys
+
+    argv = ["tag", "--index", idx, "--vocabulary", vocab, "--threshold", "0.99", "--max-tags", "3", "--json"]
+    script = f"import sys; from cocatk.cli import main; rc = main({argv!r}); print('TORCH', 'torch' in sys.modules, rc)"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "TORCH False 0", run.stdout[-500:] + run.stderr[-2000:]
 
     from cocatk.retrieval import tagstore
 

@@ -203,8 +203,15 @@ class Tagger:
         loaded. None when anything is not cached, or the model is SigLIP (its scoring needs the model)."""
         from .classifier import cached_weights
 
-        labels = cached_weights(identity, vocabulary.names, list(templates), dim)
-        neutral = cached_weights(identity, list(NEUTRAL_PROMPTS), ["{}"], dim)
+        # A text tower that ran bf16 weights on the CPU (AMX) keys its cache apart (ZeroShotClassifier); either
+        # variant holds this model's label embeddings: the one written last is taken (no torch to ask the CPU).
+        found = []
+        for ident in (dict(identity), {**identity, "text_precision": "bf16"}):
+            pair = (cached_weights(ident, vocabulary.names, list(templates), dim),
+                    cached_weights(ident, list(NEUTRAL_PROMPTS), ["{}"], dim))  # fmt: skip
+            if pair[0] is not None and pair[1] is not None:
+                found.append(pair)
+        labels, neutral = max(found, key=lambda f: str(f[0][1].get("created", ""))) if found else (None, None)
         if labels is None or neutral is None or labels[1].get("kind", "coca") == "siglip":
             return None
         scale = labels[1].get("logit_scale")
