@@ -34,16 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, ensure_random_weights, machine_info, median, print_table, write_record
+from _common import ROOT, ensure_random_weights, lscpu_model, machine_info, median, print_table, write_record
 from _photos import CACHE_DIR, photo_jpeg
-
-
-def lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return ""
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
 
 
 def ensure_data(folder: Path, n: int, shards: int, size: tuple[int, int]) -> tuple[Path, Path]:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import ROOT, machine_info, print_table, write_record
+from _common import ROOT, lscpu_model, machine_info, print_table, write_record
 from _photos import make_photo
 
 MODEL = ["--model", "demo", "--device", "cpu"]
@@ -76,14 +76,6 @@ def kill_group(p: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-
-
-def lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return ""
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
 
 
 def write_shards(folder: Path, shards: int, per_shard: int, size: tuple[int, int]) -> dict[str, str]:

@@ -9,7 +9,6 @@ of the same bytes indexed as a file, and the bytes the server sends must be the 
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from cocatk.cli import main
 from cocatk.retrieval import Index
@@ -31,11 +29,9 @@ WORDS = ["beach", "forest", "city", "snow"]
 
 
 def _image(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = (rng.random((30 + seed % 7, 44, 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG" if seed % 2 else "PNG")
-    return buf.getvalue()
+    from tests.test_webdataset import _jpeg  # the same small JPEG/PNG images as the shard tests
+
+    return _jpeg(seed)
 
 
 def write_parquet(path: Path, start: int, rows: int, row_group: int = 7, broken: int | None = None) -> dict:
