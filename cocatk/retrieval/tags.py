@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -153,7 +153,7 @@ def write_sidecars(
 
     A sidecar cocatk wrote before is first put back as it was (see :func:`remove_sidecars`), so the ``cocatk|`` set
     is exactly the current tags; one that holds them already, untouched since, is left alone. Each sidecar's record
-    commits right after its write. Dataset items (no file of their own) and files whose sidecar cannot be written
+    commits before its bytes land. Dataset items (no file of their own) and files whose sidecar cannot be written
     are reported in ``skipped``; nothing else is touched.
 
     Raises:
@@ -192,18 +192,34 @@ def write_sidecars(
                 subjects = [t["label"] for t in mine]
                 hierarchical = [f"{XMP_ROOT}|{t['path']}" for t in mine]
                 description = caps.get(row.id)
+                before = known.get(target)
+                touched = False  # the sidecar was put back, or a record of this write committed
+
+                def record(result: Any, target: str = target, path: str = row.path) -> None:
+                    nonlocal touched
+                    store.begin()
+                    tagstore.put_sidecar(store, target, path, key, result.record().to_json())
+                    store.commit()
+                    touched = True
+
                 try:
-                    before = known.get(target)
                     if before is not None:
                         rec = SidecarRecord.from_json(before[2])
-                        if _holds(rec, subjects, hierarchical, description) and writer.unchanged_since(target, rec):
+                        if writer.unchanged_since(target, rec) and _holds(
+                            rec, subjects, hierarchical, description,
+                            blocked=lambda image=row.path: not overwrite_description
+                            and writer.existing_description(image) is not None,
+                        ):  # fmt: skip
                             report.count("unchanged")
                             continue
                         writer.remove_tags(target, rec)  # back to as it was, then written again
+                        touched = True
                     if not subjects and not description:
                         _forget_record(store, target, before is not None)
                         report.count("nothing to write")
                         continue
+                    # The record commits before the bytes land (``before_write``): killed between the two, the
+                    # next run finds a record whose undo changes nothing, never cocatk's tags unrecorded.
                     result = writer.write_tags(
                         row.path,
                         style=style,
@@ -211,26 +227,33 @@ def write_sidecars(
                         hierarchical=hierarchical,
                         description=description,
                         overwrite_description=overwrite_description,
+                        before_write=record,
                     )
                 except SidecarWriteError as e:
+                    if touched:  # the sidecar is as it was before cocatk: no record of it stays
+                        _forget_record(store, target, True)
                     report.skipped.append({"path": row.path, "reason": str(e)})
                     continue
                 report.count("created" if result.created else "merged" if result.changed else "already there")
                 report.descriptions += int(result.description_set)
-                store.begin()  # the record commits right after its sidecar: nothing written goes unrecorded
-                tagstore.put_sidecar(store, target, row.path, key, result.record().to_json())
-                store.commit()
+                record(result)  # a write that found everything there already is recorded too
     report.seconds = round(time.monotonic() - t0, 3)
     return report
 
 
-def _holds(rec: Any, subjects: list[str], hierarchical: list[str], description: str | None) -> bool:
-    """Whether the recorded write put (or found) exactly these tags and this caption."""
+def _holds(rec: Any, subjects: list[str], hierarchical: list[str], description: str | None,
+           blocked: Callable[[], bool]) -> bool:  # fmt: skip
+    """Whether the recorded write put (or found) exactly these tags and this caption. A caption the write did not
+    set still holds when ``blocked()``: the image has a description of its own (the user's), so writing again would
+    not set it either."""
     had = {*rec.added_subjects, *rec.kept_subjects}
     had_h = {*rec.added_hierarchical, *rec.kept_hierarchical}
     ours = {h for h in had_h if h.startswith(XMP_ROOT + "|")}
-    same_caption = rec.description == description if rec.description_set else description is None
-    return had >= set(subjects) and ours == set(hierarchical) and same_caption
+    if not (had >= set(subjects) and ours == set(hierarchical)):
+        return False
+    if rec.description_set:
+        return bool(rec.description == description)
+    return description is None or blocked()
 
 
 def _forget_record(store: Any, target: str, known: bool) -> None:

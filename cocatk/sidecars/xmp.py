@@ -29,7 +29,7 @@ import re
 import secrets
 import stat
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -256,7 +256,8 @@ class SidecarWriter:
     # ---- writing ----
     def write_tags(self, image: StrPath, *, style: str = "digikam", subjects: Iterable[str] = (),
                    hierarchical: Iterable[str] = (), description: str | None = None,
-                   overwrite_description: bool = False) -> SidecarWrite:  # fmt: skip
+                   overwrite_description: bool = False,
+                   before_write: Callable[[SidecarWrite], None] | None = None) -> SidecarWrite:  # fmt: skip
         """Merge keywords, hierarchical keywords and a caption into the image's sidecar (created when missing).
 
         Nothing already there is removed or replaced: only the keywords missing (compared case-insensitively) are
@@ -268,9 +269,10 @@ class SidecarWriter:
         unless ``overwrite_description``. Other languages are never touched. A sidecar that holds everything already
         is not written at all.
 
-        Writes are atomic: ExifTool writes a temporary file beside the sidecar and renames it over (its
-        ``-overwrite_original``, no ``_original`` backup); a new sidecar is written whole to a temporary file and
-        linked into place only if no file of that name appeared meanwhile.
+        Writes are atomic: ExifTool makes the bytes (``-o -``: those its ``-overwrite_original`` writes), renamed
+        over the sidecar from a temporary file; a new one is linked in only if no file of that name appeared.
+        ``before_write(result)`` gets the final result before the bytes land, so a caller records it first (killed
+        between, :meth:`remove_tags` of that record changes nothing); not called when nothing needs writing.
 
         Raises:
             UsageError: an unknown style.
@@ -309,16 +311,18 @@ class SidecarWriter:
             if not args:
                 return result
             _check_writable(target, path, exists=original is not None)
-            if original is None:
-                data = self._write("-o", "-.xmp", *args, path=path)
-                try:
-                    _create_exclusive(target, data, path)
-                except FileExistsError:
-                    continue
-                result.created = True
-            else:
-                self._write("-overwrite_original", *args, _fs(target, path), path=path)
-            result.written = _read_bytes(target, path) or b""
+            result.created = original is None
+            out = ["-.xmp", *args] if result.created else ["-", *args, _fs(target, path)]
+            result.written = self._write("-o", *out, path=path)
+            if before_write is not None:
+                before_write(result)
+            if not result.created:
+                _replace_atomic(target, result.written, path)
+                return result
+            try:
+                _create_exclusive(target, result.written, path)
+            except FileExistsError:
+                continue
             return result
         raise SidecarWriteError(f"cannot write {path}: it keeps appearing and changing while being created",
                                 path=str(path), reason="changed while being written")  # fmt: skip
