@@ -360,6 +360,9 @@ def search_index(
         rerank, reranker, rerank_model, rerank_pretrained, use_token_cache, image is not None,
     )  # fmt: skip
     model = engine or index.model
+    if rerank and text is not None and _onnx_reranks(index, engine, reranker, rerank_model, rerank_pretrained,
+                                                     use_token_cache):  # fmt: skip
+        engine.decoder().prefetch()  # opened beside the FAISS read and the text tower
     vectors = index.vectors  # reads (or rebuilds) the FAISS file: part of loading, not of the search
     max_megapixels = index.manifest.get("max_megapixels")
     timings["load"] = time.perf_counter() - t0
