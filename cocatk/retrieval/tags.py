@@ -193,14 +193,14 @@ def write_sidecars(
                 hierarchical = [f"{XMP_ROOT}|{t['path']}" for t in mine]
                 description = caps.get(row.id)
                 before = known.get(target)
-                touched = False  # the sidecar was put back, or a record of this write committed
+                touched = recorded = False  # the sidecar was put back; this write's record committed
 
                 def record(result: Any, target: str = target, path: str = row.path) -> None:
-                    nonlocal touched
+                    nonlocal recorded
                     store.begin()
                     tagstore.put_sidecar(store, target, path, key, result.record().to_json())
                     store.commit()
-                    touched = True
+                    recorded = True
 
                 try:
                     if before is not None:
@@ -230,13 +230,14 @@ def write_sidecars(
                         before_write=record,
                     )
                 except SidecarWriteError as e:
-                    if touched:  # the sidecar is as it was before cocatk: no record of it stays
+                    if touched or recorded:  # the sidecar is as it was before cocatk: no record of it stays
                         _forget_record(store, target, True)
                     report.skipped.append({"path": row.path, "reason": str(e)})
                     continue
                 report.count("created" if result.created else "merged" if result.changed else "already there")
                 report.descriptions += int(result.description_set)
-                record(result)  # a write that found everything there already is recorded too
+                if not recorded:  # nothing needed writing (before_write not called): recorded all the same
+                    record(result)
     report.seconds = round(time.monotonic() - t0, 3)
     return report
 
