@@ -9,7 +9,9 @@ written twice: as ``files/photo_NNNNNN.jpg`` and as ``--shards`` WebDataset tar 
 samples each. Each run is a cold ``python -m cocatk index TARGET --index NEW --json`` (this checkout first on
 PYTHONPATH) into a fresh index: ``FOLDER`` for files, ``'SHARDS/{00000..00099}.tar'`` for shards, with
 ``--ray local`` too unless ``--no-ray``. Per repetition the order is files, shards (then files, shards with Ray), so
-the sides alternate; the figures are medians. The model is ``--model`` with seeded random weights read from a local
+the sides alternate; the figures are medians. ``--shards-first`` runs shards before files in each pair: a single
+repetition of each order tells a drifting machine from a cost of the shards. The model is ``--model`` with seeded
+random weights read from a local
 safetensors file (``_common.ensure_random_weights``, built once; the speed is the real model's), or the shipped
 ``demo`` model. Defaults otherwise (decoder tokens cached, ``--precision auto``: bf16 on a CPU with AMX); the ONNX
 text tower export at the end of an index is off (``COCATK_TEXT_ONNX=0``) for both sides: it is a one-time cost per
@@ -106,6 +108,7 @@ def main() -> None:
     ap.add_argument("--model", default="coca_ViT-B-32", help="an open_clip CoCa architecture (random weights) or demo")
     ap.add_argument("--reps", type=int, default=2, help="repetitions of files, shards (medians)")
     ap.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True, help="also --ray local, both sides")
+    ap.add_argument("--shards-first", action="store_true", help="each pair runs shards, then files")
     ap.add_argument("--cache", type=Path, default=CACHE_DIR / "shards", help="where the data sets are kept")
     ap.add_argument("--tag", default=None, help="suffix of the record's name")
     args = ap.parse_args()
@@ -149,6 +152,8 @@ def main() -> None:
         sides = [("files", str(files), False), ("shards", spec, False)]
         if args.ray:
             sides += [("files --ray local", str(files), True), ("shards --ray local", spec, True)]
+        if args.shards_first:
+            sides = [s for pair in zip(sides[1::2], sides[0::2], strict=True) for s in pair]
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in sides}
         for rep in range(args.reps):
             for name, target, ray in sides:
@@ -189,7 +194,8 @@ def main() -> None:
     record.update({
         "n": args.n, "shards": args.shards, "size": f"{w}x{h}", "model": args.model,
         "weights": "random (seeded safetensors)" if weights else "shipped demo", "reps": args.reps,
-        "mb_files": round(mb_files, 1), "mb_shards": round(mb_tars, 1), "runs": runs, "summary": summary,
+        "order": [name for name, _, _ in sides], "mb_files": round(mb_files, 1), "mb_shards": round(mb_tars, 1),
+        "runs": runs, "summary": summary,
         "target": "100k items in 100 shards index within 10 % of the same images as files",
     })  # fmt: skip
     write_record("shards" + (f"-{args.tag}" if args.tag else ""), record)
