@@ -3,20 +3,19 @@
     python benchmarks/bench_shards.py                                   # 1,000 photos, 100 shards, coca_ViT-B-32
     python benchmarks/bench_shards.py --n 20000 --size 256x192 --model demo --no-ray --tag demo-20k
 
-The same JPEG bytes (``_photos.py``: photo-like, camera EXIF, generated once under /tmp/cocatk-bench/shards) are
-written twice: as ``files/photo_NNNNNN.jpg`` and as ``--shards`` WebDataset tar shards by webdataset's own
-``TarWriter``, in img2dataset's layout (``key.jpg``, ``key.txt`` a caption, ``key.json`` url/width/height), N / shards
-samples each. Each run is a cold ``python -m cocatk index TARGET --index NEW --json`` (this checkout first on
-PYTHONPATH) into a fresh index: ``FOLDER`` for files, ``'SHARDS/{00000..00099}.tar'`` for shards, with
-``--ray local`` too unless ``--no-ray``. Per repetition the order is files, shards (then files, shards with Ray), so
-the sides alternate; the figures are medians. ``--shards-first`` runs shards before files in each pair: a single
-repetition of each order tells a drifting machine from a cost of the shards. The model is ``--model`` with seeded
-random weights read from a local
-safetensors file (``_common.ensure_random_weights``, built once; the speed is the real model's), or the shipped
-``demo`` model. Defaults otherwise (decoder tokens cached, ``--precision auto``: bf16 on a CPU with AMX); the ONNX
-text tower export at the end of an index is off (``COCATK_TEXT_ONNX=0``) for both sides: it is a one-time cost per
-model, not per collection. Both data sets are read once before the first run (page cache warm for both), and one
-untimed run over 16 files loads the model file into the page cache.
+The same JPEG bytes (``_photos.py``: photo-like, camera EXIF, generated once under /tmp/cocatk-bench/shards) are written
+twice: as ``files/photo_NNNNNN.jpg`` and as ``--shards`` WebDataset tar shards by webdataset's own ``TarWriter``, in
+img2dataset's layout (``key.jpg``, ``key.txt`` a caption, ``key.json`` url/width/height), N / shards samples each. Each
+run is a cold ``python -m cocatk index TARGET --index NEW --json`` (this checkout first on PYTHONPATH) into a fresh
+index: ``FOLDER`` for files, ``'SHARDS/{00000..00099}.tar'`` for shards, with ``--ray local`` too unless ``--no-ray``
+(only with it: ``--no-local``). Per repetition the order is files, shards (then files, shards with Ray), so the sides
+alternate; the figures are medians. ``--shards-first`` runs shards before files in each pair: a single repetition of
+each order tells a drifting machine from a cost of the shards. The model is ``--model`` with seeded random weights read
+from a local safetensors file (``_common.ensure_random_weights``, built once; the speed is the real model's), or the
+shipped ``demo`` model. Defaults otherwise (decoder tokens cached, ``--precision auto``: bf16 on a CPU with AMX); the
+ONNX text tower export at the end of an index is off (``COCATK_TEXT_ONNX=0``) for both sides: it is a one-time cost per
+model, not per collection. Both data sets are read once before the first run (page cache warm for both), and one untimed
+run over 16 files loads the model file into the page cache.
 
 Reported: images/s of the whole process (N / wall seconds, imports and model load included), the loop's rate from
 the report, the scan seconds, and shards / files for each. The load average before each run is recorded: on a shared
@@ -108,10 +107,14 @@ def main() -> None:
     ap.add_argument("--model", default="coca_ViT-B-32", help="an open_clip CoCa architecture (random weights) or demo")
     ap.add_argument("--reps", type=int, default=2, help="repetitions of files, shards (medians)")
     ap.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True, help="also --ray local, both sides")
+    ap.add_argument("--local", action=argparse.BooleanOptionalAction, default=True,
+                    help="the runs without Ray (--no-local with --ray: only the --ray local pair)")  # fmt: skip
     ap.add_argument("--shards-first", action="store_true", help="each pair runs shards, then files")
     ap.add_argument("--cache", type=Path, default=CACHE_DIR / "shards", help="where the data sets are kept")
     ap.add_argument("--tag", default=None, help="suffix of the record's name")
     args = ap.parse_args()
+    if not (args.local or args.ray):
+        ap.error("--no-local --no-ray leaves nothing to run")
     w, h = (int(x) for x in args.size.split("x"))
 
     record: dict[str, Any] = {"machine": machine_info(), "lscpu_model": lscpu_model()}
@@ -149,7 +152,7 @@ def main() -> None:
             shutil.copy(p, small / p.name)
         index_run(str(small), work / "warm-idx", model, env, ray=False)  # untimed: imports compiled, weights read
 
-        sides = [("files", str(files), False), ("shards", spec, False)]
+        sides = [("files", str(files), False), ("shards", spec, False)] if args.local else []
         if args.ray:
             sides += [("files --ray local", str(files), True), ("shards --ray local", spec, True)]
         if args.shards_first:
