@@ -277,3 +277,47 @@ def test_dataset_items_are_tagged_but_get_no_sidecar(tmp_path: Path, capsys: pyt
     assert len(skipped) == 3 and all("#" in s["path"] and "dataset item" in s["reason"] for s in skipped)
     assert sorted(p.name for p in (tmp_path / "photos").glob("*.xmp")) == ["s000.png.xmp", "s001.png.xmp"]
     assert not list((tmp_path / "s").glob("*.xmp"))
+
+
+def test_odd_file_names_get_their_sidecars_or_one_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Names a shell or ExifTool could misread: one that starts with a dash, one with leading and inner spaces, one
+    that is not UTF-8, and one with a line break (ExifTool reads one name per line: that one is skipped with the
+    reason, and nothing lands beside it). ExifTool reads back exactly the stored tags from each other sidecar."""
+    import os
+    import subprocess
+
+    pytest.importorskip("exiftool", reason="PyExifTool is not installed")
+    photos = tmp_path / "photos"
+    _scenes(photos, 5)
+    names = ["-rf.png", "  two  spaces.png", os.fsdecode(b"caf\xe9.png"), "two\nlines.png"]
+    for i, name in enumerate(names):
+        try:
+            (photos / f"s{i:03d}.png").rename(photos / name)
+        except (UnicodeEncodeError, OSError):
+            pytest.skip("this filesystem refuses one of the names")
+    idx = str(tmp_path / "idx")
+    assert main(["index", str(photos), "--index", idx, *DEMO, "--caption"]) == 0
+    capsys.readouterr()
+    vocab = str(_demo_vocabulary(tmp_path / "v.txt"))
+    assert main(["tag", "--index", idx, "--vocabulary", vocab, "--threshold", "0.5", "--write-xmp", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["sidecars"]
+    assert [s["path"] for s in out["skipped"]] == [str(photos / "two\nlines.png")]
+    assert "line break" in out["skipped"][0]["reason"]
+    assert out["outcomes"] == {"created": 4}
+
+    from cocatk.retrieval import tagstore
+
+    with Index.open(idx) as ix:
+        rows = ix.store.file_rows()
+        tags = tagstore.tags_for_ids(ix.store, [r.id for r in rows.values()])
+    for name in [*names[:3], "s004.png"]:
+        sidecar = photos / f"{name}.xmp"
+        raw = subprocess.run(["exiftool", "-j", "-G1", "-XMP:all", str(sidecar)], capture_output=True, check=True)
+        got = json.loads(raw.stdout.decode("utf-8", "surrogateescape"))[0]
+        want = [f"cocatk|{t['path']}" for t in tags.get(rows[str(photos / name)].id, [])]
+        assert [h for h in _as_list(got.get("XMP-lr:HierarchicalSubject")) if h.startswith("cocatk|")] == want, name
+    assert not (photos / "two\nlines.png.xmp").exists()
+
+    assert main(["tag", "--index", idx, "--remove-xmp", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sidecars"]["outcomes"] == {"deleted": 4}
+    assert sorted(os.fsencode(p.name) for p in photos.iterdir()) == sorted(os.fsencode(n) for n in [*names, "s004.png"])
