@@ -12,7 +12,8 @@ index: ``FOLDER`` for files, ``'SHARDS/{00000..00099}.tar'`` for shards, with ``
 alternate; the figures are medians. ``--shards-first`` runs shards before files in each pair: a single repetition of
 each order tells a drifting machine from a cost of the shards. The model is ``--model`` with seeded random weights read
 from a local safetensors file (``_common.ensure_random_weights``, built once; the speed is the real model's), or the
-shipped ``demo`` model. Defaults otherwise (decoder tokens cached, ``--precision auto``: bf16 on a CPU with AMX); the
+shipped ``demo`` model. Defaults otherwise (decoder tokens cached where they fit the default 8 GiB limit, not at 100k
+with coca_ViT-B-32; ``--precision auto``: bf16 on a CPU with AMX); the
 ONNX text tower export at the end of an index is off (``COCATK_TEXT_ONNX=0``) for both sides: it is a one-time cost per
 model, not per collection. Both data sets are read once before the first run (page cache warm for both), and one untimed
 run over 16 files loads the model file into the page cache.
